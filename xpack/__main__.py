@@ -1,0 +1,3 @@
+from xpack.packager.cli import main
+
+main()
