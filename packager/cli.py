@@ -143,7 +143,7 @@ def demo(out, force, as_json):
     Example:
       xpack demo --out ./xpack-demo --force
     """
-    from xpack.packager.demo import run_demo
+    from xpack.packager.demo_job import run_demo
 
     result = run_demo(out, force=force)
     _emit(result, as_json, result["lines"])

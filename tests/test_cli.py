@@ -1,0 +1,77 @@
+"""The CLI's face: pinned --help texts, fast start-up without heavy imports, layering of the packages."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xpack.packager.cli import cli
+
+GOLDEN = Path(__file__).parent / "golden"
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = [[], ["merge"], ["demo"]]
+
+
+def _help(args):
+    result = CliRunner().invoke(cli, [*args, "--help"], env={"COLUMNS": "100"}, prog_name="xpack")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: "-".join(a) or "xpack")
+def test_help_is_pinned(args):
+    """Help text is part of the interface; regenerate with XPACK_UPDATE_GOLDEN=1 after a deliberate change."""
+    golden = GOLDEN / f"help_{'_'.join(args) or 'xpack'}.txt"
+    text = _help(args)
+    if os.environ.get("XPACK_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert "Example" in text
+
+
+def test_every_command_is_pinned():
+    assert sorted(cli.commands) == sorted(a[0] for a in COMMANDS if a)
+
+
+def test_start_up_imports_no_heavy_library():
+    code = (
+        "import sys; from click.testing import CliRunner; from xpack.packager.cli import cli; "
+        "r = CliRunner().invoke(cli, ['merge', '--help']); assert r.exit_code == 0; "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'optimum', 'onnxruntime', 'llama_cpp', 'safetensors', 'numpy') if m in sys.modules); "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"imported at start-up: {out}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_runtimes_never_import_packager():
+    """An edge box installs and runs artifacts without the packager (torch, peft, optimum)."""
+    offenders = {
+        p.name: sorted(n for n in _imports(p) if n.startswith(("xpack.packager", "packager")))
+        for p in (ROOT / "runtimes").rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_version_flag():
+    result = CliRunner().invoke(cli, ["--version"])
+    from xpack import __version__
+
+    assert result.exit_code == 0 and __version__ in result.output
