@@ -11,6 +11,8 @@ import click
 
 from xpack import __version__
 from xpack.errors import XpackError
+from xpack.runtimes.base import RUNTIMES, GenerationSettings
+from xpack.runtimes.profiles import profile_names
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -129,6 +131,55 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
 
 
 @cli.command()
+@click.option("--model", required=True, type=ModelRef(), help="Hugging Face checkpoint to export (e.g. the output of xpack merge), folder or hub id.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=ModelRef(weighted=True),
+    help="LoRA adapter to merge on the fly in the same streaming pass (no merged checkpoint on disk). Repeatable, PATH[:WEIGHT].",
+)
+@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "onnx"]), help="gguf for llama.cpp/ollama, onnx for onnxruntime.")
+@click.option("--bits", type=click.Choice(["16", "8", "6", "5", "4"]), help="GGUF: 16=F16, 8=Q8_0, 6=Q6_K, 5=Q5_K_M, 4=Q4_K_M.")
+@click.option("--quant", help="Any llama.cpp quant type instead of --bits (Q4_0, Q5_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the artifact to.")
+@click.option("--name", help="File name stem of the artifact (default: the model folder's name).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Quantizer threads (0: all cores).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+def export(model, adapters, fmt, bits, quant, out, name, threads, force, allow_pickle, as_json):
+    """Export a checkpoint to quantized artifacts with a model card and a manifest.
+
+    GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
+    written with gguf-py and quantized by llama.cpp's own quantizer; an ollama Modelfile is written
+    beside it.
+
+    \b
+    Example:
+      xpack export --model ./gemma3-xray --format gguf --bits 4 --out ./gemma3-xray-gguf
+      xpack export --model google/gemma-2-2b --adapter ./symptom-lora --format gguf --quant Q5_K_M --out ./g2
+    """
+    if fmt == "gguf" and bits is None and quant is None:
+        raise click.UsageError("give --bits (16, 8, 6, 5, 4) or --quant TYPE")
+    if bits is not None and quant is not None:
+        raise click.UsageError("give either --bits or --quant, not both")
+    from xpack.packager.export_job import export as do_export
+
+    manifest = do_export(
+        model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
+        name=name, threads=threads, allow_pickle=allow_pickle,
+    )
+    lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
+    for fname, info in manifest["artifacts"].items():
+        size = manifest["files"][fname]["bytes"]
+        fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
+        lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
+    lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
+    _emit(manifest, as_json, lines)
+
+
+@cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("xpack-demo"), show_default=True, help="Folder for everything the demo makes.")
 @click.option("--force", is_flag=True, help="Replace earlier demo outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -147,6 +198,186 @@ def demo(out, force, as_json):
 
     result = run_demo(out, force=force)
     _emit(result, as_json, result["lines"])
+
+
+_GEN = GenerationSettings()  # the defaults shown in `xpack run --help` (written once, in runtimes/base.py)
+
+
+def _gen_help(text: str, field: str) -> str:
+    return f"{text}  [default: {getattr(_GEN, field)}]"
+
+
+@cli.command()
+@click.option("--artifact", required=True, type=click.Path(exists=True, path_type=Path), help="What to run: a .gguf file, a folder from `xpack export`, or a merged checkpoint folder.")
+@click.option("--profile", "profile_ref", required=True, metavar="NAME|FILE", help=f"Hardware profile: {', '.join(profile_names())}, or a TOML file (`xpack profiles detect` says which fits).")
+@click.option("--prompt", help="The user message to answer.")
+@click.option("--interactive", is_flag=True, help="Chat: read one message per line from stdin until EOF or 'exit'.")
+@click.option("--system", help="A system message to start the conversation with.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An image for vision models (PNG, JPEG).")
+@click.option("--max-tokens", type=int, help=_gen_help("Most tokens to generate.", "max_tokens"))
+@click.option("--temperature", type=float, help=_gen_help("Sampling temperature; 0 means greedy.", "temperature"))
+@click.option("--top-p", type=float, help=_gen_help("Nucleus sampling probability mass.", "top_p"))
+@click.option("--top-k", type=int, help=_gen_help("Sample from the K most likely tokens; 0 turns it off.", "top_k"))
+@click.option("--repetition-penalty", type=float, help=_gen_help("Penalty for repeated tokens; 1 turns it off.", "repetition_penalty"))
+@click.option("--seed", type=int, help="Random seed, for repeatable sampling.  [default: a new one each run]")
+@click.option("--runtime", "runtime_name", type=click.Choice(sorted(RUNTIMES)), help="Force a runtime instead of picking it from the artifact.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (text, token counts, timings, peak memory) as JSON instead of streaming.")
+def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, runtime_name, as_json):
+    """Run an artifact on a hardware profile: stream the answer, then report speed and memory.
+
+    The runtime follows the artifact (GGUF: llama.cpp; Hugging Face checkpoint: transformers) and
+    the prompt is written with the model's own chat template. Tokens stream to stdout; notes and
+    timings go to stderr.
+
+    \b
+    Example:
+      xpack run --artifact ./gemma3-xray.gguf --profile t4 --prompt "Describe this chest X-ray." --image cxr.png
+      xpack run --artifact ./merged --profile cpu16 --interactive --temperature 0
+    """
+    if bool(prompt is not None) == bool(interactive):
+        raise click.UsageError("give exactly one of --prompt TEXT or --interactive")
+    from xpack.runtimes.base import load, runtime_for, to_messages, user_message
+    from xpack.runtimes.profiles import load_profile, resolve_for_machine
+
+    settings = _GEN.with_overrides(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+    )
+    profile, notes = resolve_for_machine(load_profile(profile_ref))
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    name = runtime_name or runtime_for(artifact, profile)
+    click.echo(f"loading {artifact} with the {name} runtime on profile {profile.name} ({profile.device}, {profile.threads} threads)", err=True)
+    with load(artifact, profile, name) as rt:
+        click.echo(f"loaded in {rt.load_s:.2f} s", err=True)
+        stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+
+        def answer(messages):
+            result = rt.generate(messages, settings, image=image, on_token=stream)
+            if as_json:
+                click.echo(json.dumps(result.to_dict(), indent=None if interactive else 2))
+            else:
+                click.echo()
+                click.echo(
+                    f"[{result.completion_tokens} tokens, {result.finish_reason}; ttft {result.ttft_s:.2f} s, "
+                    f"{result.decode_tok_s:.1f} tok/s decode, {result.prompt_tok_s:.0f} tok/s prompt; "
+                    f"peak RSS {result.peak_rss_mb:.0f} MB]",
+                    err=True,
+                )
+            return result
+
+        if not interactive:
+            answer(to_messages([user_message(prompt, with_image=image is not None)], system=system))
+            return
+        messages = to_messages([user_message("")], system=system)[:-1]
+        stdin = click.get_text_stream("stdin")
+        tty = stdin.isatty()
+        first = True
+        while True:
+            if tty:
+                click.echo("> ", nl=False, err=True)
+            line = stdin.readline()
+            if not line:
+                break
+            text = line.strip()
+            if text in ("exit", "quit"):
+                break
+            if not text:
+                continue
+            messages.append(user_message(text, with_image=image is not None and first))
+            first = False
+            result = answer(messages)
+            messages.append({"role": "assistant", "content": result.text})
+
+
+@cli.group(cls=_Group)
+def profiles():
+    """Hardware profiles: list the shipped ones, show one, or detect which fits this machine.
+
+    A profile is a TOML file (device, threads, gpu_layers, compute_dtype, n_ctx, memory budget,
+    preferred formats, and the seed model card's reference figures); pass a shipped name or a path
+    to your own file wherever a profile is asked for.
+
+    \b
+    Example:
+      xpack profiles list
+      xpack profiles show t4 --json
+      xpack profiles detect
+    """
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def profiles_list(as_json):
+    """List the shipped hardware profiles with the seed model card's reference figures.
+
+    \b
+    Example:
+      xpack profiles list
+    """
+    from xpack.runtimes.profiles import list_profiles
+
+    found = list_profiles()
+    header = ("name", "device", "threads", "dtype", "n_ctx", "budget", "reference (load / 256 tokens / memory)")
+    rows = [header]
+    for p in found:
+        r = p.reference
+        ref = f"{r.hardware}: {r.load_s:g} s / {r.tokens256_s:g} s / {r.memory_gb:g} GB" if r else "-"
+        budget = f"{p.memory_budget_gb:g} GB" if p.memory_budget_gb else "-"
+        rows.append((p.name, p.device, str(p.threads or "all"), p.compute_dtype, str(p.n_ctx), budget, ref))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip() for row in rows]
+    _emit({p.name: p.to_dict() for p in found}, as_json, lines)
+
+
+@profiles.command("show")
+@click.argument("profile_ref", metavar="NAME|FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profiles_show(profile_ref, as_json):
+    """Show every field of a profile (a shipped name or a TOML file).
+
+    \b
+    Example:
+      xpack profiles show cpu16
+      xpack profiles show ./my-box.toml --json
+    """
+    from xpack.runtimes.profiles import load_profile
+
+    profile = load_profile(profile_ref)
+    data = profile.to_dict()
+    lines = []
+    for key, value in data.items():
+        if key == "reference":
+            continue
+        if key == "threads" and value == 0:
+            value = "0 (all cores)"
+        elif key == "gpu_layers" and value == -1:
+            value = "-1 (all)"
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        lines.append(f"{key + ':':<18}{'-' if value is None or value == '' else value}")
+    ref = data["reference"]
+    if ref:
+        lines.append("reference:")
+        lines += [f"  {key + ':':<16}{value}" for key, value in ref.items()]
+    _emit(data, as_json, lines)
+
+
+@profiles.command("detect")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def profiles_detect(as_json):
+    """Say which shipped profile fits this machine, and why (cores, RAM, GPU seen).
+
+    \b
+    Example:
+      xpack profiles detect
+    """
+    from xpack.runtimes.profiles import detect_profile, resolve_for_machine
+
+    profile, reason = detect_profile()
+    resolved, notes = resolve_for_machine(profile)
+    data = {"profile": profile.name, "reason": reason, "threads": resolved.threads, "notes": notes}
+    lines = [f"profile: {profile.name}", f"why:     {reason}", *[f"note:    {n}" for n in notes]]
+    _emit(data, as_json, lines)
 
 
 def main() -> None:

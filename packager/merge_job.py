@@ -100,7 +100,7 @@ def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, ad
     license_ = next((fm["license"] for fm in [*adapter_fms, base_fm] if fm.get("license")), None)
     tags = ["xpack", "lora", "merged", "peft-merged"]
     for fm in adapter_fms:
-        tags += [t for t in (fm.get("tags") or []) if isinstance(t, str) and t not in tags]
+        tags += [t for t in (fm.get("tags") or []) if isinstance(t, str) and t not in tags and not t.startswith("base_model:")]
     fm = {
         "base_model": base_name,
         "library_name": "transformers",

@@ -1,0 +1,174 @@
+"""``xpack export`` end to end: source (+ adapters) -> artifact files -> card, Modelfile, manifest, atomically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from xpack import __version__
+from xpack.errors import XpackError
+from xpack.packager import card as cards
+from xpack.packager.atomic import atomic_dir, check_destination
+from xpack.packager.checkpoint import Checkpoint
+from xpack.packager.lora import parse_adapter_spec
+from xpack.packager.merge import load_adapters
+from xpack.packager.merge_job import EXAMPLE_PROMPT
+from xpack.packager.safetensors_io import sha256_file
+from xpack.packager.sources import resolve
+
+FORMATS = ("gguf", "onnx")
+QUANT_NOTES = {
+    "F32": "32-bit float, lossless", "F16": "16-bit float", "BF16": "bfloat16", "Q8_0": "8-bit, blocks of 32",
+    "Q6_K": "6-bit K-quant", "Q5_K_M": "5-bit K-quant, medium", "Q4_K_M": "4-bit K-quant, medium",
+}
+
+
+def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
+           force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False) -> dict:
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        raise XpackError("ONNX export is not implemented yet in this xpack version; use --format gguf")
+    check_destination(out, force)
+    src = resolve(model, "model")
+    specs = [parse_adapter_spec(a) for a in adapters]
+    adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
+    loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
+    from xpack.packager.gguf import export_gguf, resolve_quant
+
+    quant = resolve_quant(bits, quant)
+    name = name or _model_name(src.path)
+    with atomic_dir(out, force) as tmp:
+        result = export_gguf(src.path, loaded, tmp, quant, name, threads)
+        hashes = {f: sha256_file(tmp / f) for f in result.files}
+        ckpt = Checkpoint(src.path)
+        source_manifest = cards.read_manifest(src.path)
+        gguf_file = next(f for f, i in result.files.items() if i["role"] == "text")
+        mmproj = next((f for f, i in result.files.items() if i["role"] == "mmproj"), None)
+        _write_modelfile(tmp, gguf_file, ckpt)
+        _write_card(tmp, out.name, src, ckpt, source_manifest, [s.ref for s in adapter_srcs], result, quant, hashes, gguf_file, mmproj)
+        data = {
+            "kind": "export",
+            "format": "gguf",
+            "quant": quant,
+            "gguf_file": gguf_file,
+            "mmproj_file": mmproj,
+            "architecture": result.arch,
+            "source": {**src.describe(), "files": {p.name: sha256_file(p) for p in _source_files(ckpt)}},
+            "source_manifest": {k: source_manifest.get(k) for k in ("kind", "base", "created")} if source_manifest else None,
+            "adapters": [{**s.describe(), **a.summary()} for s, a in zip(adapter_srcs, loaded)],
+            "artifacts": result.files,
+            "vocab": result.vocab,
+            "notes": result.notes,
+        }
+        manifest = cards.write_manifest(tmp, data, hashes)
+    manifest["out_dir"] = str(out)
+    return manifest
+
+
+def _source_files(ckpt: Checkpoint) -> list[Path]:
+    return [*ckpt.weight_files, ckpt.path / "config.json", *ckpt.companion_files()]
+
+
+def _model_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.name).strip("-") or "model"
+
+
+def _base_name(src, ckpt: Checkpoint, source_manifest: dict | None) -> str:
+    if source_manifest and source_manifest.get("base"):
+        b = source_manifest["base"]
+        return b.get("repo_id") or b.get("ref") or src.ref
+    return src.repo_id or ckpt.config.get("_name_or_path") or src.path.name
+
+
+def _generation():
+    from xpack.runtimes.base import GenerationSettings
+
+    return GenerationSettings()
+
+
+def _stop_tokens(ckpt: Checkpoint) -> list[str]:
+    import json
+
+    path = ckpt.path / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    found = []
+    for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+        if any(v.get("content") == tok for v in (cfg.get("added_tokens_decoder") or {}).values()):
+            found.append(tok)
+    return found
+
+
+def _write_modelfile(tmp: Path, gguf_file: str, ckpt: Checkpoint) -> None:
+    gen = _generation()
+    lines = [
+        f"# ollama Modelfile written by xpack {__version__}",
+        f"FROM ./{gguf_file}",
+        f"PARAMETER temperature {gen.temperature}",
+        f"PARAMETER top_p {gen.top_p}",
+        f"PARAMETER top_k {gen.top_k}",
+        f"PARAMETER repeat_penalty {gen.repetition_penalty}",
+        f"PARAMETER num_predict {gen.max_tokens}",
+        *[f'PARAMETER stop "{t}"' for t in _stop_tokens(ckpt)],
+    ]
+    (tmp / "Modelfile").write_text("\n".join(lines) + "\n")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _write_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result, quant, hashes, gguf_file, mmproj):
+    import json
+
+    base_name = _base_name(src, ckpt, source_manifest)
+    license_ = None
+    src_card = src.path / "README.md"
+    if src_card.is_file():
+        license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license")
+    fm = {
+        "base_model": base_name,
+        "quantized_by": f"xpack {__version__}",
+        "library_name": "gguf",
+        "pipeline_tag": "image-text-to-text" if mmproj else "text-generation",
+        "tags": ["gguf", "llama.cpp", "xpack", quant.lower()],
+        "license": license_ or "other",
+    }
+    files = [
+        {"name": f, "role": i["role"], "quant": i["quant"], "size": _size((tmp / f).stat().st_size), "sha256": hashes[f]}
+        for f, i in result.files.items()
+    ]
+    text_info = result.files[gguf_file]
+    pre = {}
+    if mmproj and (src.path / "preprocessor_config.json").is_file():
+        pre = json.loads((src.path / "preprocessor_config.json").read_text())
+    vision_cfg = ckpt.config.get("vision_config") or {}
+    text = cards.render(
+        "gguf_card.md.j2",
+        front_matter=cards.yaml_block(fm),
+        title=out_name,
+        base_name=base_name,
+        adapters=adapter_refs,
+        xpack_version=__version__,
+        files=files,
+        quant=quant,
+        quant_note=QUANT_NOTES.get(quant, "llama.cpp quant type"),
+        tensor_types=", ".join(f"{k} x{v}" for k, v in sorted(text_info["tensor_types"].items())),
+        fallbacks=", ".join(f"{k} x{v}" for k, v in sorted(text_info["fallbacks"].items())),
+        vocab=result.vocab,
+        mmproj=mmproj,
+        image_size=vision_cfg.get("image_size"),
+        image_mean=pre.get("image_mean"),
+        image_std=pre.get("image_std"),
+        source=src.ref,
+        source_manifest=bool(source_manifest),
+        source_base=(source_manifest or {}).get("base", {}).get("ref"),
+        architecture="/".join(ckpt.architectures) or ckpt.model_type,
+        out_name=out_name,
+        example_prompt=EXAMPLE_PROMPT,
+        gguf_file=gguf_file,
+        gen=_generation(),
+        ollama_name=re.sub(r"[^a-z0-9-]+", "-", out_name.lower()).strip("-") or "model",
+    )
+    (tmp / cards.CARD).write_text(text)

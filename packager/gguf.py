@@ -1,0 +1,546 @@
+"""Hugging Face checkpoint (+ optional LoRA, merged on the fly) -> GGUF, quantized by llama.cpp.
+
+What gguf-py and llama.cpp give us and we use: GGUFWriter (streamed: tensor infos first, then each
+tensor's data), the tensor name maps (``gguf.get_tensor_name_map``), SpecialVocab (special ids,
+add_bos/eos, merges, chat template) and llama.cpp's own quantizer (``llama_model_quantize``).
+
+What we write ourselves, and why: llama.cpp's ``convert_hf_to_gguf.py`` is a script, not a library;
+it cannot apply a LoRA while streaming and reads the whole tokenizer through transformers. The few
+per-architecture quirks it encodes (Q/K permutation for llama, +1 on Gemma norms, trimmed Gemma 3
+embeddings, which hparams go into the header, the Gemma 3 mmproj) are data in ``archs/*.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from xpack.errors import XpackError
+from xpack.packager.archs import Arch, require_arch
+from xpack.packager.checkpoint import Checkpoint
+from xpack.packager.lora import Adapter
+from xpack.packager.merge import MergeSettings, TensorOp, apply_op, plan_merge
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+BITS_TO_QUANT = {16: "F16", 8: "Q8_0", 6: "Q6_K", 5: "Q5_K_M", 4: "Q4_K_M"}
+# llama.cpp quant types that are only usable with an importance matrix (llama-imatrix).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+# The chkhsh rule of llama.cpp's converter: sha256 of the token ids of this text names the BPE
+# pre-tokenizer. Hashes of the families xpack supports (copied from convert_hf_to_gguf.py).
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 "
+    "33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make "
+    "it, 'D you like some tea? We'Ve a'lL"
+)
+KNOWN_PRE_HASHES = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+}
+# When the hash is unknown (e.g. a tokenizer trained for tests), the pre-tokenizer's structure in
+# tokenizer.json decides: these are the regex families llama.cpp implements for those pre types.
+PRE_BY_STRUCTURE = {
+    "ByteLevel(regex)": "gpt-2",
+    "Digits(individual)+ByteLevel(regex)": "smollm",
+}
+
+
+def quant_types() -> dict[str, int]:
+    """Every llama.cpp file type the quantizer knows, by name (Q4_K_M -> its LLAMA_FTYPE value)."""
+    import llama_cpp
+
+    out = {}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            out[attr[len("LLAMA_FTYPE_MOSTLY_"):]] = getattr(llama_cpp, attr)
+    out["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    return out
+
+
+def resolve_quant(bits: int | None, quant: str | None) -> str:
+    if quant:
+        name = quant.upper()
+        known = quant_types()
+        if name not in known:
+            raise XpackError(f"unknown GGUF quant type {quant}; valid: {', '.join(sorted(known))}")
+        if name in NEEDS_IMATRIX:
+            raise XpackError(f"{name} needs an importance matrix (llama-imatrix), which xpack does not make; choose e.g. IQ4_XS or Q4_K_M")
+        return name
+    if bits not in BITS_TO_QUANT:
+        raise XpackError(f"--bits {bits} is not available for GGUF; choose one of {', '.join(map(str, BITS_TO_QUANT))} or name a --quant")
+    return BITS_TO_QUANT[bits]
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer -> GGUF vocabulary
+
+
+@dataclass
+class Vocab:
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str
+    tokens: list[str | bytes]
+    types: list[int]
+    scores: list[float] | None = None
+    n_real: int = 0  # tokens that exist in the tokenizer (the rest is padding)
+    add_space_prefix: bool | None = None
+
+
+def _pre_structure(tokenizer_json: dict) -> str:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for p in parts:
+        if p.get("type") == "Digits":
+            sig.append("Digits(individual)" if p.get("individual_digits") else "Digits")
+        elif p.get("type") == "ByteLevel":
+            sig.append("ByteLevel(regex)" if p.get("use_regex", True) else "ByteLevel")
+        else:
+            sig.append(str(p.get("type")))
+    return "+".join(sig)
+
+
+def detect_bpe_pre(model_dir: Path) -> str:
+    """The llama.cpp pre-tokenizer name of a byte-level BPE tokenizer (tokenizer.ggml.pre)."""
+    from tokenizers import Tokenizer
+
+    tj = json.loads((model_dir / "tokenizer.json").read_text())
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(CHKTXT, add_special_tokens=False).ids
+    chkhsh = hashlib.sha256(str(ids).encode()).hexdigest()
+    if chkhsh in KNOWN_PRE_HASHES:
+        return KNOWN_PRE_HASHES[chkhsh]
+    structure = _pre_structure(tj)
+    if structure in PRE_BY_STRUCTURE:
+        return PRE_BY_STRUCTURE[structure]
+    raise XpackError(
+        f"the tokenizer in {model_dir} uses a BPE pre-tokenizer xpack cannot map to llama.cpp ({structure}); "
+        f"supported: {', '.join(sorted(set(KNOWN_PRE_HASHES.values()) | set(PRE_BY_STRUCTURE.values())))}"
+    )
+
+
+def _added_tokens(model_dir: Path) -> dict[int, dict]:
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return {int(k): v for k, v in (cfg.get("added_tokens_decoder") or {}).items()}
+
+
+def _looks_special(token: str) -> bool:
+    return bool(re.fullmatch(r"<\|.*\|>|<[a-z_]+>|\[[A-Z_]+\]", token)) or token in ("<s>", "</s>", "<bos>", "<eos>", "<pad>", "<unk>")
+
+
+def build_vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    import gguf
+
+    if (model_dir / "tokenizer.model").is_file():
+        return _sentencepiece_vocab(model_dir, vocab_size)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise XpackError(f"{model_dir} has no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer: copy it from the base model")
+    tj = json.loads((model_dir / "tokenizer.json").read_text())
+    if tj.get("model", {}).get("type") != "BPE" or tj["model"].get("byte_fallback"):
+        raise XpackError(f"the tokenizer in {model_dir} is not byte-level BPE or SentencePiece; xpack cannot write it to GGUF")
+    reverse = {i: t for t, i in tj["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    n = max(vocab_size, max([*reverse, *added]) + 1)
+    tokens: list[str | bytes] = []
+    types: list[int] = []
+    for i in range(n):
+        if i in added:
+            tok = added[i]["content"]
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") or _looks_special(tok) else gguf.TokenType.USER_DEFINED)
+        elif i in reverse:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    n_real = len(set(reverse) | set(added))
+    return Vocab("gpt2", detect_bpe_pre(model_dir), tokens, types, n_real=n_real)
+
+
+def _sentencepiece_vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    """As llama.cpp's ``_create_vocab_sentencepiece``: pieces, scores, types, then the added tokens."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    n = max(vocab_size, sp.vocab_size())
+    tokens: list[str | bytes] = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [gguf.TokenType.UNUSED] * n
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.IdToPiece(i).encode()
+        scores[i] = sp.GetScore(i)
+        types[i] = (
+            gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+            else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i) else gguf.TokenType.NORMAL
+        )
+    n_real = sp.vocab_size()
+    for i, data in _added_tokens(model_dir).items():
+        if i >= n:
+            continue
+        tok = data["content"]
+        if data.get("special") or _looks_special(tok):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            tok = tok.replace("\u2581", " ")
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = tok.encode()
+        scores[i] = -1000.0
+        n_real = max(n_real, i + 1)
+    return Vocab("llama", "default", tokens, types, scores=scores, n_real=n_real)
+
+
+def write_vocab(writer, vocab: Vocab, model_dir: Path, add_space_prefix: bool | None) -> None:
+    import gguf
+
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    special.add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+@dataclass
+class GgufTensor:
+    """One tensor of the output: where it comes from and how it is transformed."""
+
+    name: str  # GGUF name
+    op: TensorOp
+    shape: tuple[int, ...]
+    gtype: str  # "F32" / "F16" / "BF16"
+    permute_heads: int | None = None  # llama: Q/K rows reordered for llama.cpp's RoPE
+    shift: float = 0.0  # Gemma RMSNorm stores w and uses (1 + w)
+    rows: int | None = None  # keep only the first rows (Gemma 3 trims padding rows of the embedding)
+
+
+def _hparams(cfg: dict) -> dict:
+    h = dict(cfg)
+    if "head_dim" not in h and h.get("hidden_size") and h.get("num_attention_heads"):
+        h["head_dim"] = h["hidden_size"] // h["num_attention_heads"]
+    h.setdefault("num_key_value_heads", h.get("num_attention_heads"))
+    if h.get("layer_types"):  # per-layer sliding attention, as llama.cpp's sliding_window_pattern array
+        h["swa_pattern"] = [t == "sliding_attention" for t in h["layer_types"]]
+    return h
+
+
+def _permute(w: "torch.Tensor", n_head: int) -> "torch.Tensor":
+    """llama.cpp's LlamaModel.permute: HF's rotate-half layout -> GGML's interleaved RoPE layout."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _storage_type(name: str, ndim: int, intermediate: str, force: list, hf_name: str = "") -> str:
+    for pattern, gtype in force:
+        if re.search(pattern, hf_name):
+            return gtype if intermediate != "F32" else "F32"
+    if ndim <= 1 or name.endswith("_norm.weight"):
+        return "F32"  # llama.cpp keeps norms and 1-D tensors in F32
+    return intermediate
+
+
+def _tensor_plan(ops: list[TensorOp], arch: Arch, cfg: dict, intermediate: str, n_vocab_real: int) -> list[GgufTensor]:
+    import gguf
+
+    g = arch.extra["gguf"]
+    h = _hparams(cfg)
+    n_blocks = h["num_hidden_layers"]
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, g["arch"].upper()), n_blocks)
+    skip = [re.compile(p) for p in g.get("skip", [])]
+    out = []
+    for op in ops:
+        canon = arch.canonical(op.out_name)
+        if any(p.search(canon) for p in skip):
+            continue
+        local = "model." + canon[len(g["text_prefix"]):] if canon.startswith(g["text_prefix"]) else canon
+        name = name_map.get_name(local, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise XpackError(f"tensor {op.out_name} has no GGUF name for {arch.name}; the checkpoint has parts xpack's {arch.name} table does not know")
+        shape = tuple(op.spec.shape)
+        t = GgufTensor(name, op, shape, _storage_type(name, len(shape), intermediate, []))
+        if g.get("permute_qk") and local.endswith(("q_proj.weight", "k_proj.weight")):
+            t.permute_heads = h["num_attention_heads"] if "q_proj" in local else h["num_key_value_heads"]
+        if g.get("norm_shift") and local.endswith("norm.weight"):
+            t.shift = float(g["norm_shift"])
+        if g.get("trim_embeddings_to_vocab") and local.endswith("embed_tokens.weight") and n_vocab_real < shape[0]:
+            t.rows = n_vocab_real
+            t.shape = (n_vocab_real, *shape[1:])
+        out.append(t)
+    return out
+
+
+def _mmproj_plan(ops: list[TensorOp], arch: Arch, vision_cfg: dict, intermediate: str) -> list[GgufTensor]:
+    import gguf
+
+    mp = arch.extra["gguf"]["mmproj"]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision_cfg["num_hidden_layers"])
+    skip = [re.compile(p) for p in mp.get("skip", [])]
+    out = []
+    for op in ops:
+        canon = arch.canonical(op.out_name)
+        if not canon.startswith(tuple(mp["prefixes"])) or any(p.search(canon) for p in skip):
+            continue
+        local = canon
+        for pattern, repl in mp["rename"]:
+            local = re.sub(pattern, repl, local)
+        name = name_map.get_name(local, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise XpackError(f"vision tensor {op.out_name} has no mmproj GGUF name; xpack's {arch.name} table does not know it")
+        t = GgufTensor(name, op, tuple(op.spec.shape), _storage_type(name, len(op.spec.shape), intermediate, mp.get("force_types", []), local))
+        t.shift = next((v for suffix, v in mp.get("norm_shift", {}).items() if local.endswith(suffix)), 0.0)
+        out.append(t)
+    return out
+
+
+def _materialize(t: GgufTensor, base: "torch.Tensor") -> "np.ndarray":
+    import numpy as np
+    import torch
+
+    w = apply_op(t.op, base).float()
+    if t.rows is not None:
+        w = w[: t.rows]
+    if t.permute_heads:
+        w = _permute(w, t.permute_heads)
+    if t.shift:
+        w = w + t.shift
+    w = w.contiguous()
+    if t.gtype == "F32":
+        return w.numpy()
+    if t.gtype == "F16":
+        return w.to(torch.float16).numpy()
+    return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+
+
+def _stream_tensors(ckpt: Checkpoint, tensors: list[GgufTensor]) -> Iterator[tuple[GgufTensor, "np.ndarray"]]:
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    by_file = {n: f for f, specs in ckpt.headers.items() for n in specs}
+    handle, handle_file = None, None
+    for t in tqdm(tensors, desc="gguf", unit="tensor", disable=None):
+        f = by_file[t.op.source]
+        if f != handle_file:
+            handle, handle_file = safe_open(str(f), framework="pt"), f
+        yield t, _materialize(t, handle.get_tensor(t.op.source))
+
+
+def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt: Checkpoint) -> None:
+    """Stream tensors into a GGUF: infos first (shapes are known), then each tensor's data."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch_name)
+    kv(writer)
+    np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint8}
+    by_file = {n: str(f) for f, specs in ckpt.headers.items() for n in specs}
+    tensors = sorted(tensors, key=lambda t: by_file[t.op.source])  # data order = read order: one tensor in memory
+    for t in tensors:
+        nbytes = int(np.prod(t.shape)) * (4 if t.gtype == "F32" else 2)
+        shape = t.shape if t.gtype != "BF16" else (*t.shape[:-1], t.shape[-1] * 2)
+        writer.add_tensor_info(t.name, shape, np.dtype(np_dtype[t.gtype]), nbytes, raw_dtype=getattr(gguf.GGMLQuantizationType, t.gtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, data in _stream_tensors(ckpt, tensors):  # GGUFWriter writes data in the order of the infos
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+def _text_kv(arch: Arch, cfg: dict, vocab: Vocab, model_dir: Path, name: str, file_type: int):
+    import gguf
+
+    g = arch.extra["gguf"]
+    h = _hparams(cfg)
+
+    def kv(writer):
+        writer.add_name(name)
+        writer.add_file_type(file_type)
+        for entry in g["hparams"]:
+            method, key = entry[0], entry[1]
+            if h.get(key) is None:
+                if len(entry) > 2:
+                    continue
+                raise XpackError(f"config of {model_dir} has no {key}, which the GGUF header needs")
+            getattr(writer, method)(h[key])
+        rope = h.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope.get("type")
+        if rope_type == "linear" and rope.get("factor"):
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+        elif rope_type not in (None, "default"):
+            raise XpackError(f"rope scaling type {rope_type} is not supported by xpack's GGUF export yet")
+        write_vocab(writer, vocab, model_dir, g.get("add_space_prefix"))
+
+    return kv
+
+
+def _mmproj_kv(arch: Arch, cfg: dict, vision_cfg: dict, model_dir: Path, file_type: int):
+    import gguf
+
+    mp = arch.extra["gguf"]["mmproj"]
+    pre_path = model_dir / "preprocessor_config.json"
+    if not pre_path.is_file():
+        raise XpackError(f"{model_dir} has no preprocessor_config.json; the mmproj needs the image preprocessing settings")
+    pre = json.loads(pre_path.read_text())
+    text_hidden = (cfg.get("text_config") or cfg)["hidden_size"]
+
+    def kv(writer):
+        writer.add_file_type(file_type)
+        writer.add_clip_has_vision_encoder(True)
+        writer.add_clip_projector_type(getattr(gguf.VisionProjectorType, mp["projector_type"].upper()))
+        writer.add_vision_projection_dim(text_hidden)
+        v = {"layer_norm_eps": 1e-6, **vision_cfg}
+        for method, key in mp["hparams"]:
+            getattr(writer, method)(v[key])
+        writer.add_vision_image_mean(pre["image_mean"])
+        writer.add_vision_image_std(pre["image_std"])
+        writer.add_vision_use_gelu(True)
+        tokens = int(cfg.get("mm_tokens_per_image", 256))
+        scale = (v["image_size"] // v["patch_size"]) // int(round(tokens**0.5))
+        if scale != 4:  # llama.cpp's default for Gemma 3
+            writer.add_vision_projector_scale_factor(scale)
+
+    return kv
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization and inspection
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
+    """llama.cpp's own quantizer, in-process (the same code as the llama-quantize tool).
+
+    Its per-tensor log goes to a file instead of the terminal; a failure quotes its last lines.
+    """
+    import llama_cpp
+    from tqdm import tqdm
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_types()[quant]
+    params.nthread = threads
+    with tqdm(total=1, desc=f"quantize {quant}", disable=None) as bar:
+        with _captured_fds() as log:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if rc else ""
+        bar.update(1)
+    if rc != 0:
+        raise XpackError(f"llama.cpp could not quantize to {quant} (code {rc}: {tail}); try another --quant")
+
+
+@contextlib.contextmanager
+def _captured_fds():
+    """Send fds 1 and 2 (llama.cpp's C-level log) to a temporary file while the block runs."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.NamedTemporaryFile(prefix="xpack-llama-", suffix=".log") as f:
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield Path(f.name)
+        finally:
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+# Types a K-quant or IQ file type falls back to when a row length is not a multiple of 256.
+_LEGACY_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16"}
+
+
+def type_report(path: Path, quant: str) -> dict:
+    """Tensor type counts, and the fallbacks llama.cpp took (e.g. Q4_K -> Q5_0 when a row is not a multiple of 256)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    block_quant = quant.startswith("IQ") or "_K" in quant
+    for t in gguf.GGUFReader(path).tensors:
+        tname = t.tensor_type.name
+        counts[tname] = counts.get(tname, 0) + 1
+        if block_quant and tname in _LEGACY_TYPES and len(t.shape) >= 2 and int(t.shape[0]) % 256:
+            key = f"{quant}->{tname}"
+            fallbacks[key] = fallbacks.get(key, 0) + 1
+    return {"tensor_types": counts, "fallbacks": fallbacks}
+
+
+# ---------------------------------------------------------------------------------------------
+# the export
+
+
+@dataclass
+class GgufExport:
+    files: dict[str, dict] = field(default_factory=dict)  # file name -> {role, quant, tensor_types, fallbacks}
+    vocab: dict = field(default_factory=dict)
+    arch: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _intermediate(ckpt: Checkpoint) -> str:
+    dtypes = {s.dtype for s in ckpt.specs.values() if s.dtype in ("F32", "F16", "BF16")}
+    if dtypes == {"BF16"}:
+        return "BF16"
+    if dtypes == {"F16"}:
+        return "F16"
+    return "F32"
+
+
+def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: str, name: str, threads: int = 0) -> GgufExport:
+    """Write ``<name>-<QUANT>.gguf`` (+ ``mmproj-<name>-F16.gguf`` for vision models) into ``tmp_out``."""
+    import os
+
+    ckpt = Checkpoint(model_dir)
+    arch = require_arch(ckpt.config, "GGUF export")
+    g = arch.extra.get("gguf") or {}
+    if "unsupported" in g:
+        raise XpackError(g["unsupported"])
+    ckpt.check_not_packed()
+    plan = plan_merge(ckpt, adapters, MergeSettings())
+    cfg = ckpt.text_config() if arch.vision else ckpt.config
+    vocab = build_vocab(model_dir, int(cfg["vocab_size"]))
+    inter = _intermediate(ckpt)
+    threads = threads or os.cpu_count() or 1
+    result = GgufExport(arch=arch.name, vocab={"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)})
+    ftype_inter = quant_types()["F32" if inter == "F32" else inter]
+    tensors = _tensor_plan(plan.ops, arch, cfg, inter, vocab.n_real if g.get("trim_embeddings_to_vocab") else 10**12)
+    if g.get("trim_embeddings_to_vocab"):
+        vocab.tokens, vocab.types = vocab.tokens[: vocab.n_real], vocab.types[: vocab.n_real]
+        if vocab.scores:
+            vocab.scores = vocab.scores[: vocab.n_real]
+    final = tmp_out / f"{name}-{quant}.gguf"
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-gguf-") as work:
+        raw = final if quant == inter or (quant == "F32" and inter == "F32") else Path(work) / f"{name}-{inter}.gguf"
+        _write_gguf(raw, g["arch"], _text_kv(arch, cfg, vocab, model_dir, name, ftype_inter), tensors, ckpt)
+        if raw != final:
+            quantize(raw, final, quant, threads)
+    result.files[final.name] = {"role": "text", "quant": quant, **type_report(final, quant)}
+    if arch.vision and "mmproj" in g:
+        vision_cfg = ckpt.config["vision_config"]
+        mm_tensors = _mmproj_plan(plan.ops, arch, vision_cfg, "F16" if inter != "F32" else "F32")
+        mm_type = "F16" if inter != "F32" else "F32"
+        mm = tmp_out / f"mmproj-{name}-{mm_type}.gguf"
+        _write_gguf(mm, "clip", _mmproj_kv(arch, ckpt.config, vision_cfg, model_dir, quant_types()[mm_type]), mm_tensors, ckpt)
+        result.files[mm.name] = {"role": "mmproj", "quant": mm_type, **type_report(mm, mm_type)}
+    result.notes += plan.notes
+    return result
