@@ -1,0 +1,44 @@
+"""Parity figures between a reference's logits and an artifact's, token by token (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_tolerance: float = 1e-3) -> dict:
+    """Top-1 agreement, KL(reference || candidate) mean / p99 / max, and max absolute logit error.
+
+    ``top1_agreement`` is strict. ``top1_agreement_tie_aware`` also accepts a candidate whose top token
+    is, in the reference, within ``tie_tolerance`` of the reference's best logit (a near-tie that
+    float rounding may break either way, common in random-weight test models).
+
+    Both arrays are [tokens, vocab]; a candidate with a larger vocabulary (padding rows) is cut to
+    the reference's, and the reverse is an error: the two do not share a vocabulary.
+    """
+    if reference.ndim != 2 or candidate.ndim != 2 or reference.shape[0] != candidate.shape[0]:
+        raise ValueError(f"logits of shapes {reference.shape} and {candidate.shape} cannot be compared")
+    v = reference.shape[1]
+    if candidate.shape[1] < v:
+        raise ValueError(f"candidate vocabulary {candidate.shape[1]} is smaller than the reference's {v}")
+    candidate = candidate[:, :v]
+    lp, lq = log_softmax(reference), log_softmax(candidate)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
+    rows = np.arange(reference.shape[0])
+    near = reference.max(-1) - reference[rows, cand_top] <= tie_tolerance
+    return {
+        "tokens": int(reference.shape[0]),
+        "top1_agreement": float((ref_top == cand_top).mean()),
+        "top1_agreement_tie_aware": float(((ref_top == cand_top) | near).mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "max_abs_logit_error": float(np.abs(reference.astype(np.float64) - candidate).max()),
+        "reference_logit_range": float(np.abs(reference).max()),
+    }

@@ -1,0 +1,245 @@
+"""GGUF export against the torch reference: tiny twin, transformers logits, xpack export + llama.cpp runtime.
+
+Thresholds (logits of tiny random twins, |logit| <~ 3; top-1 counts near-ties within 1e-3 as agreement,
+see parity.compare_logits, and the strict top-1 must stay >= 97.5%):
+- F32: top-1 agreement 100%, max |logit error| <= 5e-3
+- F16: top-1 >= 95%, max |logit error| <= 5e-2
+- Q8_0 / Q4_K_M: the file loads and generates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import twins
+from xpack.packager.card import front_matter
+from xpack.packager.cli import cli
+from xpack.packager.export_job import export
+from xpack.packager.parity import compare_logits
+from xpack.packager.safetensors_io import sha256_file
+from xpack.runtimes.base import GenerationSettings, load
+from xpack.runtimes.profiles import load_profile, resolve_for_machine
+
+TEXT_TWINS = ["llama", "gemma2", "gemma3", "gemma3_vision"]
+PARITY_TEXT = (
+    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiac silhouette is normal in size. "
+    "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
+)
+THRESHOLDS = {"F32": (1.0, 5e-3), "F16": (0.95, 5e-2)}
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    profile, _ = resolve_for_machine(load_profile("cpu16"))
+    return profile
+
+
+def _reference_logits(twin, model_dir, ids):
+    model = twins.load_base(model_dir) if model_dir != twin.model_dir else twins.load_base(twin)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _export(model_dir, out, quant, adapters=()):
+    return export(str(model_dir), "gguf", out, quant=quant, adapters=[str(a) for a in adapters])
+
+
+@pytest.fixture(scope="module")
+def exports(twin_factory, tmp_path_factory):
+    """One F32 and one F16 export per text twin, shared by the tests of this module."""
+    cache = {}
+
+    def get(name, quant):
+        key = (name, quant)
+        if key not in cache:
+            twin = twin_factory.get(name)
+            out = tmp_path_factory.mktemp(f"gguf-{name}-{quant}")
+            shutil.rmtree(out)
+            cache[key] = (_export(twin.model_dir, out, quant), out)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("quant", ["F32", "F16"])
+@pytest.mark.parametrize("name", TEXT_TWINS)
+def test_gguf_logits_match_torch(twin_factory, exports, cpu, name, quant):
+    twin = twin_factory.get(name)
+    _, out = exports(name, quant)
+    ids = twins.load_tokenizer(twin)(PARITY_TEXT)["input_ids"]
+    runtime = load(out, cpu)
+    try:
+        got = runtime.logits(ids)
+    finally:
+        runtime.close()
+    figures = compare_logits(_reference_logits(twin, twin.model_dir, ids), got)
+    top1, max_err = THRESHOLDS[quant]
+    assert figures["top1_agreement_tie_aware"] >= top1 and figures["top1_agreement"] >= 0.975 * top1, figures
+    assert figures["max_abs_logit_error"] <= max_err, figures
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3"])
+def test_quantized_files_load_and_generate(twin_factory, tmp_path, cpu, name, quant):
+    twin = twin_factory.get(name)
+    manifest = _export(twin.model_dir, tmp_path / "out", quant)
+    info = manifest["artifacts"][manifest["gguf_file"]]
+    assert info["quant"] == quant and sum(info["tensor_types"].values()) > 0
+    runtime = load(tmp_path / "out", cpu)
+    try:
+        result = runtime.generate("Describe the chest X-ray.", GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0))
+    finally:
+        runtime.close()
+    assert result.completion_tokens > 0 and result.prompt_tokens > 0
+
+
+def test_gemma2_qv_adapter_on_the_fly_matches_peft(twin_factory, tmp_path, cpu):
+    """Gemma 2 + q_proj/v_proj LoRA (the set-up known to come out as gibberish elsewhere), merged while exporting."""
+    from peft import PeftModel
+
+    twin = twin_factory.get("gemma2")
+    assert sorted(twin.lora_kwargs["target_modules"]) == ["q_proj", "v_proj"]
+    _export(twin.model_dir, tmp_path / "out", "F32", adapters=[twin.adapter_dir])
+    ids = twins.load_tokenizer(twin)(PARITY_TEXT)["input_ids"]
+    peft_model = PeftModel.from_pretrained(twins.load_base(twin), twin.adapter_dir).eval()
+    with torch.no_grad():
+        reference = peft_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        base = twins.load_base(twin)(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    runtime = load(tmp_path / "out", cpu)
+    try:
+        got = runtime.logits(ids)
+    finally:
+        runtime.close()
+    figures = compare_logits(reference, got)
+    assert figures["top1_agreement_tie_aware"] == 1.0 and figures["max_abs_logit_error"] <= 5e-3, figures
+    assert np.abs(base - reference).max() > 10 * figures["max_abs_logit_error"], "the adapter must matter"
+
+
+def test_adapter_on_the_fly_equals_merged_checkpoint(twin_factory, tmp_path):
+    from xpack.packager.merge_job import merge
+
+    twin = twin_factory.get("llama")
+    merge(str(twin.model_dir), [str(twin.adapter_dir)], tmp_path / "merged")
+    a = _export(tmp_path / "merged", tmp_path / "from-merged", "F16")
+    b = export(str(twin.model_dir), "gguf", tmp_path / "on-the-fly", quant="F16", adapters=[str(twin.adapter_dir)], name="merged")
+    fa = tmp_path / "from-merged" / a["gguf_file"]
+    fb = tmp_path / "on-the-fly" / b["gguf_file"]
+    assert fa.name == fb.name and sha256_file(fa) == sha256_file(fb)
+
+
+TOKENIZER_CORPUS = [
+    "The chest X-ray shows a 3.5 cm opacity in the right lower lobe.",
+    "  leading spaces, tabs\tand\nnew lines\n\n",
+    "Numbers 2024, 10mm, 0.5%, and symbols: <>[]{}()!?",
+    "Unicode: café, naïve, 中文, emoji 🙂",
+]
+
+
+def _chat(tokenizer):
+    import jinja2
+
+    user = {"role": "user", "content": "Describe the findings of this chest X-ray, please."}
+    try:
+        messages = [{"role": "system", "content": "You are an expert radiologist."}, user]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError:  # Gemma 2's template refuses a system turn
+        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", TEXT_TWINS)
+def test_token_ids_match_hf_tokenizer(twin_factory, exports, cpu, name):
+    twin = twin_factory.get(name)
+    _, out = exports(name, "F32")
+    tok = twins.load_tokenizer(twin)
+    runtime = load(out, cpu)
+    try:
+        for text in TOKENIZER_CORPUS:
+            assert runtime.tokenize(text) == tok(text)["input_ids"], text
+        chat = _chat(tok)  # a rendered chat carries its own BOS, as apply_chat_template(tokenize=True) sees it
+        assert runtime.tokenize(chat) == tok(chat, add_special_tokens=False)["input_ids"], chat
+    finally:
+        runtime.close()
+
+
+def test_demo_model_tokens_and_greedy_text(tmp_path, cpu):
+    """The demo model: llama.cpp token ids equal HF's, and F16 greedy text starts as the torch reference's."""
+    from transformers import AutoTokenizer
+
+    from xpack.packager.demo import demo_base_dir
+
+    base = demo_base_dir()
+    manifest = _export(base, tmp_path / "out", "F16")
+    assert manifest["vocab"] == {"model": "gpt2", "pre": "smollm", "tokens": 49152}
+    tok = AutoTokenizer.from_pretrained(base)
+    messages = [{"role": "system", "content": "You are an expert radiologist."}, {"role": "user", "content": "Chest X-ray of a smoker with cough."}]
+    torch_rt = load(base, cpu, runtime="torch")
+    gguf_rt = load(tmp_path / "out", cpu)
+    try:
+        for text in TOKENIZER_CORPUS:
+            assert gguf_rt.tokenize(text) == tok(text)["input_ids"], text
+        chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        assert gguf_rt.tokenize(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)) == list(chat_ids)
+        greedy = GenerationSettings(max_tokens=12, temperature=0, repetition_penalty=1.0)
+        ref = torch_rt.generate(messages, greedy)
+        got = gguf_rt.generate(messages, greedy)
+    finally:
+        torch_rt.close()
+        gguf_rt.close()
+    assert got.text[:20] == ref.text[:20], (ref.text, got.text)
+
+
+def test_export_folder_manifest_card_modelfile(twin_factory, exports):
+    manifest, out = exports("gemma3_vision", "F32")
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "manifest.json", "Modelfile", manifest["gguf_file"], manifest["mmproj_file"]} <= names
+    on_disk = json.loads((out / "manifest.json").read_text())
+    for fname, info in on_disk["files"].items():
+        assert sha256_file(out / fname) == info["sha256"]
+    assert on_disk["format"] == "gguf" and on_disk["artifacts"][on_disk["mmproj_file"]]["role"] == "mmproj"
+    assert on_disk["source"]["files"]["model.safetensors"] == sha256_file(twin_factory.get("gemma3_vision").model_dir / "model.safetensors")
+    card = (out / "README.md").read_text()
+    fm = front_matter(card)
+    assert fm["quantized_by"].startswith("xpack") and "gguf" in fm["tags"] and fm["base_model"]
+    assert "--mmproj" in card and "ollama create" in card and "## Limitations" in card
+    assert (out / "Modelfile").read_text().startswith("# ollama Modelfile")
+    assert f"FROM ./{manifest['gguf_file']}" in (out / "Modelfile").read_text()
+
+
+def test_k_quant_fallbacks_are_reported(twin_factory, tmp_path):
+    twin = twin_factory.get("llama")  # hidden size 64: rows are not multiples of 256
+    manifest = _export(twin.model_dir, tmp_path / "out", "Q4_K_M")
+    fallbacks = manifest["artifacts"][manifest["gguf_file"]]["fallbacks"]
+    assert fallbacks and all(k.startswith("Q4_K_M->") for k in fallbacks)
+
+
+def _cli_export(*args):
+    return CliRunner().invoke(cli, ["export", *map(str, args)])
+
+
+def test_export_bad_inputs(twin_factory, tmp_path):
+    llama = twin_factory.get("llama")
+    out = tmp_path / "out"
+    r = _cli_export("--model", llama.model_dir, "--format", "gguf", "--quant", "Q4_X", "--out", out)
+    assert r.exit_code == 1 and "unknown GGUF quant type Q4_X" in r.output and "Q4_K_M" in r.output and not out.exists()
+    r = _cli_export("--model", llama.model_dir, "--format", "gguf", "--bits", "3", "--out", out)
+    assert r.exit_code == 2 and "3" in r.output
+    r = _cli_export("--model", llama.model_dir, "--format", "gguf", "--out", out)
+    assert r.exit_code == 2 and "--bits" in r.output
+    mllama = twin_factory.get("mllama")
+    r = _cli_export("--model", mllama.model_dir, "--format", "gguf", "--bits", "16", "--out", out)
+    assert r.exit_code == 1 and "llama.cpp has no Llama 3.2 Vision" in r.output and "onnx" in r.output and not out.exists()
+
+
+def test_export_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    r = _cli_export("--model", tmp_path / "gpt2", "--format", "gguf", "--bits", "8", "--out", tmp_path / "out")
+    assert r.exit_code == 1 and "does not support architecture GPT2LMHeadModel" in r.output and "gemma2" in r.output
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "xpack-tmp" in p.name]
