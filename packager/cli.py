@@ -268,7 +268,7 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
         if not interactive:
             answer(to_messages([user_message(prompt, with_image=image is not None)], system=system))
             return
-        messages = to_messages([user_message("")], system=system)[:-1]
+        messages = [] if system is None else [{"role": "system", "content": system}]
         stdin = click.get_text_stream("stdin")
         tty = stdin.isatty()
         first = True

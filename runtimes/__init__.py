@@ -1,0 +1,1 @@
+"""What runs artifacts on an edge box: base (interface, registry), chat, profiles, llamacpp, torch_ref. Never imports xpack.packager."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -15,7 +16,7 @@ from xpack.packager.cli import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["merge"], ["demo"]]
+COMMANDS = [[], ["merge"], ["export"], ["demo"], ["run"], ["profiles"], ["profiles", "list"], ["profiles", "show"], ["profiles", "detect"]]
 
 
 def _help(args):
@@ -36,7 +37,9 @@ def test_help_is_pinned(args):
 
 
 def test_every_command_is_pinned():
-    assert sorted(cli.commands) == sorted(a[0] for a in COMMANDS if a)
+    assert sorted(cli.commands) == sorted(a[0] for a in COMMANDS if len(a) == 1)
+    for group in (c for c in cli.commands.values() if isinstance(c, click.Group)):
+        assert sorted(group.commands) == sorted(a[1] for a in COMMANDS if len(a) == 2 and a[0] == group.name)
 
 
 def test_start_up_imports_no_heavy_library():

@@ -1,0 +1,282 @@
+"""The transformers reference: a merged Hugging Face checkpoint run with torch, as transformers runs it.
+
+The only module of ``xpack.runtimes`` that imports torch/transformers (inside functions). Text models
+load with ``AutoModelForCausalLM``; checkpoints whose architecture ends in
+``ForConditionalGeneration`` (Gemma 3 / MedGemma, Llama 3.2 Vision) with
+``AutoModelForImageTextToText`` + ``AutoProcessor``, and then take an image too.
+Generation is ``model.generate`` with a synchronous streamer that timestamps the first token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+from xpack.errors import XpackError
+from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, timing_fields
+
+__all__ = ["TorchRuntime"]
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise XpackError(f"{folder}/config.json is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
+
+
+class _Streamer:
+    """transformers' streamer protocol (``put``/``end``), decoding incrementally and timing the first token."""
+
+    def __init__(self, tokenizer, on_token, stop_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []
+        self.printed = 0
+        self.first: float | None = None
+        self.skip_prompt = True
+        self.stopped = False
+
+    def put(self, value) -> None:
+        if self.skip_prompt:  # generate() first hands over the prompt
+            self.skip_prompt = False
+            return
+        if self.first is None:
+            self.first = time.perf_counter()
+        for token in value.reshape(-1).tolist():
+            if self.stopped:
+                return
+            if token in self.stop_ids:
+                self.stopped = True
+                return
+            self.ids.append(token)
+        self._emit(final=False)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait
+            return
+        piece = text[self.printed :]
+        self.printed = len(text)
+        if piece and self.on_token is not None:
+            self.on_token(piece)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    formats = ("torch",)
+
+    @classmethod
+    def can_load(cls, path) -> bool:
+        path = Path(path)
+        return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+    def _load(self) -> None:
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise XpackError(f"the torch runtime needs torch and transformers ({exc}); install them with `pip install 'xpack[pack]'`") from None
+        from transformers.utils import logging as hf_logging
+
+        self._torch = torch
+        profile = self.profile
+        if profile.device == "cuda" and not torch.cuda.is_available():
+            raise XpackError(f"profile {profile.name} runs on a CUDA GPU, but this torch has no CUDA device; use --profile cpu16")
+        self.device = torch.device("cuda" if profile.device == "cuda" else "cpu")
+        self.dtype = getattr(torch, profile.compute_dtype)
+        self._previous_threads = torch.get_num_threads()
+        if profile.threads:
+            torch.set_num_threads(profile.threads)
+
+        folder = self.artifact
+        if not self.can_load(folder):
+            raise XpackError(f"{folder} is not a Hugging Face checkpoint folder (config.json + *.safetensors)")
+        config = _read_config(folder)
+        architectures = config.get("architectures") or []
+        self.architecture = architectures[0] if architectures else config.get("model_type", "?")
+        self.is_vision = self.architecture.endswith("ForConditionalGeneration")
+        kwargs = {"dtype": self.dtype, "local_files_only": True}
+        if config.get("model_type") == "gemma2":  # soft-capping is honoured by the eager path only
+            kwargs["attn_implementation"] = "eager"
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            if self.is_vision:
+                self.model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
+                self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+                self.tokenizer = self.processor.tokenizer
+            else:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+                self.processor = None
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise XpackError(f"transformers could not load {folder} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.to(self.device)
+        self.model.eval()
+        self.accepts_images = self.is_vision
+        self.stop_ids = self._end_of_turn_ids()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id, self.model.config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        vocab = self.tokenizer.get_vocab()
+        for text in END_OF_TURN_TOKENS:
+            if text in vocab:
+                ids.add(vocab[text])
+        return ids
+
+    def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        torch = self._torch
+        torch.set_num_threads(self._previous_threads)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- text --------------------------------------------------------------------------------------
+
+    @property
+    def _templater(self):
+        return self.processor if self.processor is not None and getattr(self.processor, "chat_template", None) else self.tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._templater, "chat_template", None))
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template:
+            raise XpackError(f"{self.artifact} has no chat template; add chat_template.jinja or a tokenizer_config.json chat_template")
+        import jinja2
+
+        try:
+            return self._templater.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.exceptions.TemplateError as exc:
+            raise XpackError(f"the model's chat template rejected the conversation: {exc}") from None
+
+    def _adds_special(self, text: str) -> bool:
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=self._adds_special(text))["input_ids"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def _inputs(self, text: str, image):
+        torch = self._torch
+        if image is not None:
+            enc = self.processor(text=text, images=[image], add_special_tokens=self._adds_special(text), return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            return inputs
+        ids = torch.tensor([self.tokenize(text)], dtype=torch.long, device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def _generation_config(self, settings: GenerationSettings, max_new: int):
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_new_tokens = max_new
+        config.max_length = None
+        config.min_new_tokens = None
+        config.min_length = 0
+        config.num_beams = 1
+        config.repetition_penalty = float(settings.repetition_penalty)
+        config.eos_token_id = sorted(self.stop_ids) or None
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (sorted(self.stop_ids) or [0])[0]
+        if settings.greedy:
+            config.do_sample = False
+            config.temperature = None
+            config.top_p = None
+            config.top_k = None
+        else:
+            config.do_sample = True
+            config.temperature = float(settings.temperature)
+            config.top_p = float(settings.top_p)
+            config.top_k = int(settings.top_k) if settings.top_k else None
+        config.min_p = None
+        config.typical_p = None
+        if config.cache_implementation == "hybrid":  # deprecated; transformers infers the layer structure
+            config.cache_implementation = None
+        return config
+
+    def _generate(self, text, settings: GenerationSettings, image, on_token) -> dict:
+        if self.model is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        torch = self._torch
+        inputs = self._inputs(text, image)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        config = self._generation_config(settings, settings.max_tokens)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed_all(settings.seed)
+        streamer = _Streamer(self.tokenizer, on_token, self.stop_ids)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            # use_model_defaults=False: the config already starts from the model's own; without it,
+            # transformers would turn do_sample=False back into a model default of do_sample=True.
+            output = self.model.generate(**inputs, generation_config=config, streamer=streamer, use_model_defaults=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        end = time.perf_counter()
+        generated = output[0, prompt_tokens:].tolist()
+        steps = len(generated)
+        finish = "stop" if streamer.stopped else "length"
+        answer = self.tokenizer.decode(streamer.ids, skip_special_tokens=True)
+        return timing_fields(
+            text=answer, prompt_tokens=prompt_tokens, completion_tokens=len(streamer.ids), steps=steps,
+            start=start, first=streamer.first, end=end, finish_reason=finish,
+        )
+
+    # -- parity ------------------------------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int]):
+        if self.model is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        torch = self._torch
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise XpackError("logits needs at least one token id")
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        return out.logits[0].float().cpu().numpy()
+
+    def peak_gpu_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return self._torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def info(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "vision": self.is_vision,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "vocab_size": self.vocab_size,
+            "stop_ids": sorted(self.stop_ids),
+        }
