@@ -537,8 +537,8 @@ def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: 
     result.files[final.name] = {"role": "text", "quant": quant, **type_report(final, quant)}
     if arch.vision and "mmproj" in g:
         vision_cfg = ckpt.config["vision_config"]
-        mm_tensors = _mmproj_plan(plan.ops, arch, vision_cfg, "F16" if inter != "F32" else "F32")
-        mm_type = "F16" if inter != "F32" else "F32"
+        mm_type = "F32" if quant == "F32" else "F16"  # as llama.cpp's converter: the projector stays F16 in quantized builds
+        mm_tensors = _mmproj_plan(plan.ops, arch, vision_cfg, mm_type)
         mm = tmp_out / f"mmproj-{name}-{mm_type}.gguf"
         _write_gguf(mm, "clip", _mmproj_kv(arch, ckpt.config, vision_cfg, model_dir, quant_types()[mm_type]), mm_tensors, ckpt)
         result.files[mm.name] = {"role": "mmproj", "quant": mm_type, **type_report(mm, mm_type)}

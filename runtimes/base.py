@@ -129,7 +129,9 @@ class GenerationResult:
     the first sampled token; ``prompt_tok_s = prompt_tokens / ttft_s``; ``decode_tok_s`` is the
     rate of the sampling steps after the first one. ``total_s`` excludes ``load_s``.
     ``peak_rss_mb`` is the process's peak resident memory while loading and generating;
-    ``peak_gpu_mb`` is None without a GPU.
+    ``peak_gpu_mb`` is None without a GPU. ``image_encode_s`` is the part of ``ttft_s`` spent
+    encoding the image (vision tower + projector); None without an image, or where the runtime
+    cannot time it apart from the prefill.
     """
 
     text: str
@@ -147,6 +149,7 @@ class GenerationResult:
     artifact: str
     profile: str
     settings: dict = dataclasses.field(default_factory=dict)
+    image_encode_s: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

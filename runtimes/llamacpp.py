@@ -7,26 +7,162 @@ tokenized by llama.cpp with special tokens parsed.
 
 Sampling is llama.cpp's (top-k -> top-p -> temperature, min_p off); its repetition penalty looks at
 the last 64 generated tokens, where transformers' looks at the whole sequence.
+
+Images (Gemma 3 / MedGemma: a text GGUF + its ``mmproj-*.gguf``) go through llama.cpp's libmtmd
+(``llama_cpp.mtmd_cpp``), as ``Llava15ChatHandler`` drives it: the chat is rendered with the
+model's template, the template's image placeholder is replaced by mtmd's media marker,
+``mtmd_tokenize`` splits the prompt into text and image chunks, text chunks are evaluated by the
+``Llama`` object (so its ``input_ids``/``n_tokens`` stay right) and image chunks are encoded
+(``mtmd_encode_chunk``, timed as ``image_encode_s``) and decoded into the same llama.cpp context;
+then ``Llama.generate`` finds the whole prompt cached and samples as the text path does.
+The image is prepared as transformers' processor prepares it (see ``_prepare_image``).
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
+import contextlib
 import ctypes
 import os
 import shutil
+import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, gguf_models, read_manifest, timing_fields
+from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, gguf_models, load_image, read_manifest, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
-__all__ = ["LlamaCppRuntime", "gguf_file_of"]
+__all__ = ["LlamaCppRuntime", "gguf_file_of", "read_gguf_metadata"]
 
 _SCORER_CTX_STEP = 256
+
+# How an image appears in a rendered chat, per llama.cpp projector type (``clip.projector_type``):
+# (what the chat template writes for an image part, what mtmd gets there instead).
+# Gemma 3 / MedGemma: the template writes "<start_of_image>"; transformers' Gemma3Processor replaces
+# it with "\n\n<start_of_image>" + mm_tokens_per_image x "<image_soft_token>" + "<end_of_image>\n\n".
+# mtmd itself puts <start_of_image> ... <end_of_image> around the image embeddings, so the marker
+# goes in with the processor's newlines around it: the token ids around the image are then the
+# processor's, token for token.
+_IMAGE_PROMPTS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
+# Projector types whose transformers image processor resizes every image straight to
+# image_size x image_size (PIL, BILINEAR: Gemma3ImageProcessor), where llama.cpp would keep the aspect
+# ratio and pad with black (PAD_CEIL letterbox). xpack resizes first, so llama.cpp's resize is a copy.
+_STRETCH_TO_SQUARE = {"gemma3"}
+
+# GGUF metadata value types -> struct formats (gguf.GGUFValueType); 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_metadata(path: "str | os.PathLike") -> dict:
+    """The key/value header of a GGUF file (tensors are not read): what llama-cpp-python does not
+    expose for an mmproj (projector type, image size). Raises ValueError for a file that is not GGUF."""
+
+    with open(path, "rb") as f:
+
+        def read(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("the file ends inside its header")
+            return data
+
+        def unpack(fmt: str):
+            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, count = unpack("<I"), unpack("<Q")
+                return [value(inner) for _ in range(count)]
+            if kind not in _GGUF_SCALARS:
+                raise ValueError(f"unknown metadata value type {kind}")
+            return unpack(_GGUF_SCALARS[kind])
+
+        if read(4) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version = unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        unpack("<Q")  # tensor count
+        n_kv = unpack("<Q")
+        if n_kv > 1_000_000:
+            raise ValueError(f"implausible metadata count {n_kv}")
+        metadata = {}
+        for _ in range(n_kv):
+            key = string()
+            metadata[key] = value(unpack("<I"))
+        return metadata
+
+
+# llama.cpp's log lines at error level (the latest few), to quote in one-line errors; everything
+# libmtmd logs goes here instead of to the terminal.
+_GGML_LOG_LEVEL_ERROR = 3
+_LOG_ERRORS: "collections.deque[str]" = collections.deque(maxlen=8)
+_LOG_CALLBACK = None  # the ctypes callback must stay referenced while libmtmd may call it
+
+
+def _quiet_mtmd(llama_cpp, mtmd) -> None:
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # noqa: ARG001 - the C signature
+        if level == _GGML_LOG_LEVEL_ERROR and text:
+            line = text.decode("utf-8", errors="replace").strip()
+            if line:
+                _LOG_ERRORS.append(line)
+
+    _LOG_CALLBACK = callback
+    mtmd.mtmd_helper_log_set(callback, None)  # the helper's logger and libmtmd's (mtmd_log_set)
+
+
+def _last_error(since: int) -> str:
+    """'': the latest llama.cpp error logged after ``since`` errors had been (as ': <line>')."""
+    new = list(_LOG_ERRORS)[since:] if since < len(_LOG_ERRORS) else []
+    return f": {new[-1]}" if new else ""
+
+
+def _prepare_image(image, projector: str, image_size: int):
+    """The image as the model's transformers processor sees it before normalization: RGB, and for
+    Gemma 3 resized to image_size x image_size with PIL's BILINEAR filter (aspect ratio not kept)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if projector in _STRETCH_TO_SQUARE and image.size != (image_size, image_size):
+        from PIL import Image
+
+        image = image.resize((image_size, image_size), resample=Image.BILINEAR)
+    return image
+
+
+@dataclass
+class _Vision:
+    """The mtmd context of the artifact's mmproj, made on first use."""
+
+    ctx: int
+    projector: str
+    image_size: int
+    placeholder: str
+    replacement: str
+    load_s: float
+
+
+@dataclass
+class _Chunk:
+    """One piece of a tokenized image prompt: text token ids, or an image chunk of ``n_tokens`` embeddings."""
+
+    kind: str  # "text" | "image"
+    tokens: list[int]
+    n_tokens: int
+    handle: int | None = None  # the mtmd_input_chunk of an image (valid while its chunks live)
 
 
 def gguf_file_of(path: "str | os.PathLike") -> Path:
@@ -111,25 +247,40 @@ class LlamaCppRuntime(Runtime):
         self.stop_ids = frozenset(self._end_of_turn_ids())
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
-        self.accepts_images = False  # mmproj support comes with the vision export
-        self.mmproj_path = self._find_mmproj()
+        self._threads = threads
+        self._vision_state: _Vision | None = None
+        self.mmproj_path, self._mmproj_problem = self._find_mmproj()
+        self.accepts_images = self.mmproj_path is not None  # the projector itself is loaded with the first image
 
-    def _find_mmproj(self) -> Path | None:
+    def _find_mmproj(self) -> tuple[Path | None, str | None]:
+        """The vision projector beside the model: manifest.json's ``mmproj_file``, else the one
+        ``mmproj-*.gguf`` of the folder (when several, the one named after the model).
+        Returns (path, None), (None, None) for a text-only artifact, or (None, why) when it is unclear."""
         folder = self.artifact if self.artifact.is_dir() else self.artifact.parent
-        named = read_manifest(folder).get("mmproj_file") if self.artifact.is_dir() else None
-        if isinstance(named, str) and (folder / named).is_file():
-            return folder / named
-        if self.artifact.is_dir():
-            found = sorted(p for p in folder.glob("*.gguf") if p.name.lower().startswith("mmproj"))
-            return found[0] if found else None
-        return None
+        try:
+            manifest = read_manifest(folder)
+        except XpackError:  # a broken manifest.json beside a .gguf given as a file is not ours to judge
+            manifest = {}
+        named = manifest.get("mmproj_file")
+        if isinstance(named, str) and named and (self.artifact.is_dir() or manifest.get("gguf_file") == self.gguf_path.name):
+            if (folder / named).is_file():
+                return folder / named, None
+            return None, f"{folder}/manifest.json names mmproj_file {named}, which is missing; re-export the artifact"
+        found = sorted(p for p in folder.glob("*.gguf") if p.is_file() and p.name.lower().startswith("mmproj"))
+        if len(found) <= 1:
+            return (found[0] if found else None), None
+        stem = self.gguf_path.stem.rsplit("-", 1)[0].lower()  # <name>-<QUANT>.gguf -> <name>
+        mine = [p for p in found if p.name.lower().startswith(f"mmproj-{stem}")]
+        if len(mine) == 1:
+            return mine[0], None
+        return None, (
+            f"{folder} holds several vision projectors ({', '.join(p.name for p in found)}) and none is named for "
+            f"{self.gguf_path.name}; keep one, or name it as mmproj_file in manifest.json"
+        )
 
     def image_refusal(self) -> str:
-        if self.mmproj_path is not None:
-            return (
-                f"image input for GGUF is not supported yet ({self.mmproj_path.name} is not used); "
-                "for images, run the merged checkpoint folder instead (transformers runtime)"
-            )
+        if self._mmproj_problem:
+            return self._mmproj_problem
         return f"--image given but artifact {self.artifact} is text-only (a GGUF without an mmproj vision projector); drop --image"
 
     def _token_text(self, token_id: int) -> str | None:
@@ -150,6 +301,10 @@ class LlamaCppRuntime(Runtime):
         return ids
 
     def close(self) -> None:
+        vision = getattr(self, "_vision_state", None)
+        if vision is not None:  # before the model it was made for
+            self._mtmd.mtmd_free(vision.ctx)
+            self._vision_state = None
         for attr in ("_scorer", "llm"):
             obj = getattr(self, attr, None)
             if obj is not None:
@@ -166,6 +321,15 @@ class LlamaCppRuntime(Runtime):
         if self.chat_template is None:
             raise XpackError(f"{self.gguf_path} has no chat template (tokenizer.chat_template); re-export it from a model with one")
         return self.chat_template.render(messages, add_generation_prompt)
+
+    def prompt_text(self, prompt: "str | Sequence[dict]", image=None) -> str:
+        if image is None:
+            return super().prompt_text(prompt)
+        self._vision()  # a broken or foreign mmproj is the error to report, before the template runs
+        try:
+            return super().prompt_text(prompt, image=image)
+        except TypeError as exc:  # a text-only template concatenating a content-parts list
+            raise XpackError(f"the chat template of {self.gguf_path.name} cannot take an image part ({exc})") from None
 
     def tokenize(self, text: str) -> list[int]:
         add_bos = self.add_bos and not (self.bos_token and text.startswith(self.bos_token))
@@ -197,23 +361,43 @@ class LlamaCppRuntime(Runtime):
         llm = self.llm
         if llm is None:
             raise XpackError("this runtime was closed; load the artifact again")
-        prompt = self.tokenize(text)
-        room = llm.n_ctx() - len(prompt)
+        if image is None:
+            return self._sample(llm, self.tokenize(text), settings, on_token)
+        with self._image_chunks(text, image) as chunks:
+            n_prompt = sum(c.n_tokens for c in chunks)
+            self._check_room(n_prompt, llm.n_ctx())
+            start = time.perf_counter()
+            encode_s = self._eval_chunks(llm, chunks)
+        # The whole prompt is in the context now and llm.input_ids[:n_tokens] describes it (image
+        # positions included), so Llama.generate finds it cached and samples at once.
+        prompt = llm.input_ids[: llm.n_tokens].tolist()
+        measured = self._sample(llm, prompt, settings, on_token, start=start, reset=False)
+        measured["image_encode_s"] = encode_s
+        return measured
+
+    def _check_room(self, n_prompt: int, n_ctx: int) -> int:
+        room = n_ctx - n_prompt
         if room < 1:
             raise XpackError(
-                f"the prompt is {len(prompt)} tokens, more than the context of {llm.n_ctx()} (profile {self.profile.name}'s n_ctx); "
+                f"the prompt is {n_prompt} tokens, more than the context of {n_ctx} (profile {self.profile.name}'s n_ctx); "
                 "shorten it or use a profile with a larger n_ctx"
             )
-        limit = min(settings.max_tokens, room)
+        return room
+
+    def _sample(self, llm, prompt: list[int], settings: GenerationSettings, on_token, start: float | None = None, reset: bool = True) -> dict:
+        """Sample the answer to ``prompt``; with ``reset=False`` the prompt is already evaluated (image path)."""
+        limit = min(settings.max_tokens, self._check_room(len(prompt), llm.n_ctx()))
         llm.set_seed(settings.seed if settings.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
-        llm.reset()  # a fresh prefill every call: the same input always gives the same output
+        if reset:
+            llm.reset()  # a fresh prefill every call: the same input always gives the same output
         stop_ids, piece = self.stop_ids, self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         parts: list[str] = []
         count = steps = 0
         first = None
         finish = "length"
-        start = time.perf_counter()
+        if start is None:
+            start = time.perf_counter()
         tokens = llm.generate(
             prompt,
             top_k=settings.top_k,
@@ -252,27 +436,238 @@ class LlamaCppRuntime(Runtime):
             start=start, first=first, end=end, finish_reason=finish,
         )
 
+    # -- images ------------------------------------------------------------------------------------
+
+    def _vision(self) -> _Vision:
+        """The mtmd context of the mmproj, made on first use (n_threads and GPU use from the profile)."""
+        if self._vision_state is not None:
+            return self._vision_state
+        if self.llm is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        if self.mmproj_path is None:
+            raise XpackError(self.image_refusal())
+        path = self.mmproj_path
+        try:
+            from llama_cpp import mtmd_cpp as mtmd
+        except (ImportError, OSError) as exc:
+            raise XpackError(
+                f"images need llama.cpp's libmtmd, which this llama-cpp-python lacks ({exc}); upgrade it with `pip install -U llama-cpp-python`"
+            ) from None
+        self._mtmd = mtmd
+        try:
+            meta = read_gguf_metadata(path)
+        except (OSError, ValueError, struct.error) as exc:
+            raise XpackError(f"{path.name} is not a readable GGUF vision projector ({exc}); re-export the artifact") from None
+        projector = meta.get("clip.projector_type")
+        if meta.get("general.architecture") != "clip" or not meta.get("clip.has_vision_encoder"):
+            raise XpackError(f"{path.name} is not a vision projector (no clip vision encoder in its metadata); re-export the artifact")
+        if projector not in _IMAGE_PROMPTS:
+            raise XpackError(
+                f"{path.name} is a '{projector}' vision projector, which xpack's llama.cpp runtime does not run "
+                f"(it runs {', '.join(sorted(_IMAGE_PROMPTS))}); run the merged checkpoint with --runtime torch"
+            )
+        image_size = meta.get("clip.vision.image_size")
+        if not isinstance(image_size, int) or image_size <= 0:
+            raise XpackError(f"{path.name} has no clip.vision.image_size; re-export the artifact")
+        _quiet_mtmd(self._llama_cpp, mtmd)
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = self.profile.device == "cuda"
+        params.n_threads = self._threads
+        params.print_timings = False
+        params.flash_attn_type = self.llm.context_params.flash_attn_type
+        errors = len(_LOG_ERRORS)
+        start = time.perf_counter()
+        ctx = mtmd.mtmd_init_from_file(str(path).encode(), self.llm.model, params)
+        load_s = time.perf_counter() - start
+        if not ctx:
+            raise XpackError(
+                f"llama.cpp could not load the vision projector {path.name}{_last_error(errors)}; "
+                f"check that it is a complete mmproj made for {self.gguf_path.name}"
+            )
+        if not mtmd.mtmd_support_vision(ctx):
+            mtmd.mtmd_free(ctx)
+            raise XpackError(f"{path.name} has no vision encoder llama.cpp can use; re-export the artifact")
+        placeholder, replacement = _IMAGE_PROMPTS[projector]
+        self._vision_state = _Vision(
+            ctx=ctx,
+            projector=projector,
+            image_size=image_size,
+            placeholder=placeholder,
+            replacement=replacement.format(marker=mtmd.mtmd_default_marker().decode("utf-8")),
+            load_s=load_s,
+        )
+        return self._vision_state
+
+    @contextlib.contextmanager
+    def _image_chunks(self, text: str, image) -> Iterator[list[_Chunk]]:
+        """The rendered prompt ``text`` with ``image`` (a PIL image) at the template's image
+        placeholder, tokenized by mtmd into text and image chunks (freed when the block ends)."""
+        vision = self._vision()
+        mtmd = self._mtmd
+        marker = mtmd.mtmd_default_marker().decode("utf-8")
+        if marker in text:
+            raise XpackError(f"the prompt contains llama.cpp's media marker {marker}; remove it from the text")
+        found = text.count(vision.placeholder)
+        if found != 1:
+            if found == 0:
+                raise XpackError(
+                    f"the prompt has no place for the image: the chat template of {self.gguf_path.name} wrote no "
+                    f"{vision.placeholder} (give the image with a user message, or re-export the model with its chat template)"
+                )
+            raise XpackError(f"the conversation has {found} image parts ({vision.placeholder}), but one image was given; give one image part")
+        text = text.replace(vision.placeholder, vision.replacement)
+        picture = _prepare_image(image, vision.projector, vision.image_size)
+        data = picture.tobytes()
+        bitmap = mtmd.mtmd_bitmap_init(picture.width, picture.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
+        if not bitmap:
+            raise XpackError(f"llama.cpp could not take the {picture.width}x{picture.height} image")
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            raw = text.encode("utf-8")
+            request = mtmd.mtmd_input_text()
+            request.text = raw
+            request.text_len = len(raw)
+            request.add_special = self.add_bos and not (self.bos_token and text.startswith(self.bos_token))
+            request.parse_special = True
+            errors = len(_LOG_ERRORS)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = mtmd.mtmd_tokenize(vision.ctx, chunks, ctypes.byref(request), bitmaps, 1)
+            if rc != 0:
+                raise XpackError(f"llama.cpp could not tokenize the prompt with the image (code {rc}{_last_error(errors)})")
+            out: list[_Chunk] = []
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                kind = mtmd.mtmd_input_chunk_get_type(chunk)
+                if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    out.append(_Chunk("text", [int(ptr[j]) for j in range(n.value)], n.value))
+                elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+                    if mtmd.mtmd_input_chunk_get_n_pos(chunk) != n_tokens:  # M-RoPE models; not Gemma 3
+                        raise XpackError(f"the {vision.projector} projector places images in a way xpack's llama.cpp runtime does not handle")
+                    out.append(_Chunk("image", [], n_tokens, chunk))
+                else:
+                    raise XpackError(f"llama.cpp made a chunk of type {kind} from the prompt; only text and images are handled")
+            if not out or out[-1].kind != "text":
+                raise XpackError("the prompt ends with the image; put text (the generation prompt) after it")
+            yield out
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
+    def _eval_chunks(self, llm, chunks: list[_Chunk], on_text=None) -> float:
+        """Evaluate ``chunks`` from position 0 in ``llm``'s context: text through ``Llama.eval`` (which
+        keeps ``input_ids``/``n_tokens`` in step), images encoded by mtmd and decoded as embeddings.
+        ``on_text(first_position, chunk)`` runs after each text chunk. Returns the image encoding seconds."""
+        mtmd, vision = self._mtmd, self._vision_state
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        encode_s = 0.0
+        for chunk in chunks:
+            if chunk.kind == "text":
+                first = llm.n_tokens
+                llm.eval(chunk.tokens)
+                if on_text is not None:
+                    on_text(first, chunk)
+                continue
+            errors = len(_LOG_ERRORS)
+            start = time.perf_counter()
+            rc = mtmd.mtmd_encode_chunk(vision.ctx, chunk.handle)
+            encode_s += time.perf_counter() - start
+            if rc != 0:
+                raise XpackError(f"llama.cpp could not encode the image (code {rc}{_last_error(errors)})")
+            n_past = self._llama_cpp.llama_pos(0)
+            rc = mtmd.mtmd_helper_decode_image_chunk(
+                vision.ctx, llm._ctx.ctx, chunk.handle, mtmd.mtmd_get_output_embd(vision.ctx),
+                llm.n_tokens, 0, llm.n_batch, ctypes.byref(n_past), mtmd.mtmd_helper_post_decode_callback(), None,  # no callback (NULL)
+            )
+            if rc != 0:
+                raise XpackError(f"llama.cpp could not decode the image embeddings (code {rc}{_last_error(errors)})")
+            llm.n_tokens = n_past.value
+        return encode_s
+
+    def _picture(self, image):
+        """A PIL image from a path (checked as ``generate`` checks it) or a PIL image as is."""
+        if not self.accepts_images:
+            raise XpackError(self.image_refusal())
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image)
+        if not hasattr(image, "tobytes"):
+            raise XpackError(f"an image must be a file path or a PIL image, not {type(image).__name__}")
+        return image
+
+    def tokenize_with_image(self, prompt: "str | Sequence[dict]", image) -> list[tuple[str, "list[int] | int"]]:
+        """How the chat-templated prompt with ``image`` reaches the model: ("text", token ids) and
+        ("image", number of image embeddings) pieces, in order."""
+        picture = self._picture(image)
+        with self._image_chunks(self.prompt_text(prompt, image=picture), picture) as chunks:
+            return [("text", c.tokens) if c.kind == "text" else ("image", c.n_tokens) for c in chunks]
+
     # -- parity ------------------------------------------------------------------------------------
+
+    def _scorer_for(self, n_tokens: int):
+        """A second llama.cpp context of the same model that keeps every position's logits."""
+        need = -(-n_tokens // _SCORER_CTX_STEP) * _SCORER_CTX_STEP
+        if self._scorer is None or self._scorer.n_ctx() < n_tokens:
+            if self._scorer is not None:
+                self._scorer.close()
+            self._scorer = self._llama_cpp.Llama(n_ctx=need, n_batch=min(need, 512), logits_all=True, **self._llama_kwargs)
+        return self._scorer
 
     def logits(self, token_ids: Sequence[int]):
         """Teacher-forced logits from a second llama.cpp context that keeps every position's logits."""
         import numpy as np
 
-        ids = [int(t) for t in token_ids]
+        if self.llm is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        ids = self._checked_ids(token_ids)
         if not ids:
             raise XpackError("logits needs at least one token id")
-        bad = [t for t in ids if not 0 <= t < self._n_vocab]
-        if bad:
-            raise XpackError(f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})")
-        need = -(-len(ids) // _SCORER_CTX_STEP) * _SCORER_CTX_STEP
-        if self._scorer is None or self._scorer.n_ctx() < len(ids):
-            if self._scorer is not None:
-                self._scorer.close()
-            self._scorer = self._llama_cpp.Llama(n_ctx=need, n_batch=min(need, 512), logits_all=True, **self._llama_kwargs)
-        scorer = self._scorer
+        scorer = self._scorer_for(len(ids))
         scorer.reset()
         scorer.eval(ids)
         return np.array(scorer.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def _checked_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        bad = [t for t in ids if not 0 <= t < self._n_vocab]
+        if bad:
+            raise XpackError(f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})")
+        return ids
+
+    def logits_with_image(self, prompt: "str | Sequence[dict]", image, continuation_ids: Sequence[int] | None = None):
+        """Teacher-forced logits of the text that follows the image, for parity with the torch reference.
+
+        ``prompt`` (a user message, or chat messages) is rendered with the chat template and the
+        generation prompt, ``image`` (a path or a PIL image) goes where the template puts it, and
+        ``continuation_ids`` (e.g. an answer to score) are appended. Returns ``(logits, token_ids)``:
+        float32 [n, vocab_size] and the n text token ids after the image (Gemma 3: from
+        ``<end_of_image>`` on), row i being the next-token logits after token i.
+        """
+        import numpy as np
+
+        if self.llm is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        picture = self._picture(image)
+        extra = self._checked_ids(continuation_ids or [])
+        with self._image_chunks(self.prompt_text(prompt, image=picture), picture) as chunks:
+            if extra:
+                chunks = [*chunks, _Chunk("text", extra, len(extra))]
+            n_total = sum(c.n_tokens for c in chunks)
+            last_image = max(i for i, c in enumerate(chunks) if c.kind == "image")
+            after_image = {id(c) for c in chunks[last_image + 1 :]}
+            scorer = self._scorer_for(n_total)
+            rows: list = []
+            ids: list[int] = []
+
+            def keep(first: int, chunk: _Chunk) -> None:
+                if id(chunk) in after_image:
+                    rows.append(np.array(scorer.scores[first : first + chunk.n_tokens], dtype=np.float32, copy=True))
+                    ids.extend(chunk.tokens)
+
+            self._eval_chunks(scorer, chunks, on_text=keep)
+        return np.concatenate(rows, axis=0), ids
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -301,4 +696,6 @@ class LlamaCppRuntime(Runtime):
             "n_ctx": self.llm.n_ctx() if self.llm else None,
             "vocab_size": self._n_vocab,
             "stop_ids": sorted(self.stop_ids),
+            "mmproj_file": str(self.mmproj_path) if self.mmproj_path else None,
+            "mmproj_load_s": self._vision_state.load_s if self._vision_state else None,
         }

@@ -237,7 +237,7 @@ def test_llamacpp_folder_artifact(tmp_path, demo_gguf, cpu_profile):
     with load(folder, dataclasses.replace(cpu_profile, n_ctx=128)) as rt:
         assert rt.gguf_path == folder / "model.gguf" and rt.mmproj_path == folder / "mmproj-model-f16.gguf"
         assert rt.generate("Hi", GREEDY.with_overrides(max_tokens=2)).completion_tokens <= 2
-        with pytest.raises(XpackError, match=r"^image input for GGUF is not supported yet \(mmproj-model-f16.gguf is not used\)"):
+        with pytest.raises(XpackError, match=r"^mmproj-model-f16.gguf is not a readable GGUF vision projector \(the file ends inside its header\)"):
             rt.generate("Hi", GREEDY, image=image)
     (folder / "manifest.json").write_text(json.dumps({"format": "gguf", "gguf_file": "gone.gguf"}))
     with pytest.raises(XpackError, match="names gguf_file gone.gguf, which is missing"):
