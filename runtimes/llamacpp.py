@@ -390,9 +390,10 @@ class LlamaCppRuntime(Runtime):
         llm.set_seed(settings.seed if settings.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
         if reset:
             llm.reset()  # a fresh prefill every call: the same input always gives the same output
-        stop_ids, piece = self.stop_ids, self._piece
+        stop_ids, piece = (frozenset() if settings.ignore_eos else self.stop_ids), self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         parts: list[str] = []
+        ids: list[int] = []
         count = steps = 0
         first = None
         finish = "length"
@@ -416,6 +417,7 @@ class LlamaCppRuntime(Runtime):
                     finish = "stop"
                     break
                 count += 1
+                ids.append(token)
                 chunk = decode(piece(token))
                 if chunk:
                     parts.append(chunk)
@@ -433,7 +435,7 @@ class LlamaCppRuntime(Runtime):
                 on_token(tail)
         return timing_fields(
             text="".join(parts), prompt_tokens=len(prompt), completion_tokens=count, steps=steps,
-            start=start, first=first, end=end, finish_reason=finish,
+            start=start, first=first, end=end, finish_reason=finish, token_ids=ids,
         )
 
     # -- images ------------------------------------------------------------------------------------

@@ -198,11 +198,11 @@ class TorchRuntime(Runtime):
         config = copy.deepcopy(self.model.generation_config)
         config.max_new_tokens = max_new
         config.max_length = None
-        config.min_new_tokens = None
+        config.min_new_tokens = max_new if settings.ignore_eos else None  # benchmarks: exactly max_new tokens
         config.min_length = 0
         config.num_beams = 1
         config.repetition_penalty = float(settings.repetition_penalty)
-        config.eos_token_id = sorted(self.stop_ids) or None
+        config.eos_token_id = None if settings.ignore_eos else (sorted(self.stop_ids) or None)
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (sorted(self.stop_ids) or [0])[0]
         if settings.greedy:
@@ -232,7 +232,7 @@ class TorchRuntime(Runtime):
             torch.manual_seed(settings.seed)
             if self.device.type == "cuda":
                 torch.cuda.manual_seed_all(settings.seed)
-        streamer = _Streamer(self.tokenizer, on_token, self.stop_ids)
+        streamer = _Streamer(self.tokenizer, on_token, set() if settings.ignore_eos else self.stop_ids)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -249,7 +249,7 @@ class TorchRuntime(Runtime):
         answer = self.tokenizer.decode(streamer.ids, skip_special_tokens=True)
         return timing_fields(
             text=answer, prompt_tokens=prompt_tokens, completion_tokens=len(streamer.ids), steps=steps,
-            start=start, first=streamer.first, end=end, finish_reason=finish,
+            start=start, first=streamer.first, end=end, finish_reason=finish, token_ids=streamer.ids,
         )
 
     # -- parity ------------------------------------------------------------------------------------

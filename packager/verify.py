@@ -1,0 +1,403 @@
+"""``xpack verify``: does the artifact behave like the model that was trained, and how fast and heavy is it?
+
+Parity is measured against the torch reference (the merged checkpoint) with the production
+runtimes: teacher-forced logits over an evaluation text (KL, top-1, max logit error, perplexity)
+and greedy answers to prompts (matching tokens before the first difference). Speed and memory
+come from ``runtimes/bench.py`` in processes of their own, for the artifact and the reference.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from xpack import __version__
+from xpack.errors import XpackError
+from xpack.packager.parity import compare_logits, log_softmax
+
+DEFAULT_PROMPTS = [
+    {"system": "You are an expert radiologist.", "prompt": "Analyze this chest X-ray showing a small pleural effusion on the right side."},
+    {"prompt": "You are an expert radiologist. Compare the findings in a chest X-ray showing pulmonary edema versus one showing pneumonia."},
+    {"prompt": "CT head without contrast, 70-year-old with sudden confusion. Describe the findings."},
+]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """What a precision class must reach: strict top-1 agreement (tie-aware) and mean KL."""
+
+    top1_min: float | None
+    kl_mean_max: float | None
+
+
+# Per precision class; the README states these. 16-bit and fp32 are judged on top-1 and KL,
+# quantized formats on KL (their top-1 moves with the model's own confidence).
+THRESHOLDS: dict[str, Threshold] = {
+    "fp32": Threshold(top1_min=0.99, kl_mean_max=1e-3),
+    "16-bit": Threshold(top1_min=0.99, kl_mean_max=5e-3),
+    "8-bit": Threshold(top1_min=None, kl_mean_max=0.01),
+    "6-bit": Threshold(top1_min=None, kl_mean_max=0.03),
+    "5-bit": Threshold(top1_min=None, kl_mean_max=0.05),
+    "4-bit": Threshold(top1_min=None, kl_mean_max=0.1),
+    "low-bit": Threshold(top1_min=None, kl_mean_max=0.3),
+}
+_GGUF_CLASS = {"F32": "fp32", "F16": "16-bit", "BF16": "16-bit", "Q8_0": "8-bit", "Q6_K": "6-bit"}
+
+
+def eval_text(path: Path | None) -> str:
+    if path is None:
+        return resources.files("xpack.packager").joinpath("data/eval_medical.txt").read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise XpackError(f"cannot read --text {path}: {exc.__class__.__name__}; pass a UTF-8 text file") from None
+    if len(text.strip()) < 20:
+        raise XpackError(f"--text {path} is too short to measure anything; give a few paragraphs")
+    return text
+
+
+def read_prompts(path: Path | None) -> list[dict]:
+    """A JSONL file: one {"prompt": ..., "system"?: ..., "image"?: ...} per line."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    prompts = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise XpackError(f"cannot read --prompts {path}: {exc.__class__.__name__}; pass a UTF-8 JSONL file") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise XpackError(f"--prompts {path} line {n} is not JSON; write one object per line like {{\"prompt\": \"...\"}}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise XpackError(f"--prompts {path} line {n} has no \"prompt\" string; write one object per line like {{\"prompt\": \"...\"}}")
+        prompts.append(item)
+    if not prompts:
+        raise XpackError(f"--prompts {path} holds no prompts")
+    return prompts
+
+
+def precision_class(artifact: Path, runtime_name: str) -> tuple[str, str]:
+    """(precision class, label) of an artifact, from its manifest or its weights."""
+    from xpack.packager.card import read_manifest
+
+    folder = artifact if artifact.is_dir() else artifact.parent
+    manifest = read_manifest(folder) or {}
+    if manifest.get("format") == "gguf" or artifact.suffix == ".gguf":
+        quant = manifest.get("quant") or _gguf_quant(artifact)
+        return _GGUF_CLASS.get(quant) or _bits_class(quant), f"GGUF {quant}"
+    if manifest.get("format") == "onnx":
+        bits = int(manifest.get("bits", 32))
+        return {32: "fp32", 16: "16-bit", 8: "8-bit", 4: "4-bit"}.get(bits, "low-bit"), f"ONNX {bits}-bit"
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return ("fp32" if dtype == "float32" else "16-bit"), f"transformers {dtype}"
+
+
+def _bits_class(quant: str) -> str:
+    for bits in ("8", "6", "5", "4"):
+        if quant.startswith(("Q" + bits, "IQ" + bits)):
+            return f"{bits}-bit"
+    return "low-bit"
+
+
+def _gguf_quant(path: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    ftype = int(field.parts[field.data[0]][0]) if field else 0
+    names = {v: k.replace("MOSTLY_", "") for k, v in gguf.LlamaFileType.__members__.items()}
+    return names.get(ftype, "F32").replace("ALL_F32", "F32")
+
+
+# ------------------------------------------------------------------------------------------------
+# parity
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    lp = log_softmax(logits[:-1])
+    nll = -lp[np.arange(len(ids) - 1), ids[1:]]
+    return float(math.exp(nll.mean()))
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+@dataclass
+class Side:
+    """What one model (reference or artifact) produced on the evaluation."""
+
+    ids: list[int]
+    logits: np.ndarray
+    greedy: list[dict]
+    vocab_size: int
+
+
+def _messages(item: dict) -> list[dict]:
+    msgs = [{"role": "system", "content": item["system"]}] if item.get("system") else []
+    return msgs + [{"role": "user", "content": item["prompt"]}]
+
+
+def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list[dict], max_tokens: int) -> Side:
+    from xpack.runtimes.base import GenerationSettings, load
+
+    greedy = GenerationSettings(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)
+    with load(path, profile, runtime=runtime) as rt:
+        ids = rt.tokenize(text)
+        logits = rt.logits(ids)
+        answers = []
+        for item in prompts:
+            r = rt.generate(_messages(item), greedy, image=item.get("image"))
+            answers.append({"ids": r.token_ids, "text": r.text})
+        return Side(ids, logits, answers, rt.vocab_size)
+
+
+def parity(artifact: Side, reference: Side, tokenizer) -> dict:
+    if artifact.ids != reference.ids:
+        at = _first_difference(artifact.ids, reference.ids)
+        raise XpackError(
+            f"the reference tokenizes the evaluation text differently from the artifact (first difference at token {at}); "
+            "verify against the checkpoint the artifact was exported from"
+        )
+    if artifact.vocab_size < reference.logits.shape[1]:
+        raise XpackError(
+            f"the artifact's vocabulary ({artifact.vocab_size}) is smaller than the reference's ({reference.logits.shape[1]}); "
+            "verify against the checkpoint the artifact was exported from"
+        )
+    figures = compare_logits(reference.logits, artifact.logits)
+    ppl_ref, ppl_art = _perplexity(reference.logits, reference.ids), _perplexity(artifact.logits[:, : reference.logits.shape[1]], reference.ids)
+    figures.update({"perplexity_reference": ppl_ref, "perplexity_artifact": ppl_art, "perplexity_delta": ppl_art - ppl_ref})
+    prompts = []
+    for ref, art in zip(reference.greedy, artifact.greedy):
+        n = _first_difference(ref["ids"], art["ids"])
+        same = n == len(ref["ids"]) == len(art["ids"])
+        prompts.append(
+            {
+                "matching_tokens": n,
+                "reference_tokens": len(ref["ids"]),
+                "diverges_at": None if same else n,
+                "reference_token": None if same or n >= len(ref["ids"]) else tokenizer.decode([ref["ids"][n]]),
+                "artifact_token": None if same or n >= len(art["ids"]) else tokenizer.decode([art["ids"][n]]),
+                "reference_text": ref["text"],
+                "artifact_text": art["text"],
+            }
+        )
+    figures["prompts"] = prompts
+    return figures
+
+
+def judge(figures: dict, cls: str) -> list[dict]:
+    """The parity checks of a precision class, each with its value, limit and verdict."""
+    t = THRESHOLDS[cls]
+    checks = []
+    if t.top1_min is not None:
+        v = figures["top1_agreement_tie_aware"]
+        checks.append({"metric": "top1_agreement", "value": v, "limit": f">= {t.top1_min}", "pass": v >= t.top1_min})
+    if t.kl_mean_max is not None:
+        v = figures["kl_mean"]
+        checks.append({"metric": "kl_mean", "value": v, "limit": f"<= {t.kl_mean_max}", "pass": v <= t.kl_mean_max})
+    return checks
+
+
+def bench_checks(bench: dict, profile) -> list[dict]:
+    """The profile's reference figures (the seed card's) against the measured medians: reported, not fatal."""
+    ref = profile.reference
+    if ref is None:
+        return []
+    s = bench["summary"]
+    rows = [
+        ("load_s", s["load_s"]["median"], ref.load_s),
+        ("gen_256_s", s["gen_256_s"]["median"], ref.tokens256_s),
+        ("memory_gb", s["peak_rss_mb"]["median"] / 1024, ref.memory_gb),
+    ]
+    return [{"metric": m, "value": v, "limit": f"<= {lim}", "pass": v <= lim} for m, v, lim in rows if lim is not None]
+
+
+def machine_label() -> str:
+    from xpack.runtimes.profiles import machine_info
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    m = machine_info()
+    gpus = ", ".join(g.name for g in m.gpus) or "no GPU"
+    ram = f", {m.ram_gb:.0f} GB RAM" if m.ram_gb else ""
+    return f"{cpu}, {m.cores} cores{ram}, {gpus}"
+
+
+def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
+           runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
+           reference_bench: dict | None = None) -> dict:
+    """The verification report; ``reference_bench`` reuses the reference's benchmark of an earlier call (same profile)."""
+    from transformers import AutoTokenizer
+
+    from xpack.runtimes.base import runtime_for
+    from xpack.runtimes.bench import run_isolated
+    from xpack.runtimes.profiles import load_profile, resolve_for_machine
+
+    artifact, reference = Path(artifact), Path(reference)
+    if not (reference / "config.json").is_file():
+        raise XpackError(f"--reference {reference} is not a Hugging Face checkpoint folder (no config.json); pass the merged checkpoint")
+    profile, notes = resolve_for_machine(load_profile(profile_name))
+    text = eval_text(text_file)
+    prompts = read_prompts(prompts_file)
+    runtime = runtime or runtime_for(artifact, profile)
+    cls, label = precision_class(artifact, runtime)
+    ref_side = _run_side(reference, profile, "torch", text, prompts, max_tokens)
+    art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens)
+    figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(reference))
+    checks = judge(figures, cls)
+    report = {
+        "artifact": str(artifact),
+        "reference": str(reference),
+        "runtime": runtime,
+        "artifact_label": label,
+        "precision_class": cls,
+        "profile": profile.to_dict(),
+        "profile_notes": notes,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_label(),
+        "xpack_version": __version__,
+        "parity": figures,
+        "checks": checks,
+        "parity_pass": all(c["pass"] for c in checks),
+    }
+    if benchmark:
+        art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs)
+        ref_bench = reference_bench or run_isolated(reference, profile_name, runtime="torch", runs=runs)
+        report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
+                               "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}
+        report["benchmark_checks"] = bench_checks(art_bench, profile)
+        report["benchmark_pass"] = all(c["pass"] for c in report["benchmark_checks"])
+    return report
+
+
+def _ratio(a: dict, b: dict, key: str) -> float | None:
+    x, y = a["summary"].get(key), b["summary"].get(key)
+    return x["median"] / y["median"] if x and y and y["median"] else None
+
+
+# ------------------------------------------------------------------------------------------------
+# model card and manifest
+
+START, END = "<!-- xpack:verify:start -->", "<!-- xpack:verify:end -->"
+
+
+def _fmt_pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _entry(report: dict) -> dict:
+    """What the manifest keeps of one profile's verification."""
+    p = report["parity"]
+    entry = {
+        "date": report["date"][:10],
+        "machine": report["machine"],
+        "xpack_version": report["xpack_version"],
+        "artifact_label": report["artifact_label"],
+        "precision_class": report["precision_class"],
+        "parity": {k: v for k, v in p.items() if k != "prompts"},
+        "greedy_matching": [{"matching_tokens": q["matching_tokens"], "reference_tokens": q["reference_tokens"], "diverges_at": q["diverges_at"]} for q in p["prompts"]],
+        "checks": report["checks"],
+        "parity_pass": report["parity_pass"],
+    }
+    if "benchmark" in report:
+        b = report["benchmark"]
+        entry["benchmark"] = {"artifact": b["artifact"]["summary"], "reference": b["reference"]["summary"],
+                              "speedup_decode": b["speedup_decode"], "speedup_256": b["speedup_256"]}
+        entry["benchmark_checks"] = report["benchmark_checks"]
+    return entry
+
+
+def _section(verification: dict) -> str:
+    from xpack.packager.card import render
+    from xpack.runtimes.profiles import list_profiles
+
+    parity_rows, bench_rows, notes = [], [], []
+    for name, e in verification.items():
+        p = e["parity"]
+        greedy = ", ".join(f"{g['matching_tokens']}/{g['reference_tokens']}" for g in e["greedy_matching"])
+        limits = "; ".join(f"{c['metric']} {c['limit']}" for c in e["checks"])
+        parity_rows.append({
+            "profile": name, "date": e["date"], "label": e["artifact_label"], "top1": _fmt_pct(p["top1_agreement"]),
+            "kl_mean": f"{p['kl_mean']:.4g}", "kl_p99": f"{p['kl_p99']:.4g}", "max_err": f"{p['max_abs_logit_error']:.3g}",
+            "ppl": f"{p['perplexity_reference']:.3f} → {p['perplexity_artifact']:.3f}", "greedy": greedy,
+            "verdict": ("pass" if e["parity_pass"] else "FAIL") + f" ({e['precision_class']}: {limits})",
+        })
+    # The seed card's order: GPU profiles first, fastest first.
+    shipped = {p.name: p for p in sorted(list_profiles(), key=lambda p: (p.device != "cuda", p.reference.load_s if p.reference else 1e9))}
+    for name in [*shipped, *[n for n in verification if n not in shipped]]:
+        e = verification.get(name)
+        prof = shipped.get(name)
+        label = (prof.reference.hardware if prof and prof.reference else name) + f" (`{name}` profile)"
+        if not e or "benchmark" not in e:
+            bench_rows.append({"hardware": label, "load": "not measured", "gen": "not measured", "memory": "not measured"})
+            continue
+        s = e["benchmark"]["artifact"]
+        bench_rows.append({
+            "hardware": f"{label}, measured on {e['machine']}",
+            "load": f"~{s['load_s']['median']:.2f}s", "gen": f"~{s['gen_256_s']['median']:.2f}s",
+            "memory": f"~{s['peak_rss_mb']['median'] / 1024:.2f} GB RAM" + (f" + {s['peak_gpu_mb']['median'] / 1024:.2f} GB GPU" if s.get("peak_gpu_mb") else ""),
+        })
+        r = e["benchmark"]["reference"]
+        notes.append(
+            f"`{name}`: median of the runs on {e['date']} with xpack {e['xpack_version']}; decode {s['decode_tok_s']['median']:.1f} tok/s, "
+            f"time to first token {s['ttft_s']['median'] * 1000:.0f} ms. The torch reference on the same profile: load "
+            f"{r['load_s']['median']:.2f}s, 256 tokens {r['gen_256_s']['median']:.2f}s, {r['peak_rss_mb']['median'] / 1024:.2f} GB "
+            f"(256 tokens {e['benchmark']['speedup_256']:.1f}x faster here)."
+        )
+    return render("verify_section.md.j2", parity_rows=parity_rows, bench_rows=bench_rows, bench_notes=notes).strip() + "\n"
+
+
+def splice_section(card: str, section: str) -> str:
+    """Put the verification section into a card, replacing an earlier one; everything else stays as it was."""
+    if START in card and END in card:
+        head, rest = card.split(START, 1)
+        _, tail = rest.split(END, 1)
+        return head + section.rstrip("\n") + tail
+    marker = "\n## Limitations"
+    if marker in card:
+        head, tail = card.split(marker, 1)
+        return head.rstrip("\n") + "\n\n" + section + marker + tail
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def update_card(artifact: Path, report: dict) -> Path:
+    """Write the report into the artifact's README.md and manifest.json (per profile, idempotent)."""
+    from xpack.packager.card import CARD, MANIFEST, read_manifest
+    from xpack.packager.safetensors_io import sha256_file
+
+    folder = artifact if artifact.is_dir() else artifact.parent
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise XpackError(f"{folder} has no manifest.json: --update-card works on folders written by xpack export or merge")
+    verification = dict(manifest.get("verification") or {})
+    verification[report["profile"]["name"]] = _entry(report)
+    card_path = folder / CARD
+    card = card_path.read_text() if card_path.is_file() else f"# {folder.name}\n"
+    card_path.write_text(splice_section(card, _section(verification)))
+    manifest["verification"] = verification
+    files = manifest.setdefault("files", {})
+    files[CARD] = {"bytes": card_path.stat().st_size, "sha256": sha256_file(card_path)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return card_path

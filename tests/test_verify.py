@@ -1,0 +1,135 @@
+"""xpack verify: passes on faithful artifacts, fails (exit 1, metric named) on wrong or damaged ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xpack.packager.cli import cli
+from xpack.packager.export_job import export
+from xpack.packager.merge_job import merge
+from xpack.packager.verify import START, END, splice_section, update_card, verify
+
+
+@pytest.fixture(scope="module")
+def llama_set(twin_factory, tmp_path_factory):
+    """The llama twin merged (the reference), its F32 GGUF, and an F32 GGUF of the base without the adapter."""
+    twin = twin_factory.get("llama")
+    root = tmp_path_factory.mktemp("verify")
+    merge(str(twin.model_dir), [str(twin.adapter_dir)], root / "merged")
+    export(str(root / "merged"), "gguf", root / "gguf", quant="F32")
+    export(str(twin.model_dir), "gguf", root / "base-gguf", quant="F32")
+    return root
+
+
+def _verify(*args):
+    return CliRunner().invoke(cli, ["verify", *map(str, args)])
+
+
+def test_faithful_gguf_passes(llama_set):
+    r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark")
+    assert r.exit_code == 0, r.output
+    assert "verdict: PASS" in r.output and "top1_agreement" in r.output and "kl_mean" in r.output
+    assert "all 64 greedy tokens match" in r.output or "greedy tokens match" in r.output
+
+
+def test_artifact_of_another_model_fails(llama_set):
+    """The base exported without the adapter is not the model that was trained."""
+    r = _verify("--artifact", llama_set / "base-gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.output)
+    failed = [c["metric"] for c in report["checks"] if not c["pass"]]
+    assert failed and set(failed) <= {"top1_agreement", "kl_mean"}
+    assert report["parity_pass"] is False
+
+
+def test_damaged_gguf_fails(llama_set, tmp_path):
+    import gguf
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(llama_set / "gguf", damaged)
+    path = next(damaged.glob("*.gguf"))
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
+    noise = np.random.default_rng(0).normal(0, 0.5, int(tensor.n_elements)).astype(np.float32)
+    with open(path, "r+b") as f:
+        f.seek(int(tensor.data_offset))
+        f.write(noise.tobytes())
+    r = _verify("--artifact", damaged, "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark")
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and ("kl_mean" in r.output or "top1_agreement" in r.output)
+
+
+def test_benchmark_and_card_update(llama_set, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(llama_set / "gguf", art)
+    before = (art / "README.md").read_text()
+    r = _verify("--artifact", art, "--reference", llama_set / "merged", "--profile", "cpu16", "--runs", "1", "--max-tokens", "8", "--update-card", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    bench = report["benchmark"]
+    for who in ("artifact", "reference"):
+        s = bench[who]["summary"]
+        assert s["load_s"]["median"] > 0 and s["decode_tok_s"]["median"] > 0 and s["peak_rss_mb"]["median"] > 0
+        assert bench[who]["runs"][0]["completion_tokens"] == 256
+    card = (art / "README.md").read_text()
+    assert "## Parity" in card and "## Performance Benchmarks" in card
+    assert "| Hardware | Loading Time | Inference Time (256 tokens) | Memory Usage |" in card
+    assert card.count("not measured") == 6  # a100 and t4 rows: three cells each, never an invented figure
+    head, rest = card.split(START)
+    tail = rest.split(END)[1]
+    assert (head + tail).replace("\n", "") == before.replace("\n", "")  # everything else intact
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert set(manifest["verification"]) == {"cpu16"}
+    from xpack.packager.safetensors_io import sha256_file
+
+    assert manifest["files"]["README.md"]["sha256"] == sha256_file(art / "README.md")
+    # idempotent: the same report written again changes nothing
+    update_card(art, report)
+    assert (art / "README.md").read_text() == card
+
+
+def test_splice_section_replaces_only_its_block():
+    card = "# T\n\nintro\n\n## Limitations\n\n- a\n"
+    once = splice_section(card, f"{START}\nX\n{END}\n")
+    assert once.index(START) < once.index("## Limitations") and "intro" in once and "- a" in once
+    twice = splice_section(once, f"{START}\nY\n{END}\n")
+    assert "X" not in twice and "Y" in twice and twice.replace("Y", "X") == once
+
+
+def test_reference_with_another_tokenizer(llama_set, twin_factory):
+    other = twin_factory.get("gemma2")
+    r = _verify("--artifact", llama_set / "gguf", "--reference", other.model_dir, "--profile", "cpu16", "--no-benchmark")
+    assert r.exit_code == 1 and "tokenizes the evaluation text differently" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_gpu_profile_without_gpu(llama_set):
+    from xpack.runtimes.profiles import machine_info
+
+    if machine_info().gpus:
+        pytest.skip("this machine has a GPU")
+    r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "t4", "--no-benchmark")
+    assert r.exit_code == 1 and "GPU" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_unreadable_prompts_file(llama_set, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text("{not json\n")
+    r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--prompts", bad)
+    assert r.exit_code == 1 and "line 1 is not JSON" in r.output and len(r.output.strip().splitlines()) == 1
+    bad.write_text('{"text": "no prompt key"}\n')
+    r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--prompts", bad)
+    assert r.exit_code == 1 and 'has no "prompt"' in r.output
+
+
+def test_prompts_file_and_text_are_used(llama_set, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe a normal knee MRI."}) + "\n")
+    text = tmp_path / "t.txt"
+    text.write_text("The knee joint shows no effusion. The menisci and cruciate ligaments are intact. " * 3)
+    report = verify(llama_set / "gguf", llama_set / "merged", "cpu16", prompts_file=prompts, text_file=text, benchmark=False, max_tokens=8)
+    assert len(report["parity"]["prompts"]) == 1 and report["parity"]["tokens"] < 200 and report["parity_pass"]
