@@ -25,11 +25,11 @@ from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
 from xpack.packager.checkpoint import Checkpoint
 from xpack.packager.lora import Adapter
-from xpack.packager.merge import MergeSettings, TensorOp, apply_op, plan_merge
+from xpack.packager.merge import MergeSettings, TensorOp, apply_op, plan_merge, stream_base
+from xpack.packager.safetensors_io import from_f32, to_f32
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
 
 BITS_TO_QUANT = {16: "F16", 8: "Q8_0", 6: "Q6_K", 5: "Q5_K_M", 4: "Q4_K_M"}
 # llama.cpp quant types that are only usable with an importance matrix (llama-imatrix).
@@ -243,7 +243,7 @@ def _hparams(cfg: dict) -> dict:
     return h
 
 
-def _permute(w: "torch.Tensor", n_head: int) -> "torch.Tensor":
+def _permute(w: "np.ndarray", n_head: int) -> "np.ndarray":
     """llama.cpp's LlamaModel.permute: HF's rotate-half layout -> GGML's interleaved RoPE layout."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -310,36 +310,32 @@ def _mmproj_plan(ops: list[TensorOp], arch: Arch, vision_cfg: dict, intermediate
     return out
 
 
-def _materialize(t: GgufTensor, base: "torch.Tensor") -> "np.ndarray":
+def _materialize(t: GgufTensor, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
     import numpy as np
-    import torch
 
-    w = apply_op(t.op, base).float()
+    w = to_f32(apply_op(t.op, base, base_dtype), t.op.spec.dtype)
     if t.rows is not None:
         w = w[: t.rows]
     if t.permute_heads:
         w = _permute(w, t.permute_heads)
     if t.shift:
-        w = w + t.shift
-    w = w.contiguous()
+        w = w + np.float32(t.shift)
+    w = np.ascontiguousarray(w)
     if t.gtype == "F32":
-        return w.numpy()
+        return w
     if t.gtype == "F16":
-        return w.to(torch.float16).numpy()
-    return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+        return w.astype(np.float16)
+    return from_f32(w, "BF16").view(np.uint8)
 
 
 def _stream_tensors(ckpt: Checkpoint, tensors: list[GgufTensor]) -> Iterator[tuple[GgufTensor, "np.ndarray"]]:
-    from safetensors import safe_open
     from tqdm import tqdm
 
-    by_file = {n: f for f, specs in ckpt.headers.items() for n in specs}
-    handle, handle_file = None, None
-    for t in tqdm(tensors, desc="gguf", unit="tensor", disable=None):
-        f = by_file[t.op.source]
-        if f != handle_file:
-            handle, handle_file = safe_open(str(f), framework="pt"), f
-        yield t, _materialize(t, handle.get_tensor(t.op.source))
+    by_op = {id(t.op): t for t in tensors}
+    stream = stream_base(ckpt, [t.op for t in tensors])
+    for op, base, dtype in tqdm(stream, total=len(tensors), desc="gguf", unit="tensor", disable=None):
+        t = by_op[id(op)]
+        yield t, _materialize(t, base, dtype)
 
 
 def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt: Checkpoint) -> None:

@@ -4,6 +4,7 @@ Why not PEFT itself: ``merge_and_unload`` needs the whole base model in memory. 
 base tensor at a time, so it needs the adapter as plain data (per-module A, B, scale, DoRA
 magnitude) and the delta formula. The semantics (scaling, rsLoRA, rank/alpha patterns,
 fan_in_fan_out, DoRA, embeddings, modules_to_save) follow PEFT and are tested against it.
+Tensors are float32 numpy arrays: the merge needs no torch (only a pickle adapter does).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
-from xpack.packager.safetensors_io import read_all_tensors
+from xpack.packager.safetensors_io import read_all_f32
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 PEFT_PREFIX = "base_model.model."
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -50,21 +51,21 @@ class LoraModule:
     """One adapted module: ``name`` is its path in the model (PEFT prefix removed)."""
 
     name: str
-    A: "torch.Tensor"
-    B: "torch.Tensor"
+    A: "np.ndarray"
+    B: "np.ndarray"
     scale: float
     embedding: bool = False
-    magnitude: "torch.Tensor | None" = None
-    B_bias: "torch.Tensor | None" = None
+    magnitude: "np.ndarray | None" = None
+    B_bias: "np.ndarray | None" = None
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
 
-    def delta(self, fan_in_fan_out: bool) -> "torch.Tensor":
+    def delta(self, fan_in_fan_out: bool) -> "np.ndarray":
         """The weight delta in fp32, shaped like the base weight (up to its trailing kernel dims)."""
-        A = self.A.float().reshape(self.A.shape[0], -1) if not self.embedding else self.A.float()
-        B = self.B.float().reshape(self.B.shape[0], -1)
+        A = self.A.reshape(self.A.shape[0], -1)
+        B = self.B.reshape(self.B.shape[0], -1)
         d = B @ A
         if self.embedding:
             # nn.Embedding weight is (num_embeddings, dim); PEFT's embedding delta is (B @ A).T.
@@ -81,8 +82,8 @@ class Adapter:
     path: Path
     config: dict
     modules: dict[str, LoraModule]
-    replacements: dict[str, "torch.Tensor"]  # modules_to_save: module path + ".weight"/".bias" -> full tensor
-    base_layers: dict[str, "torch.Tensor"] = field(default_factory=dict)  # saved base weights LoRA applies on top of
+    replacements: dict[str, "np.ndarray"]  # modules_to_save: module path + ".weight"/".bias" -> full tensor
+    base_layers: dict[str, "np.ndarray"] = field(default_factory=dict)  # saved base weights LoRA applies on top of
     weight: float = 1.0
     dtype: str = "float32"
     files: list[Path] = field(default_factory=list)
@@ -181,13 +182,15 @@ def _weights_file(adapter_dir: Path, allow_pickle: bool) -> Path:
     raise XpackError(f"{adapter_dir} has no {SAFETENSORS_NAME}; pass the folder a PEFT/Unsloth adapter was saved to")
 
 
-def _load_pickle(path: Path) -> dict:
+def _load_pickle(path: Path) -> tuple[dict, set[str]]:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle
         raise XpackError(f"cannot read {path}: {exc.__class__.__name__}; the file is truncated or corrupt") from None
+    dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
+    return {k: t.float().numpy() if t.is_floating_point() else t.numpy() for k, t in tensors.items()}, dtypes
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -216,16 +219,14 @@ def load_adapter(adapter_dir: Path, *, weight: float = 1.0, allow_pickle: bool =
         raise XpackError(f"adapter folder {adapter_dir} does not exist")
     config = read_config(adapter_dir)
     wfile = _weights_file(adapter_dir, allow_pickle)
-    tensors = _load_pickle(wfile) if wfile.suffix == ".bin" else read_all_tensors(wfile)
+    tensors, dtypes = _load_pickle(wfile) if wfile.suffix == ".bin" else read_all_f32(wfile)
     if not tensors:
         raise XpackError(f"{wfile} holds no tensors; the adapter was not saved completely")
 
-    parts: dict[str, dict[str, "torch.Tensor"]] = {}
-    replacements: dict[str, "torch.Tensor"] = {}
-    base_layers: dict[str, "torch.Tensor"] = {}
-    dtypes = set()
+    parts: dict[str, dict[str, "np.ndarray"]] = {}
+    replacements: dict[str, "np.ndarray"] = {}
+    base_layers: dict[str, "np.ndarray"] = {}
     for key, tensor in tensors.items():
-        dtypes.add(str(tensor.dtype).replace("torch.", ""))
         name, part = split_key(key)
         if part is None and ".base_layer." in name:
             # save_embedding_layers=True: the embedding the LoRA was trained on, saved whole.

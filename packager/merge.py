@@ -21,15 +21,17 @@ from xpack.packager.checkpoint import Checkpoint
 from xpack.packager.lora import Adapter, LoraModule, load_adapter
 from xpack.packager.safetensors_io import (
     FLOAT_DTYPES,
+    Reader,
     ShardedWriter,
     TensorSpec,
+    from_f32,
     plan_shards,
     sha256_file,
-    torch_dtype_name,
+    to_f32,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 DTYPES = {"auto": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 CONFIG_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -57,7 +59,7 @@ class TensorOp:
     source: str  # base tensor it starts from
     spec: TensorSpec  # output spec
     loras: list[tuple[Adapter, LoraModule]] = field(default_factory=list)
-    start: "torch.Tensor | None" = None  # a tensor saved in the adapter that stands in for the base tensor
+    start: "np.ndarray | None" = None  # a float32 tensor saved in the adapter that stands in for the base tensor
     replaced: bool = False  # modules_to_save: the start tensor is the result, no LoRA on top
     bias_deltas: list[tuple[Adapter, LoraModule]] = field(default_factory=list)
 
@@ -109,7 +111,7 @@ def _out_dtype(spec: TensorSpec, settings: MergeSettings) -> str:
 
 
 def _expected_delta_shape(mod: LoraModule, adapter: Adapter) -> tuple[int, ...]:
-    out_f, in_f = int(mod.B.shape[0]), int(mod.A[0].numel())
+    out_f, in_f = int(mod.B.shape[0]), int(mod.A[0].size)
     if mod.embedding:
         return (int(mod.A.shape[1]), int(mod.B.shape[0]))
     return (in_f, out_f) if adapter.fan_in_fan_out else (out_f, in_f)
@@ -222,38 +224,42 @@ def _note_tied_embedding_change(ckpt, arch, plan, resolver) -> None:
         )
 
 
-def _dora(W: "torch.Tensor", delta: "torch.Tensor", magnitude: "torch.Tensor", out_axis: int) -> "torch.Tensor":
+def _dora(W: "np.ndarray", delta: "np.ndarray", magnitude: "np.ndarray", out_axis: int) -> "np.ndarray":
     """PEFT's DoRA merge: magnitude * (W + delta) / ||W + delta||, the norm taken per output feature."""
-    import torch
+    import numpy as np
 
     merged = W + delta
-    dims = tuple(d for d in range(merged.dim()) if d != out_axis)
-    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
-    shape = [1] * merged.dim()
+    dims = tuple(d for d in range(merged.ndim) if d != out_axis)
+    norm = np.sqrt(np.square(merged).sum(axis=dims, keepdims=True))
+    shape = [1] * merged.ndim
     shape[out_axis] = -1
-    return magnitude.float().reshape(shape) / norm * merged
+    return magnitude.reshape(shape) / norm * merged
 
 
-def apply_op(op: TensorOp, base: "torch.Tensor") -> "torch.Tensor":
-    """Compute one output tensor from its base tensor (fp32 math, cast to the planned dtype)."""
-    import torch
+def apply_op(op: TensorOp, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
+    """One output tensor, in its planned storage dtype, from its base tensor (``base_dtype`` storage; math in fp32)."""
+    import numpy as np
 
-    out_dtype = getattr(torch, torch_dtype_name(op.spec.dtype))
+    out = op.spec.dtype
     if op.start is not None:
-        base = op.start
+        base, base_dtype = op.start, "F32"
     if not op.loras and not op.bias_deltas:
-        return base.to(out_dtype).contiguous() if base.dtype != out_dtype else base
-    W = base.to(torch.float32, copy=op.start is not None)  # never modify a tensor the adapter owns
+        if base_dtype == out:
+            return base
+        return from_f32(to_f32(base, base_dtype), out)
+    W = to_f32(base, base_dtype)
+    if op.start is not None and W is op.start:
+        W = W.copy()  # never modify a tensor the adapter owns (the base's arrays are fresh reads)
     for adapter, mod in op.loras:
-        delta = (mod.delta(adapter.fan_in_fan_out) * adapter.weight).reshape(W.shape)
+        delta = (mod.delta(adapter.fan_in_fan_out) * np.float32(adapter.weight)).reshape(W.shape)
         if mod.magnitude is not None:
             out_axis = 1 if (mod.embedding or adapter.fan_in_fan_out) else 0
             W = _dora(W, delta, mod.magnitude, out_axis)
         else:
             W += delta
     for adapter, mod in op.bias_deltas:
-        W += mod.B_bias.float() * mod.scale * adapter.weight
-    return W.to(out_dtype).contiguous()
+        W += mod.B_bias * np.float32(mod.scale * adapter.weight)
+    return from_f32(W, out)
 
 
 def _merged_config(ckpt: Checkpoint, plan: MergePlan, settings: MergeSettings) -> dict:
@@ -285,7 +291,6 @@ class MergeResult:
 
 def run_merge(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, settings: MergeSettings) -> MergeResult:
     """Merge into ``tmp_out`` (a fresh folder): weights, config, companion files. No card, no manifest."""
-    from safetensors import SafetensorError, safe_open
     from tqdm import tqdm
 
     ckpt.check_not_packed()
@@ -297,22 +302,10 @@ def run_merge(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, settings
         hashing = pool.submit(lambda: {str(p): sha256_file(p) for p in inputs})
         shards = plan_shards(plan.specs, settings.max_shard_size)
         writer = ShardedWriter(tmp_out, shards)
-        by_file = {n: f for f, specs in ckpt.headers.items() for n in specs}
-        handles: dict[Path, object] = {}
         written = 0
-        try:
-            for op in tqdm(plan.ops, desc="merge", unit="tensor", disable=None):
-                f = by_file[op.source]
-                if f not in handles:
-                    handles.clear()  # shards are read in order: keep one file open at a time
-                    handles[f] = safe_open(str(f), framework="pt")
-                base = handles[f].get_tensor(op.source)
-                writer.write(op.out_name, apply_op(op, base))
-                written += op.spec.nbytes
-        except SafetensorError as exc:
-            raise XpackError(f"cannot read base weights: {exc}; the checkpoint is corrupt, download it again") from None
-        finally:
-            handles.clear()
+        for op, base, dtype in tqdm(stream_base(ckpt, plan.ops), total=len(plan.ops), desc="merge", unit="tensor", disable=None):
+            writer.write(op.out_name, apply_op(op, base, dtype))
+            written += op.spec.nbytes
         weight_hashes = writer.close()
         input_hashes = hashing.result()
 
@@ -321,6 +314,23 @@ def run_merge(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, settings
         shutil.copy2(p, tmp_out / p.name)
     merged = sum(1 for op in plan.ops if op.loras or op.start is not None or op.bias_deltas)
     return MergeResult(tmp_out, weight_hashes, input_hashes, plan, len(plan.ops), merged, written)
+
+
+def stream_base(ckpt: Checkpoint, ops: list[TensorOp]):
+    """(op, base tensor, its dtype) for each op, reading the base one tensor at a time, one file open at a time."""
+    by_file = {n: f for f, specs in ckpt.headers.items() for n in specs}
+    reader: Reader | None = None
+    try:
+        for op in ops:
+            f = by_file[op.source]
+            if reader is None or reader.path != f:
+                if reader is not None:
+                    reader.close()
+                reader = Reader(f)
+            yield op, reader.get(op.source), reader.specs[op.source].dtype
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def load_adapters(specs: list[tuple[Path, float]], allow_pickle: bool) -> list[Adapter]:

@@ -1,9 +1,13 @@
 """safetensors reading with clear errors, and a streaming sharded writer.
 
-Why a writer of our own: ``safetensors.torch.save_file`` needs every tensor of a file in memory at
-once. A merge that must stay within "largest tensor + adapter" of memory knows every output
-tensor's name, dtype and shape up front (from the base's headers), so it writes each file's header
-first and then the tensors' bytes one at a time, hashing them on the way.
+Why a reader and writer of our own (numpy, no torch):
+- ``safetensors.torch.save_file`` needs every tensor of a file in memory at once. A merge that must
+  stay within "largest tensor + adapter" of memory knows every output tensor's name, dtype and shape
+  up front (from the base's headers), so it writes each file's header first and then the tensors'
+  bytes one at a time, hashing them on the way.
+- ``safe_open`` memory-maps the file: every tensor read stays in the process's resident memory
+  until the file is closed. Plain reads keep one tensor resident, and numpy (which has no bfloat16:
+  it is carried as uint16 bits here) spares the merge a torch import.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 from xpack.errors import XpackError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 # safetensors dtype names <-> bytes per element
 DTYPE_SIZES = {
@@ -31,6 +35,12 @@ _TORCH_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# numpy dtype a tensor is carried in (bfloat16 and float8 as their raw bits)
+_NP_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "uint8", "F8_E5M2": "uint8",
+}
 
 
 @dataclass(frozen=True)
@@ -51,19 +61,39 @@ def torch_dtype_name(st_dtype: str) -> str:
     return _TORCH_NAMES[st_dtype]
 
 
-def st_dtype_of(tensor: "torch.Tensor") -> str:
-    name = str(tensor.dtype).replace("torch.", "")
-    for st, tn in _TORCH_NAMES.items():
-        if tn == name:
-            return st
-    raise XpackError(f"tensor dtype {name} cannot be written to safetensors by xpack")
+def np_dtype(st_dtype: str) -> "np.dtype":
+    import numpy as np
+
+    return np.dtype(_NP_NAMES[st_dtype])
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
-    """Parse and validate a safetensors header without reading tensor data.
+def to_f32(arr: "np.ndarray", st_dtype: str) -> "np.ndarray":
+    """A float tensor's values as float32 (bfloat16 bits widened exactly)."""
+    import numpy as np
 
-    Returns (specs in file order, __metadata__). A truncated or corrupt file is a one-line XpackError.
-    """
+    if st_dtype == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if st_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{st_dtype} is not a float dtype")
+    return arr.astype(np.float32, copy=False)
+
+
+def from_f32(arr: "np.ndarray", st_dtype: str) -> "np.ndarray":
+    """float32 values in a float dtype's storage form; bfloat16 rounds to nearest even, as torch does."""
+    import numpy as np
+
+    if st_dtype == "BF16":
+        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+        nan = np.isnan(arr)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        return rounded
+    return arr.astype(np_dtype(st_dtype), copy=False)
+
+
+def _parse(path: Path) -> tuple[dict[str, TensorSpec], dict, dict[str, int], int]:
+    """specs (file order), __metadata__, data offset of each tensor, and where the data starts."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -81,6 +111,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
         raise XpackError(f"{path} has a corrupt safetensors header; download or save it again")
     meta = header.pop("__metadata__", None) or {}
     specs: dict[str, TensorSpec] = {}
+    offsets: dict[str, int] = {}
     end_max = 0
     try:
         items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
@@ -90,6 +121,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
             if spec.dtype not in DTYPE_SIZES or end - begin != spec.nbytes:
                 raise ValueError(f"tensor {name} has inconsistent size")
             specs[name] = spec
+            offsets[name] = begin
             end_max = max(end_max, end)
     except (KeyError, TypeError, ValueError) as exc:
         raise XpackError(f"{path} has a corrupt safetensors header ({exc}); download or save it again") from None
@@ -97,19 +129,51 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
         raise XpackError(
             f"{path} is truncated: it holds {size} bytes but its header needs {8 + n + end_max}; download or save it again"
         )
+    return specs, meta, offsets, 8 + n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns (specs in file order, __metadata__). A truncated or corrupt file is a one-line XpackError.
+    """
+    specs, meta, _, _ = _parse(path)
     return specs, meta
 
 
-def read_all_tensors(path: Path) -> dict[str, "torch.Tensor"]:
-    """Load every tensor of a (small) safetensors file, e.g. an adapter."""
-    read_header(path)  # clear errors for truncated/corrupt files before safetensors sees them
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class Reader:
+    """Tensors of one safetensors file, read one at a time into fresh numpy arrays (storage dtype)."""
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise XpackError(f"cannot read {path}: {exc}; the file is corrupt, download or save it again") from None
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.specs, self.meta, self._offsets, self._start = _parse(self.path)
+        self._file = open(self.path, "rb")
+
+    def get(self, name: str) -> "np.ndarray":
+        import numpy as np
+
+        spec = self.specs[name]
+        out = np.empty(spec.nbytes, dtype=np.uint8)
+        self._file.seek(self._start + self._offsets[name])
+        if self._file.readinto(memoryview(out)) != spec.nbytes:
+            raise XpackError(f"{self.path} is truncated inside tensor {name}; download or save it again")
+        return out.view(np_dtype(spec.dtype)).reshape(spec.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_all_f32(path: Path) -> tuple[dict[str, "np.ndarray"], set[str]]:
+    """Every tensor of a (small) safetensors file, floats as float32; and the dtypes it was saved in."""
+    with Reader(path) as r:
+        out = {n: to_f32(r.get(n), s.dtype) if s.dtype in FLOAT_DTYPES else r.get(n) for n, s in r.specs.items()}
+        return out, {s.dtype for s in r.specs.values()}
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
@@ -188,19 +252,20 @@ class ShardedWriter:
             self.hashes[self.fname] = self.hash.hexdigest()
             self.file = None
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
+    def write(self, name: str, tensor: "np.ndarray") -> None:
+        """Write the next planned tensor, given in its storage dtype (``np_dtype(spec.dtype)``)."""
+        import numpy as np
+
         fname, spec = self.order[self.pos]
         if name != spec.name:
             raise RuntimeError(f"writer expected tensor {spec.name}, got {name}")  # a programming error, not a user one
-        if st_dtype_of(tensor) != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if tensor.dtype != np_dtype(spec.dtype) or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"tensor {name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         if fname != self.fname:
             self._close_file()
             self._open(fname)
         if spec.nbytes:
-            import torch
-
-            self._emit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self._emit(memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)))
         self.pos += 1
 
     def close(self) -> dict[str, str]:
