@@ -138,6 +138,22 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
+IMAGE_PROMPT = "Describe the findings in this image."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def find_images(folder: Path | None) -> list[Path]:
+    if folder is None:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise XpackError(f"--images {folder} is not a folder; pass a folder of PNG/JPEG images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise XpackError(f"--images {folder} holds no .png/.jpg images")
+    return images
+
+
 @dataclass
 class Side:
     """What one model (reference or artifact) produced on the evaluation."""
@@ -146,6 +162,7 @@ class Side:
     logits: np.ndarray
     greedy: list[dict]
     vocab_size: int
+    images: list[dict] | None = None  # per image: teacher-forced logits/ids after the image, greedy answer
 
 
 def _messages(item: dict) -> list[dict]:
@@ -153,7 +170,10 @@ def _messages(item: dict) -> list[dict]:
     return msgs + [{"role": "user", "content": item["prompt"]}]
 
 
-def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list[dict], max_tokens: int) -> Side:
+def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list[dict], max_tokens: int,
+              images: list[Path] = (), continuations: list[list[int]] | None = None) -> Side:
+    """Evaluate one model. With images, each is scored teacher-forced on the prompt's tail plus a
+    continuation (the reference's own greedy answer, so both sides score the same tokens)."""
     from xpack.runtimes.base import GenerationSettings, load
 
     greedy = GenerationSettings(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)
@@ -164,7 +184,16 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
         for item in prompts:
             r = rt.generate(_messages(item), greedy, image=item.get("image"))
             answers.append({"ids": r.token_ids, "text": r.text})
-        return Side(ids, logits, answers, rt.vocab_size)
+        scored = []
+        if images and not hasattr(rt, "logits_with_image"):
+            raise XpackError(f"image parity is not available for {rt.name} artifacts yet; verify them without --images")
+        for i, image in enumerate(images):
+            r = rt.generate(IMAGE_PROMPT, greedy, image=image)
+            cont = continuations[i] if continuations is not None else r.token_ids
+            img_logits, img_ids = rt.logits_with_image(IMAGE_PROMPT, image, continuation_ids=cont)
+            scored.append({"image": str(image), "logits": img_logits, "ids": img_ids, "greedy": {"ids": r.token_ids, "text": r.text},
+                           "image_encode_s": r.image_encode_s})
+        return Side(ids, logits, answers, rt.vocab_size, scored or None)
 
 
 def parity(artifact: Side, reference: Side, tokenizer) -> dict:
@@ -198,19 +227,37 @@ def parity(artifact: Side, reference: Side, tokenizer) -> dict:
             }
         )
     figures["prompts"] = prompts
+    if reference.images:
+        figures["images"] = [_image_parity(r, a, tokenizer) for r, a in zip(reference.images, artifact.images)]
+        both = compare_logits(np.concatenate([r["logits"] for r in reference.images]), np.concatenate([a["logits"] for a in artifact.images]))
+        figures["image_parity"] = both
+    return figures
+
+
+def _image_parity(ref: dict, art: dict, tokenizer) -> dict:
+    if ref["ids"] != art["ids"]:
+        raise XpackError(f"the artifact tokenizes the prompt around image {ref['image']} differently from the reference; "
+                         "verify against the checkpoint the artifact was exported from")
+    figures = compare_logits(ref["logits"], art["logits"])
+    n = _first_difference(ref["greedy"]["ids"], art["greedy"]["ids"])
+    figures.update({"image": ref["image"], "greedy_matching_tokens": n, "reference_tokens": len(ref["greedy"]["ids"]),
+                    "reference_text": ref["greedy"]["text"], "artifact_text": art["greedy"]["text"]})
     return figures
 
 
 def judge(figures: dict, cls: str) -> list[dict]:
-    """The parity checks of a precision class, each with its value, limit and verdict."""
+    """The parity checks of a precision class, each with its value, limit and verdict (text, then with images)."""
     t = THRESHOLDS[cls]
     checks = []
-    if t.top1_min is not None:
-        v = figures["top1_agreement_tie_aware"]
-        checks.append({"metric": "top1_agreement", "value": v, "limit": f">= {t.top1_min}", "pass": v >= t.top1_min})
-    if t.kl_mean_max is not None:
-        v = figures["kl_mean"]
-        checks.append({"metric": "kl_mean", "value": v, "limit": f"<= {t.kl_mean_max}", "pass": v <= t.kl_mean_max})
+    for prefix, f in (("", figures), ("image_", figures.get("image_parity"))):
+        if f is None:
+            continue
+        if t.top1_min is not None:
+            v = f["top1_agreement_tie_aware"]
+            checks.append({"metric": prefix + "top1_agreement", "value": v, "limit": f">= {t.top1_min}", "pass": v >= t.top1_min})
+        if t.kl_mean_max is not None:
+            v = f["kl_mean"]
+            checks.append({"metric": prefix + "kl_mean", "value": v, "limit": f"<= {t.kl_mean_max}", "pass": v <= t.kl_mean_max})
     return checks
 
 
@@ -247,7 +294,7 @@ def machine_label() -> str:
 
 def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
            runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
-           reference_bench: dict | None = None) -> dict:
+           reference_bench: dict | None = None, images_dir: Path | None = None) -> dict:
     """The verification report; ``reference_bench`` reuses the reference's benchmark of an earlier call (same profile)."""
     from transformers import AutoTokenizer
 
@@ -261,10 +308,12 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
     profile, notes = resolve_for_machine(load_profile(profile_name))
     text = eval_text(text_file)
     prompts = read_prompts(prompts_file)
+    images = find_images(images_dir)
     runtime = runtime or runtime_for(artifact, profile)
     cls, label = precision_class(artifact, runtime)
-    ref_side = _run_side(reference, profile, "torch", text, prompts, max_tokens)
-    art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens)
+    ref_side = _run_side(reference, profile, "torch", text, prompts, max_tokens, images)
+    continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
+    art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
     figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(reference))
     checks = judge(figures, cls)
     report = {
@@ -283,8 +332,9 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
         "parity_pass": all(c["pass"] for c in checks),
     }
     if benchmark:
-        art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs)
-        ref_bench = reference_bench or run_isolated(reference, profile_name, runtime="torch", runs=runs)
+        image = images[0] if images else None
+        art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
+        ref_bench = reference_bench or run_isolated(reference, profile_name, runtime="torch", runs=runs, image=image)
         report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
                                "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}
         report["benchmark_checks"] = bench_checks(art_bench, profile)
@@ -316,7 +366,7 @@ def _entry(report: dict) -> dict:
         "xpack_version": report["xpack_version"],
         "artifact_label": report["artifact_label"],
         "precision_class": report["precision_class"],
-        "parity": {k: v for k, v in p.items() if k != "prompts"},
+        "parity": {k: v for k, v in p.items() if k not in ("prompts", "images")},
         "greedy_matching": [{"matching_tokens": q["matching_tokens"], "reference_tokens": q["reference_tokens"], "diverges_at": q["diverges_at"]} for q in p["prompts"]],
         "checks": report["checks"],
         "parity_pass": report["parity_pass"],

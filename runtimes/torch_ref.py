@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, timing_fields
+from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, load_image, timing_fields
 
 __all__ = ["TorchRuntime"]
 
@@ -265,6 +265,36 @@ class TorchRuntime(Runtime):
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
         return out.logits[0].float().cpu().numpy()
+
+    def logits_with_image(self, prompt: "str | Sequence[dict]", image, continuation_ids: Sequence[int] | None = None):
+        """Teacher-forced logits of the text after the (last) image token, as the llama.cpp runtime's method.
+
+        Returns ``(logits, token_ids)``: float32 [n, vocab] and the text token ids after the image.
+        """
+        if self.model is None:
+            raise XpackError("this runtime was closed; load the artifact again")
+        if not self.accepts_images:
+            raise XpackError(self.image_refusal())
+        torch = self._torch
+        picture = load_image(image) if not hasattr(image, "convert") else image
+        inputs = self._inputs(self.prompt_text(prompt, image=picture), picture)
+        if continuation_ids:
+            extra = torch.tensor([list(continuation_ids)], dtype=torch.long, device=self.device)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            for key in ("attention_mask", "cross_attention_mask", "token_type_ids"):
+                if key in inputs and inputs[key].shape[1] == inputs["input_ids"].shape[1] - extra.shape[1]:
+                    tail = inputs[key][:, -1:].expand(-1, extra.shape[1], *inputs[key].shape[2:]) if key == "cross_attention_mask" else (
+                        torch.ones_like(extra) if key == "attention_mask" else torch.zeros_like(extra))
+                    inputs[key] = torch.cat([inputs[key], tail], dim=1)
+        with torch.inference_mode():
+            logits = self.model(**inputs, use_cache=False).logits[0].float().cpu().numpy()
+        ids = inputs["input_ids"][0].tolist()
+        image_id = getattr(self.model.config, "image_token_index", None) or getattr(self.model.config, "image_token_id", None)
+        positions = [i for i, t in enumerate(ids) if t == image_id]
+        if not positions:
+            raise XpackError("the processor put no image token in the prompt; the chat template cannot take image parts")
+        start = positions[-1] + 1
+        return logits[start:], ids[start:]
 
     def peak_gpu_mb(self) -> float | None:
         if self.device.type != "cuda":

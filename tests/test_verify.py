@@ -133,3 +133,30 @@ def test_prompts_file_and_text_are_used(llama_set, tmp_path):
     text.write_text("The knee joint shows no effusion. The menisci and cruciate ligaments are intact. " * 3)
     report = verify(llama_set / "gguf", llama_set / "merged", "cpu16", prompts_file=prompts, text_file=text, benchmark=False, max_tokens=8)
     assert len(report["parity"]["prompts"]) == 1 and report["parity"]["tokens"] < 200 and report["parity_pass"]
+
+
+def test_images_parity_for_a_vision_gguf(twin_factory, tmp_path):
+    """Gemma 3 with vision: text GGUF + mmproj against transformers, with images (teacher-forced after the image)."""
+    from PIL import Image
+
+    twin = twin_factory.get("gemma3_vision")
+    export(str(twin.model_dir), "gguf", tmp_path / "gguf", quant="F32")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (30, 160, 90)).save(images / "square.png")
+    Image.new("RGB", (48, 40), (200, 20, 20)).save(images / "wide.jpg")
+    report = verify(tmp_path / "gguf", twin.model_dir, "cpu16", images_dir=images, benchmark=False, max_tokens=8)
+    assert report["parity_pass"], report["checks"]
+    assert {c["metric"] for c in report["checks"]} >= {"image_top1_agreement", "image_kl_mean"}
+    per_image = report["parity"]["images"]
+    assert [p["image"].rsplit("/", 1)[1] for p in per_image] == ["square.png", "wide.jpg"]
+    assert all(p["tokens"] > 8 and p["kl_mean"] < 1e-6 for p in per_image)
+
+
+def test_images_on_a_text_only_artifact(llama_set, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "i").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "i" / "a.png")
+    r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--images", tmp_path / "i")
+    assert r.exit_code == 1 and "text-only" in r.output and len(r.output.strip().splitlines()) == 1
