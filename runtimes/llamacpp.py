@@ -190,6 +190,26 @@ def gguf_file_of(path: "str | os.PathLike") -> Path:
     )
 
 
+def _penalize_prompt(llm, prompt: list[int]) -> None:
+    """Make the next ``Llama.generate`` count the prompt in its repetition penalty, as transformers does.
+
+    llama-cpp-python builds a fresh sampler per ``generate`` that only remembers the tokens it
+    samples (and only the last 64 by default), while transformers' repetition penalty covers the
+    prompt and every generated token. Feeding the prompt to the new sampler (the penalty window is
+    n_ctx, set at load) gives the torch reference's semantics; the patch undoes itself after one use.
+    """
+    original = llm._init_sampler
+
+    def init_sampler(*args, **kwargs):
+        llm._init_sampler = original
+        sampler = original(*args, **kwargs)
+        for token in prompt:
+            sampler.accept(token)
+        return sampler
+
+    llm._init_sampler = init_sampler
+
+
 class LlamaCppRuntime(Runtime):
     name = "llamacpp"
     formats = ("gguf",)
@@ -231,7 +251,8 @@ class LlamaCppRuntime(Runtime):
             verbose=False,
         )
         try:
-            self.llm = llama_cpp.Llama(n_ctx=profile.n_ctx, logits_all=False, **self._llama_kwargs)
+            # last_n_tokens_size = n_ctx: the repetition penalty sees the whole sequence (see _sample)
+            self.llm = llama_cpp.Llama(n_ctx=profile.n_ctx, logits_all=False, last_n_tokens_size=profile.n_ctx, **self._llama_kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise XpackError(f"llama.cpp could not load {self.gguf_path} ({exc}); check that the file is a complete GGUF") from None
         self._scorer = None
@@ -399,6 +420,8 @@ class LlamaCppRuntime(Runtime):
         finish = "length"
         if start is None:
             start = time.perf_counter()
+        if settings.repetition_penalty != 1.0:
+            _penalize_prompt(llm, prompt)
         tokens = llm.generate(
             prompt,
             top_k=settings.top_k,

@@ -24,7 +24,7 @@ LOGIT_ATOL = 1e-4
 
 
 def _load(twin, path):
-    return twin.model_class.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return twin.model_class.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft(twin, adapter_dirs, weights=None):
@@ -187,7 +187,7 @@ def test_output_dtype_bf16(twin_factory, tmp_path):
     merge(str(twin.model_dir), [str(twin.adapter_dir)], out, MergeSettings(dtype="bf16"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16"
-    merged = twin.model_class.from_pretrained(out, torch_dtype="auto")
+    merged = twin.model_class.from_pretrained(out, dtype="auto")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     reference = _peft(twin, [twin.adapter_dir]).merge_and_unload()
     ref_w = reference.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16)
@@ -234,3 +234,24 @@ def test_quantization_config_is_dropped(twin_factory, tmp_path):
     (base / "config.json").write_text(json.dumps(cfg))
     merge(str(base), [str(twin.adapter_dir)], tmp_path / "out")
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_demo_model_merge_matches_peft(tmp_path):
+    """The built-in demo: SmolLM2-135M + the shipped radiology LoRA (bf16 adapter, fp32 base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xpack.packager.demo import demo_adapter_dir, demo_base_dir
+
+    base = demo_base_dir()
+    out = tmp_path / "merged"
+    merge(str(base), [str(demo_adapter_dir())], out)
+    tok = AutoTokenizer.from_pretrained(base)
+    inputs = tok("FINDINGS: The lungs are clear. IMPRESSION:", return_tensors="pt")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), demo_adapter_dir()).eval()
+    with torch.no_grad():
+        unmerged = reference(**inputs).logits
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    _assert_weights_equal(merged, reference.merge_and_unload())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, unmerged, atol=LOGIT_ATOL, rtol=0)
+    assert merged.config.tie_word_embeddings
