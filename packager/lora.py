@@ -62,17 +62,19 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.A.shape[0])
 
-    def delta(self, fan_in_fan_out: bool) -> "np.ndarray":
-        """The weight delta in fp32, shaped like the base weight (up to its trailing kernel dims)."""
+    def delta(self, fan_in_fan_out: bool, weight: float = 1.0) -> "np.ndarray":
+        """The weight delta in fp32 (times ``weight``), shaped like the base weight (up to its kernel dims)."""
+        import numpy as np
+
         A = self.A.reshape(self.A.shape[0], -1)
-        B = self.B.reshape(self.B.shape[0], -1)
+        B = self.B.reshape(self.B.shape[0], -1) * np.float32(self.scale * weight)  # scale the small factor
         d = B @ A
         if self.embedding:
             # nn.Embedding weight is (num_embeddings, dim); PEFT's embedding delta is (B @ A).T.
             d = d.T
         elif fan_in_fan_out:
             d = d.T
-        return d * self.scale
+        return d
 
 
 @dataclass(frozen=True)

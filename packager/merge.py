@@ -251,7 +251,7 @@ def apply_op(op: TensorOp, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
     if op.start is not None and W is op.start:
         W = W.copy()  # never modify a tensor the adapter owns (the base's arrays are fresh reads)
     for adapter, mod in op.loras:
-        delta = (mod.delta(adapter.fan_in_fan_out) * np.float32(adapter.weight)).reshape(W.shape)
+        delta = mod.delta(adapter.fan_in_fan_out, adapter.weight).reshape(W.shape)
         if mod.magnitude is not None:
             out_axis = 1 if (mod.embedding or adapter.fan_in_fan_out) else 0
             W = _dora(W, delta, mod.magnitude, out_axis)
@@ -259,7 +259,7 @@ def apply_op(op: TensorOp, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
             W += delta
     for adapter, mod in op.bias_deltas:
         W += mod.B_bias * np.float32(mod.scale * adapter.weight)
-    return from_f32(W, out)
+    return from_f32(W, out, inplace=True)
 
 
 def _merged_config(ckpt: Checkpoint, plan: MergePlan, settings: MergeSettings) -> dict:

@@ -78,18 +78,27 @@ def to_f32(arr: "np.ndarray", st_dtype: str) -> "np.ndarray":
     return arr.astype(np.float32, copy=False)
 
 
-def from_f32(arr: "np.ndarray", st_dtype: str) -> "np.ndarray":
-    """float32 values in a float dtype's storage form; bfloat16 rounds to nearest even, as torch does."""
+def from_f32(arr: "np.ndarray", st_dtype: str, inplace: bool = False) -> "np.ndarray":
+    """float32 values in a float dtype's storage form; bfloat16 rounds to nearest even, as torch does.
+
+    ``inplace`` lets the bfloat16 rounding use ``arr``'s memory as scratch (it is clobbered).
+    """
     import numpy as np
 
-    if st_dtype == "BF16":
-        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-        nan = np.isnan(arr)
-        if nan.any():
-            rounded[nan] = 0x7FC0
-        return rounded
-    return arr.astype(np_dtype(st_dtype), copy=False)
+    if st_dtype != "BF16":
+        return arr.astype(np_dtype(st_dtype), copy=False)
+    src = np.ascontiguousarray(arr, dtype=np.float32)
+    nan = np.isnan(src) if np.isnan(src.max(initial=0.0)) else None
+    bits = (src if inplace and src is arr else src.copy()).view(np.uint32)
+    carry = bits >> 16
+    carry &= 1
+    carry += 0x7FFF
+    bits += carry
+    bits >>= 16
+    out = bits.astype(np.uint16)
+    if nan is not None:
+        out[nan] = 0x7FC0
+    return out
 
 
 def _parse(path: Path) -> tuple[dict[str, TensorSpec], dict, dict[str, int], int]:
