@@ -137,42 +137,55 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
     "adapters",
     multiple=True,
     type=ModelRef(weighted=True),
-    help="LoRA adapter to merge on the fly in the same streaming pass (no merged checkpoint on disk). Repeatable, PATH[:WEIGHT].",
+    help="LoRA adapter to merge on the fly (GGUF: in the same streaming pass; ONNX: into a temporary checkpoint). Repeatable, PATH[:WEIGHT].",
 )
 @click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "onnx"]), help="gguf for llama.cpp/ollama, onnx for onnxruntime.")
-@click.option("--bits", type=click.Choice(["16", "8", "6", "5", "4"]), help="GGUF: 16=F16, 8=Q8_0, 6=Q6_K, 5=Q5_K_M, 4=Q4_K_M.")
+@click.option(
+    "--bits",
+    type=click.Choice(["32", "16", "8", "6", "5", "4"]),
+    help="GGUF: 16=F16, 8=Q8_0, 6=Q6_K, 5=Q5_K_M, 4=Q4_K_M. ONNX: 32=fp32, 16=fp16, 8/4=int8/int4 weight-only blocks.",
+)
 @click.option("--quant", help="Any llama.cpp quant type instead of --bits (Q4_0, Q5_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--block-size", type=click.IntRange(min=16), help="ONNX 8/4 bits: weights per quantization block (a power of two).  [default: 16 for 8 bits, 32 for 4 bits]")
+@click.option("--keep-lm-head", is_flag=True, help="ONNX 8/4 bits: keep the output head and token embedding in float.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the artifact to.")
-@click.option("--name", help="File name stem of the artifact (default: the model folder's name).")
+@click.option("--name", help="GGUF file name stem (default: the model folder's name); ONNX files are model.onnx + model.onnx_data.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Quantizer threads (0: all cores).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, fmt, bits, quant, out, name, threads, force, allow_pickle, as_json):
+def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
     GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
     written with gguf-py and quantized by llama.cpp's own quantizer; an ollama Modelfile is written
     beside it.
 
+    ONNX: the decoder with its KV cache (the text model of Gemma 3 with vision), exported by
+    optimum-onnx and checked against torch; 8 and 4 bits are onnxruntime's weight-only block
+    quantization (MatMulNBits), the output head included unless --keep-lm-head.
+
     \b
     Example:
       xpack export --model ./gemma3-xray --format gguf --bits 4 --out ./gemma3-xray-gguf
       xpack export --model google/gemma-2-2b --adapter ./symptom-lora --format gguf --quant Q5_K_M --out ./g2
+      xpack export --model ./gemma3-xray --format onnx --bits 4 --out ./gemma3-xray-onnx
     """
     if fmt == "gguf" and bits is None and quant is None:
         raise click.UsageError("give --bits (16, 8, 6, 5, 4) or --quant TYPE")
+    if fmt == "onnx" and bits is None:
+        raise click.UsageError("give --bits (32, 16, 8 or 4) for an ONNX export")
     if bits is not None and quant is not None:
         raise click.UsageError("give either --bits or --quant, not both")
     from xpack.packager.export_job import export as do_export
 
     manifest = do_export(
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
-        name=name, threads=threads, allow_pickle=allow_pickle,
+        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head,
     )
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
     for fname, info in manifest["artifacts"].items():
-        size = manifest["files"][fname]["bytes"]
+        size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
         fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
         lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
     lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
@@ -400,9 +413,15 @@ def _verify_lines(report: dict) -> list[str]:
                 f"prompt {i}: {q['matching_tokens']} of {q['reference_tokens']} greedy tokens match, then "
                 f"{q['reference_token']!r} (reference) vs {q['artifact_token']!r} (artifact)"
             )
-    lines.append(f"{'check':<16}{'value':>12}  {'limit':<12}result")
+    for q in p.get("images", []):
+        lines.append(
+            f"image {Path(q['image']).name}: top-1 {100 * q['top1_agreement']:.1f}%, KL mean {q['kl_mean']:.4g}, "
+            f"max logit error {q['max_abs_logit_error']:.3g} over {q['tokens']} tokens after the image; "
+            f"{q['greedy_matching_tokens']} of {q['reference_tokens']} greedy tokens match"
+        )
+    lines.append(f"{'check':<22}{'value':>12}  {'limit':<12}result")
     for c in report["checks"]:
-        lines.append(f"{c['metric']:<16}{c['value']:>12.4g}  {c['limit']:<12}{'pass' if c['pass'] else 'FAIL'}")
+        lines.append(f"{c['metric']:<22}{c['value']:>12.4g}  {c['limit']:<12}{'pass' if c['pass'] else 'FAIL'}")
     if "benchmark" in report:
         b = report["benchmark"]
         for who in ("artifact", "reference"):
@@ -411,6 +430,7 @@ def _verify_lines(report: dict) -> list[str]:
                 f"{who} ({len(b[who]['runs'])} runs, median [min-max]): load {_mm(s['load_s'])} s, "
                 f"first token {_mm(s['ttft_s'], 1000)} ms, prompt {_mm(s['prompt_tok_s'])} tok/s, decode {_mm(s['decode_tok_s'])} tok/s, "
                 f"256 tokens {_mm(s['gen_256_s'])} s, peak RSS {_mm(s['peak_rss_mb'])} MB"
+                + (f", image encode {_mm(s['image_encode_s'], 1000)} ms" if s.get("image_encode_s") else "")
                 + (f", peak GPU {_mm(s['peak_gpu_mb'])} MB" if s.get("peak_gpu_mb") else "")
             )
         if b["speedup_256"]:
@@ -431,6 +451,7 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 @click.option("--profile", required=True, metavar="NAME|FILE", help="Hardware profile to measure on (a100, t4, cpu16 or a TOML file).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL, one {\"prompt\": ..., \"system\": ...} per line (default: built-in radiology prompts).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Evaluation text for teacher-forced parity (default: a built-in medical text).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of images: image-conditioned parity and image encode time (vision artifacts).")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Benchmark runs (median and min-max are reported).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Greedy tokens per prompt for the divergence check.")
 @click.option("--no-benchmark", is_flag=True, help="Parity only: skip the speed and memory runs.")
@@ -439,7 +460,7 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.pass_context
-def verify(ctx, artifact, reference, profile, prompts_file, text_file, runs, max_tokens, no_benchmark, update_card, strict, as_json, out_file):
+def verify(ctx, artifact, reference, profile, prompts_file, text_file, images_dir, runs, max_tokens, no_benchmark, update_card, strict, as_json, out_file):
     """Measure an artifact against the torch reference: output parity, speed and memory.
 
     Parity: teacher-forced KL divergence (mean, 99th percentile), top-1 agreement, max logit error
@@ -456,7 +477,7 @@ def verify(ctx, artifact, reference, profile, prompts_file, text_file, runs, max
     from xpack.packager.verify import verify as do_verify
 
     report = do_verify(artifact, reference, profile, prompts_file=prompts_file, text_file=text_file, runs=runs,
-                       max_tokens=max_tokens, benchmark=not no_benchmark)
+                       max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir)
     if update_card:
         report["card"] = str(write_card(artifact, report))
     if out_file:

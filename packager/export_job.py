@@ -24,12 +24,16 @@ QUANT_NOTES = {
 
 
 def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
-           force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False) -> dict:
+           force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False,
+           block_size: int | None = None, keep_lm_head: bool = False) -> dict:
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
-        raise XpackError("ONNX export is not implemented yet in this xpack version; use --format gguf")
+        return _export_onnx(model, out, bits=bits, quant=quant, adapters=adapters, force=force, threads=threads,
+                            allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head)
+    if block_size is not None or keep_lm_head:
+        raise XpackError("--block-size and --keep-lm-head are ONNX settings (llama.cpp quant types fix their own blocks); drop them or use --format onnx")
     check_destination(out, force)
     src = resolve(model, "model")
     specs = [parse_adapter_spec(a) for a in adapters]
@@ -65,6 +69,109 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
         manifest = cards.write_manifest(tmp, data, hashes)
     manifest["out_dir"] = str(out)
     return manifest
+
+
+ONNX_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+
+
+def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head) -> dict:
+    """``--format onnx``: optimum's export (+ onnxruntime's quantizer) of the checkpoint, with its card and manifest."""
+    from xpack.packager.onnx import check_settings, default_block_size, export_onnx
+
+    if quant:
+        raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
+    block_size = block_size or default_block_size(bits)
+    check_settings(bits, block_size)
+    check_destination(out, force)
+    src = resolve(model, "model")
+    specs = [parse_adapter_spec(a) for a in adapters]
+    adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
+    loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
+    label = ONNX_QUANT[bits]
+    with atomic_dir(out, force) as tmp:
+        result = export_onnx(src.path, loaded, tmp, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads)
+        weights = [f for f in (result.onnx_file, result.data_file) if f and (tmp / f).is_file()]
+        hashes = {f: sha256_file(tmp / f) for f in weights}
+        ckpt = Checkpoint(src.path)
+        source_manifest = cards.read_manifest(src.path)
+        _write_onnx_card(tmp, out.name, src, ckpt, source_manifest, [s.ref for s in adapter_srcs], result, label, hashes)
+        data = {
+            "kind": "export",
+            "format": "onnx",
+            "quant": label,
+            "bits": bits,
+            "onnx_file": result.onnx_file,
+            "onnx_data_file": result.data_file,
+            "opset": result.opset,
+            "architecture": result.arch,
+            "exported_class": result.exported_class,
+            "source": {**src.describe(), "files": {p.name: sha256_file(p) for p in _source_files(ckpt)}},
+            "source_manifest": {k: source_manifest.get(k) for k in ("kind", "base", "created")} if source_manifest else None,
+            "adapters": [{**s.describe(), **a.summary()} for s, a in zip(adapter_srcs, loaded)],
+            "artifacts": {
+                result.onnx_file: {
+                    "role": "text", "quant": label, "data_file": result.data_file,
+                    "tensor_types": result.quantization.get("node_types", {}),
+                    "bytes": sum((tmp / f).stat().st_size for f in weights),
+                },
+            },
+            "quantization": result.quantization,
+            "validation": result.validation,
+            "io": result.io,
+            "timings": result.timings,
+            "notes": result.notes,
+        }
+        manifest = cards.write_manifest(tmp, data, hashes)
+    manifest["out_dir"] = str(out)
+    return manifest
+
+
+def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result, label, hashes):
+    base_name = _base_name(src, ckpt, source_manifest)
+    license_ = None
+    src_card = src.path / "README.md"
+    if src_card.is_file():
+        license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license")
+    fm = {
+        "base_model": base_name,
+        "quantized_by": f"xpack {__version__}",
+        "library_name": "onnxruntime",
+        "pipeline_tag": "text-generation",
+        "tags": ["onnx", "onnxruntime", "xpack", label],
+        "license": license_ or "other",
+    }
+    files = [{"name": f, "size": _size((tmp / f).stat().st_size), "sha256": h} for f, h in hashes.items()]
+    total = sum((tmp / f).stat().st_size for f in hashes)
+    q = result.quantization
+    art = result.validation.get("artifact") or {}
+    check = result.validation["export"] if art.get("same_as") else art
+    text = cards.render(
+        "onnx_card.md.j2",
+        front_matter=cards.yaml_block(fm),
+        title=out_name,
+        base_name=base_name,
+        adapters=adapter_refs,
+        xpack_version=__version__,
+        files=files,
+        total_size=_size(total),
+        label=label,
+        q=q,
+        io=result.io,
+        opset=result.opset,
+        export_check=result.validation["export"],
+        artifact_check=check,
+        exported_class=result.exported_class,
+        vision_text_only=ckpt.architectures != [result.exported_class] and bool(ckpt.config.get("vision_config")),
+        source=src.ref,
+        source_manifest=bool(source_manifest),
+        source_base=(source_manifest or {}).get("base", {}).get("ref"),
+        architecture="/".join(ckpt.architectures) or ckpt.model_type,
+        out_name=out_name,
+        example_prompt=EXAMPLE_PROMPT,
+        gen=_generation(),
+        notes=result.notes,
+    )
+    (tmp / cards.CARD).write_text(text)
 
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:

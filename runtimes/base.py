@@ -49,6 +49,7 @@ __all__ = [
 RUNTIMES: dict[str, str] = {
     "torch": "xpack.runtimes.torch_ref:TorchRuntime",
     "llamacpp": "xpack.runtimes.llamacpp:LlamaCppRuntime",
+    "onnx": "xpack.runtimes.onnxrt:OnnxRuntime",
 }
 
 # Artifact format (as in manifest.json "format" and Profile.formats) -> the runtime that runs it.
@@ -482,7 +483,7 @@ def get_runtime(name: str) -> type[Runtime]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = {"llamacpp": "pip install 'xpack[llama]'", "torch": "pip install 'xpack[pack]'"}.get(name, "reinstall xpack")
+        hint = {"llamacpp": "pip install 'xpack[llama]'", "torch": "pip install 'xpack[pack]'", "onnx": "pip install 'xpack[onnx]'"}.get(name, "reinstall xpack")
         raise XpackError(f"the {name} runtime cannot start: {exc}; install what it needs ({hint})") from None
     return getattr(module, class_name)
 
@@ -527,6 +528,8 @@ def artifact_formats(path: "str | os.PathLike") -> list[str]:
             return ["gguf"]
         if path.suffix.lower() == ".onnx":
             return ["onnx"]
+        if path.name.lower().endswith(".onnx_data"):
+            raise XpackError(f"{path} holds the weights of an ONNX model, not the model; pass its .onnx file or its folder")
         return []
     if not path.is_dir():
         return []

@@ -1,0 +1,625 @@
+"""Hugging Face checkpoint (+ optional LoRA, merged first) -> ONNX decoder with a KV cache, for onnxruntime.
+
+What optimum-onnx and onnxruntime give us and we use: optimum's exporter (``onnx_export_from_model``,
+task ``text-generation-with-past``: one graph taking ``past_key_values.*`` and returning ``logits``
+and ``present.*``), onnxruntime's weight-only block quantizer (``MatMulNBitsQuantizer``: MatMul ->
+``MatMulNBits``, embedding Gather -> ``GatherBlockQuantized``) and its fp16 converter
+(``onnxruntime.transformers.float16``).
+
+What we do ourselves, and why:
+- An adapter is merged into a temporary checkpoint first (``merge.run_merge``): optimum exports a
+  transformers model, not a streaming merge.
+- Gemma 3 with a vision tower: optimum exports no image-text-to-text decoder, so the language
+  model's tensors are streamed (merged with the adapter on the way) into a temporary text-only
+  ``Gemma3ForCausalLM`` checkpoint, and that is exported. The names and the class are data in
+  ``archs/gemma3.json`` (``onnx.text_model``).
+- Tied embeddings: the exported output head is ``MatMul(x, Transpose(embed_tokens))``, which the
+  quantizer skips (its weight is not an initializer). The head is materialized as its own
+  initializer ``lm_head.weight`` before quantizing, so that it is quantized like every other MatMul.
+- 8 bits: ``MatMulNBits`` with bits=8 (weight-only, per block along K, asymmetric) and
+  accuracy_level 4 (activations quantized per block to int8 in the kernel, as llama.cpp's Q8_0
+  does); the embedding table becomes an 8-bit ``GatherBlockQuantized`` (the quantizer does 4-bit
+  Gathers only, so that one is written here).
+- The export is checked against the torch model on a fixed input (a prefill and one decode step),
+  as optimum's ``validate_model_outputs`` does (``np.allclose`` with the config's atol), and the
+  quantized file again; both sets of figures go into the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xpack.errors import XpackError
+from xpack.packager.archs import Arch, all_archs, require_arch
+from xpack.packager.checkpoint import Checkpoint
+from xpack.packager.lora import Adapter
+from xpack.packager.merge import MergeSettings, apply_op, plan_merge, run_merge, stream_base
+from xpack.packager.safetensors_io import ShardedWriter, TensorSpec, plan_shards
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import onnx
+
+BITS = (32, 16, 8, 4)
+# Weights per quantization block, by bits. 8 bits uses 16: on the demo model (300 tokens against torch
+# fp32) blocks of 16 give mean KL 0.0022 / top-1 98.7% where 32 gives 0.0040 / 98.0%, level with
+# llama.cpp's Q8_0 (0.0041 / 97.3%) rather than better, for 13% more bytes and the same speed.
+DEFAULT_BLOCK_SIZE = {4: 32, 8: 16}
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+TASK = "text-generation-with-past"
+# accuracy_level of MatMulNBits: 4 = the activations are quantized to int8 per block inside the kernel.
+# Without it, onnxruntime 1.32's CPU kernel has no fast path for 8-bit weights (2.5 tok/s against
+# 57 tok/s on the demo model) and its int4 path is 1.4x slower, for a KL difference of 0.003.
+ACCURACY_LEVEL = 4
+SCHEMES = {
+    32: "fp32 as exported by optimum",
+    16: "fp16 weights and activations; numerically sensitive ops kept in fp32 (see fp16_fp32_ops / fp16_fp32_nodes)",
+    8: "int8 weight-only, block-wise asymmetric (MatMulNBits bits=8, int8 activations in the kernel); embedding GatherBlockQuantized 8-bit",
+    4: "int4 weight-only, block-wise asymmetric (MatMulNBits bits=4, int8 activations in the kernel); embedding GatherBlockQuantized 4-bit",
+}
+# What the output folder gets from the checkpoint besides the graph (tokenizer, chat template, generation defaults).
+COMPANIONS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+VALIDATION_TEXT = "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. IMPRESSION: No acute abnormality."
+
+
+def default_block_size(bits: int | None) -> int:
+    return DEFAULT_BLOCK_SIZE.get(bits, 32)
+
+
+def check_settings(bits: int | None, block_size: int) -> None:
+    """The quantization settings, before any work: one line naming what is valid."""
+    if bits is None:
+        raise XpackError(f"an ONNX export needs --bits: one of {', '.join(map(str, BITS))}")
+    if bits not in BITS:
+        raise XpackError(f"--bits {bits} is not available for ONNX; choose one of {', '.join(map(str, BITS))}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise XpackError(f"--block-size {block_size} is not valid; onnxruntime's MatMulNBits needs a power of two >= 16 (default: 32 for 4 bits, 16 for 8 bits)")
+
+
+def onnx_spec(arch: Arch) -> dict:
+    """The ``onnx`` section of an architecture table; an architecture without one is a clear error."""
+    spec = arch.extra.get("onnx")
+    supported = ", ".join(sorted(a.name for a in all_archs().values() if "unsupported" not in (a.extra.get("onnx") or {"unsupported": 1})))
+    if not spec:
+        raise XpackError(f"ONNX export of {arch.name} is not supported by xpack; supported: {supported}")
+    if "unsupported" in spec:
+        raise XpackError(f"{spec['unsupported']} (ONNX export supports: {supported})")
+    return spec
+
+
+@dataclass
+class OnnxExport:
+    onnx_file: str = ONNX_FILE
+    data_file: str | None = DATA_FILE
+    arch: str = ""
+    exported_class: str = ""
+    opset: int = 0
+    quantization: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    io: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint optimum exports
+
+
+def _copy_companions(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in COMPANIONS:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _text_config(ckpt: Checkpoint, text: dict, untied: bool) -> dict:
+    """config.json of the text-only model: the text config plus what the text class needs from the top level."""
+    top = ckpt.config
+    cfg = json.loads(json.dumps(top.get(text["config_key"]) or {}))
+    cfg["architectures"] = [text["architecture"]]
+    cfg["model_type"] = text["model_type"]
+    cfg["tie_word_embeddings"] = False if untied else ckpt.tie_word_embeddings
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"):
+        if cfg.get(key) is None and top.get(key) is not None:
+            cfg[key] = top[key]
+    cfg.pop("quantization_config", None)
+    return cfg
+
+
+def _write_text_checkpoint(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, text: dict, out: Path) -> list[str]:
+    """Stream the language model's tensors (adapters merged on the way) into a text-only checkpoint."""
+    from tqdm import tqdm
+
+    plan = plan_merge(ckpt, adapters, MergeSettings())
+    keep = [re.compile(p) for p in text["keep"]]
+    names: dict[int, str] = {}
+    ops = []
+    for op in plan.ops:
+        canon = arch.canonical(op.out_name)
+        if not any(p.search(canon) for p in keep):
+            continue
+        name = canon
+        for pattern, repl in text["rename"]:
+            name = re.sub(pattern, repl, name)
+        names[id(op)] = name
+        ops.append(op)
+    if not ops:
+        raise XpackError(f"{ckpt.path} has no language-model tensors under the names xpack's {arch.name} table expects; re-save the checkpoint with transformers")
+    out.mkdir(parents=True)
+    specs = [TensorSpec(names[id(op)], op.spec.dtype, op.spec.shape) for op in ops]
+    writer = ShardedWriter(out, plan_shards(specs, 2 * 10**9))
+    for op, base, dtype in tqdm(stream_base(ckpt, ops), total=len(ops), desc="text model", unit="tensor", disable=None):
+        writer.write(names[id(op)], apply_op(op, base, dtype))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(_text_config(ckpt, text, plan.untied), indent=2) + "\n")
+    _copy_companions(ckpt.path, out)
+    return plan.notes
+
+
+def _prepare_source(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, spec: dict, work: Path) -> tuple[Path, list[str]]:
+    """The checkpoint folder optimum exports: the source itself, its merge with the adapters, or its text model."""
+    if "text_model" in spec:
+        out = work / "text-model"
+        return out, _write_text_checkpoint(ckpt, adapters, arch, spec["text_model"], out)
+    if adapters:
+        out = work / "merged"
+        out.mkdir()
+        result = run_merge(ckpt, adapters, out, MergeSettings())
+        return out, list(result.plan.notes)
+    return ckpt.path, []
+
+
+# ---------------------------------------------------------------------------------------------
+# optimum
+
+
+@contextlib.contextmanager
+def _quiet():
+    """optimum, torch.onnx and onnxruntime's quantizer log every step; keep the terminal to xpack's own lines."""
+    from optimum.utils import logging as optimum_logging
+    from transformers.utils import logging as hf_logging
+
+    optimum_logging.get_logger()  # optimum sets its logger's level when first asked for it: before ours, not after
+    names = ("optimum", "onnxruntime", "root")
+    saved = {n: logging.getLogger(None if n == "root" else n).level for n in names}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    for n in names:
+        logging.getLogger(None if n == "root" else n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        for n, level in saved.items():
+            logging.getLogger(None if n == "root" else n).setLevel(level)
+
+
+def _require_libraries() -> None:
+    missing = []
+    for module in ("optimum.exporters.onnx", "onnx", "onnxruntime", "onnx_ir"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module.split(".")[0])
+    if missing:
+        raise XpackError(f"ONNX export needs {', '.join(missing)}; install them with `pip install 'xpack[pack]'`")
+
+
+def _load_torch(src: Path, spec: dict):
+    import torch
+    import transformers
+
+    cls = getattr(transformers, spec.get("model_class", "AutoModelForCausalLM"))
+    try:
+        model = cls.from_pretrained(str(src), dtype=torch.float32, attn_implementation=spec.get("attn_implementation", "eager"), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise XpackError(f"transformers could not load {src} for the ONNX export ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return model.eval()
+
+
+def _optimum_export(model, out: Path, opset: int | None) -> float:
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(exporter="onnx", model=model, task=TASK, library_name="transformers")
+    atol = constructor(model.config, task=TASK).ATOL_FOR_VALIDATION
+    try:
+        onnx_export_from_model(model, output=out, task=TASK, opset=opset, do_validation=False, preprocessors=[])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise XpackError(f"optimum could not export {model.config.model_type} to ONNX ({first}); supported: llama, gemma2, gemma3") from None
+    return float(atol if not isinstance(atol, dict) else atol.get("text-generation", 1e-5))
+
+
+# ---------------------------------------------------------------------------------------------
+# graph surgery and quantization
+
+
+def _initializers(graph) -> dict:
+    return {i.name: i for i in graph.initializer}
+
+
+def materialize_output_head(model: "onnx.ModelProto") -> list[str]:
+    """Replace ``MatMul(x, Transpose(W))`` (a tied output head) with ``MatMul(x, W^T)``, W^T an initializer of its own."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in producer:
+            continue
+        t = producer[node.input[1]]
+        if t.op_type != "Transpose" or t.input[0] not in inits or len(inits[t.input[0]].dims) != 2:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        weight = np.ascontiguousarray(np.transpose(numpy_helper.to_array(inits[t.input[0]]), perm))
+        name = "lm_head.weight" if "lm_head.weight" not in inits else f"{node.name or 'head'}.weight"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        node.input[1] = name
+        if consumers[t.output[0]] == 1:
+            graph.node.remove(t)
+        done.append(node.name)
+    return done
+
+
+def _quantize_gather_8bit(model: "onnx.ModelProto", block_size: int) -> list[str]:
+    """Embedding Gathers -> 8-bit ``GatherBlockQuantized`` (uint8, blocks along the hidden axis, asymmetric)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        rows, cols = w.shape
+        n_blocks = -(-cols // block_size)
+        blocks = np.pad(w, ((0, 0), (0, n_blocks * block_size - cols))).reshape(rows, n_blocks, block_size)
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scale = (hi - lo) / 255.0
+        scale[scale == 0] = 1.0
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        base = node.input[0]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(q.reshape(rows, -1)[:, :cols]), f"{base}_Q8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scales"),
+            numpy_helper.from_array(zero, f"{base}_zero_points"),
+        ])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        new = helper.make_node(
+            "GatherBlockQuantized", [f"{base}_Q8", node.input[1], f"{base}_scales", f"{base}_zero_points"], list(node.output),
+            name=f"{node.name or base}_Q8", domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=8,
+        )
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, new)
+        done.append(new.name)
+    if done:
+        used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def weight_node_types(model: "onnx.ModelProto") -> dict[str, int]:
+    """How the weights are stored: nodes that read a weight initializer, by type (float MatMul/Gather, MatMulNBits, ...)."""
+    rank = {i.name: len(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def is_weight(name: str) -> bool:
+        node = producer.get(name)
+        return rank.get(name, 0) == 2 or (node is not None and node.op_type == "Transpose" and rank.get(node.input[0], 0) == 2)
+
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized") or (n.op_type == "MatMul" and is_weight(n.input[1])) or (
+            n.op_type == "Gather" and rank.get(n.input[0], 0) == 2
+        ):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _lm_head_nodes(model: "onnx.ModelProto", spec: dict) -> list[str]:
+    pattern = re.compile(spec.get("lm_head_node", r"^/lm_head/"))
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and pattern.search(n.name)]
+
+
+def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: dict) -> tuple["onnx.ModelProto", dict]:
+    info: dict = {"bits": bits, "scheme": SCHEMES[bits]}
+    if bits == 32:
+        return model, info
+    if bits == 16:
+        return _to_fp16(model, spec, info)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    head = _lm_head_nodes(model, spec)
+    untied = [] if keep_lm_head else materialize_output_head(model)
+    exclude = head if keep_lm_head else []
+    quantize_embedding = not keep_lm_head
+    ops = ("MatMul", "Gather") if quantize_embedding and bits == 4 else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+        nodes_to_exclude=exclude, op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer.process()
+    model = quantizer.model.model
+    gathers = _quantize_gather_8bit(model, block_size) if quantize_embedding and bits == 8 else []
+    counts = weight_node_types(model)
+    head_quantized = bool(head) and not keep_lm_head and not any(n.op_type == "MatMul" and n.name in head for n in model.graph.node)
+    info.update(
+        block_size=block_size,
+        symmetric=False,
+        accuracy_level=ACCURACY_LEVEL,
+        quantizer=f"onnxruntime MatMulNBitsQuantizer (RTN){' + xpack 8-bit GatherBlockQuantized' if gathers else ''}",
+        lm_head="quantized" if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
+        lm_head_untied=bool(untied),
+        embedding="quantized" if quantize_embedding else "float (--keep-lm-head)",
+        node_types=counts,
+    )
+    return model, info
+
+
+def _to_fp16(model: "onnx.ModelProto", spec: dict, info: dict) -> tuple["onnx.ModelProto", dict]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = spec.get("fp16_keep_fp32") or {}
+    ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep.get("op_types", [])))
+    patterns = [re.compile(p) for p in keep.get("node_patterns", [])]
+    nodes = [n.name for n in model.graph.node if n.name and any(p.search(n.name) for p in patterns)]
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes, disable_shape_infer=False)
+    info.update(
+        fp16_fp32_ops=keep.get("op_types", []),
+        fp16_fp32_node_patterns=keep.get("node_patterns", []),
+        fp16_fp32_nodes=len(nodes),
+        io_types="float32 (keep_io_types: logits and KV cache in fp32, cast at the graph edges)",
+    )
+    return model, info
+
+
+def save_model(model: "onnx.ModelProto", folder: Path) -> None:
+    """``model.onnx`` (the graph) + ``model.onnx_data`` (every weight), whatever the model's size."""
+    import onnx
+
+    onnx.save_model(
+        model, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=DATA_FILE, size_threshold=0, convert_attribute=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the check against torch
+
+
+def graph_io(path: Path) -> dict:
+    """Inputs, outputs, KV-cache layout and opset of an exported decoder (from the graph, not the config)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    elem = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64"}
+
+    def shape(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs = {i.name: {"shape": shape(i), "dtype": elem.get(i.type.tensor_type.elem_type, str(i.type.tensor_type.elem_type))} for i in m.graph.input}
+    outputs = {o.name: {"shape": shape(o), "dtype": elem.get(o.type.tensor_type.elem_type, str(o.type.tensor_type.elem_type))} for o in m.graph.output}
+    past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+    first = inputs[past[0]] if past else {"shape": [None, None, None, None], "dtype": None}
+    return {
+        "inputs": list(inputs),
+        "outputs": list(outputs),
+        "position_ids": "position_ids" in inputs,
+        "layers": len(past) // 2,
+        "kv_heads": first["shape"][1],
+        "head_dim": first["shape"][3],
+        "kv_dtype": first["dtype"],
+        "vocab": outputs.get("logits", {}).get("shape", [None, None, None])[-1],
+        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
+    }
+
+
+def _validation_ids(src: Path, vocab: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    path = src / "tokenizer.json"
+    if path.is_file():
+        ids = Tokenizer.from_file(str(path)).encode(VALIDATION_TEXT).ids
+        ids = [i for i in ids if i < vocab]
+        if len(ids) >= 4:
+            return ids[:48]
+    return [(7 * i + 3) % vocab for i in range(24)]
+
+
+def _torch_steps(model, ids: list[int]) -> list[dict]:
+    """Prefill ids[:-1], then decode ids[-1] with the cache: logits and the cache after each step, as numpy
+    (copied at once: transformers updates the cache object in place)."""
+    import torch
+
+    def snapshot(out) -> dict:
+        step = {"logits": out.logits[0].float().numpy().copy()}
+        cache = out.past_key_values
+        layers = getattr(cache, "layers", None)
+        for i in range(len(layers) if layers is not None else len(cache)):
+            k, v = (layers[i].keys, layers[i].values) if layers is not None else cache[i]
+            step[f"present.{i}.key"] = k.float().numpy().copy()
+            step[f"present.{i}.value"] = v.float().numpy().copy()
+        return step
+
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+        steps = [snapshot(first)]
+        second = model(input_ids=torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
+        steps.append(snapshot(second))
+    return steps
+
+
+def _ort_steps(path: Path, ids: list[int], threads: int) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    np_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    past = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np_types[i.type]) for n, i in inputs.items() if n.startswith("past_key_values.")}
+    steps, start = [], 0
+    for chunk in (ids[:-1], ids[-1:]):
+        feed = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, start + len(chunk)), np.int64), **past}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(start, start + len(chunk), dtype=np.int64)[None]
+        values = dict(zip(outputs, session.run(outputs, feed)))
+        steps.append({k: v[0] if k == "logits" else v for k, v in values.items()})
+        past = {k.replace("present.", "past_key_values."): v for k, v in values.items() if k.startswith("present.")}
+        start += len(chunk)
+    return steps
+
+
+def _compare(reference: list[dict], candidate: list[dict], atol: float, rtol: float = 1e-5) -> dict:
+    """optimum's check (``np.allclose(ref, onnx, atol)`` per output) with its figures kept, plus logit parity."""
+    import numpy as np
+
+    from xpack.packager.parity import compare_logits
+
+    max_diff: dict[str, float] = {}
+    close = True
+    finite = True
+    for ref, got in zip(reference, candidate):
+        for name, value in got.items():
+            value = value.astype(np.float32)
+            finite = finite and bool(np.isfinite(value).all())
+            if name not in ref:
+                continue
+            expected = ref[name]
+            if expected.ndim == 4 and value.ndim == 4 and expected.shape[2] < value.shape[2] and expected.shape[:2] + expected.shape[3:] == value.shape[:2] + value.shape[3:]:
+                value = value[:, :, -expected.shape[2]:, :]  # a sliding-window layer: torch keeps only the last window
+            if expected.shape != value.shape:
+                continue
+            diff = float(np.abs(expected - value).max()) if value.size else 0.0
+            max_diff[name] = max(max_diff.get(name, 0.0), diff)
+            close = close and bool(np.allclose(expected, value, atol=atol, rtol=rtol))
+    ref_logits = np.concatenate([s["logits"] for s in reference])
+    got_logits = np.concatenate([s["logits"].astype(np.float32) for s in candidate])
+    parity = compare_logits(ref_logits, got_logits) if finite else {}
+    kv = [v for k, v in max_diff.items() if k.startswith("present.")]
+    return {
+        "tokens": int(ref_logits.shape[0]),
+        "atol": atol,
+        "rtol": rtol,
+        "within_tolerance": close and finite,
+        "finite": finite,
+        "max_abs_diff": {"logits": max_diff.get("logits"), "present (max over layers)": max(kv) if kv else None},
+        "max_abs_diff_per_output": {k: float(f"{v:.3g}") for k, v in max_diff.items()},
+        "logits": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in parity.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the export
+
+
+def export_onnx(
+    model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
+    keep_lm_head: bool = False, threads: int = 0,
+) -> OnnxExport:
+    """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``."""
+    import os
+
+    block_size = block_size or default_block_size(bits)
+    check_settings(bits, block_size)
+    ckpt = Checkpoint(model_dir)
+    arch = require_arch(ckpt.config, "ONNX export")
+    spec = onnx_spec(arch)
+    ckpt.check_not_packed()
+    _require_libraries()
+    import onnx
+
+    threads = threads or min(os.cpu_count() or 1, 8)
+    result = OnnxExport(arch=arch.name)
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, _quiet():
+        work = Path(work_dir)
+        src, notes = _prepare_source(ckpt, adapters, arch, spec, work)
+        result.notes += notes
+        result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
+        model = _load_torch(src, spec)
+        result.exported_class = type(model).__name__
+        raw = work / "raw"
+        start = time.perf_counter()
+        atol = _optimum_export(model, raw, spec.get("opset"))
+        result.timings["optimum_export_s"] = round(time.perf_counter() - start, 2)
+        ids = _validation_ids(src, int(model.config.vocab_size))
+        reference = _torch_steps(model, ids)
+        del model
+        result.validation["export"] = _compare(reference, _ort_steps(raw / ONNX_FILE, ids, threads), atol)
+        result.validation["export"]["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
+        if not result.validation["export"]["within_tolerance"]:
+            result.notes.append(
+                f"the fp32 export differs from torch by more than atol {atol:g} (max |logit diff| "
+                f"{result.validation['export']['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
+            )
+        start = time.perf_counter()
+        graph = onnx.load(str(raw / ONNX_FILE))
+        graph, result.quantization = _quantize(graph, bits, block_size, keep_lm_head, spec)
+        result.quantization.setdefault("node_types", weight_node_types(graph))
+        save_model(graph, tmp_out)
+        del graph
+        result.timings["quantize_s"] = round(time.perf_counter() - start, 2)
+        shutil.copy2(raw / "config.json", tmp_out / "config.json")
+        _copy_companions(src, tmp_out)
+        if not (tmp_out / "generation_config.json").is_file() and (raw / "generation_config.json").is_file():
+            shutil.copy2(raw / "generation_config.json", tmp_out / "generation_config.json")
+        if bits == 32:
+            result.validation["artifact"] = {"same_as": "export"}
+        else:
+            check = _compare(reference, _ort_steps(tmp_out / ONNX_FILE, ids, threads), atol)
+            if not check["finite"]:
+                raise XpackError(
+                    f"the {bits}-bit ONNX file of {arch.name} gives non-finite logits (fp16 overflow or a broken quantization); "
+                    "export with --bits 32 or --bits 8 instead"
+                )
+            check["reference"] = "transformers fp32, the same input"
+            result.validation["artifact"] = check
+    result.io = graph_io(tmp_out / ONNX_FILE)
+    result.opset = int(result.io["opset"].get("ai.onnx", 0))
+    result.timings["total_s"] = round(time.perf_counter() - clock, 2)
+    return result
