@@ -160,3 +160,11 @@ def test_images_on_a_text_only_artifact(llama_set, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "i" / "a.png")
     r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--images", tmp_path / "i")
     assert r.exit_code == 1 and "text-only" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_faithful_fp32_onnx_passes(llama_set):
+    export(str(llama_set / "merged"), "onnx", llama_set / "onnx", bits=32)
+    report = verify(llama_set / "onnx", llama_set / "merged", "cpu16", benchmark=False, max_tokens=16)
+    assert report["runtime"] == "onnx" and report["precision_class"] == "fp32"
+    assert report["parity_pass"], report["checks"]
+    assert report["parity"]["kl_mean"] < 1e-6 and all(q["diverges_at"] is None for q in report["parity"]["prompts"])
