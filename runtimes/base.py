@@ -498,8 +498,8 @@ def gguf_models(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.gguf") if p.is_file() and not p.name.lower().startswith("mmproj"))
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
+def read_json(path: Path) -> dict:
+    """A JSON object file of an artifact ({} when the file is missing); a broken one is a one-line error."""
     if not path.is_file():
         return {}
     try:
@@ -507,6 +507,10 @@ def read_manifest(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XpackError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
     return data if isinstance(data, dict) else {}
+
+
+def read_manifest(folder: Path) -> dict:
+    return read_json(folder / "manifest.json")
 
 
 def _runtime_of_format(fmt: str, path: Path) -> str:

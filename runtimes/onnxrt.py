@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, read_manifest, timing_fields
+from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, read_json, read_manifest, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
 __all__ = ["OnnxRuntime", "onnx_file_of"]
@@ -62,16 +62,6 @@ def onnx_file_of(path: "str | os.PathLike") -> Path:
     if not models:
         raise XpackError(f"{path} holds no .onnx file; pass an .onnx file or the folder `xpack export --format onnx` wrote")
     raise XpackError(f"{path} holds several .onnx files ({', '.join(p.name for p in models)}); pass one of them as --artifact")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XpackError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _ids(value) -> set[int]:
@@ -146,15 +136,15 @@ class OnnxRuntime(Runtime):
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
             raise XpackError(f"{tok_path} is not a tokenizer the tokenizers library can read ({exc}); re-export the artifact") from None
-        tok_config = _read_json(folder / "tokenizer_config.json")
+        tok_config = read_json(folder / "tokenizer_config.json")
         self.chat_template = ChatTemplate.from_folder(folder)
         self.bos_token = self.chat_template.bos_token if self.chat_template else None
         if self.bos_token is None:
             bos = tok_config.get("bos_token")
             self.bos_token = bos.get("content") if isinstance(bos, dict) else bos if isinstance(bos, str) else None
         self._cleanup = bool(tok_config.get("clean_up_tokenization_spaces", False))
-        self.config = _read_json(folder / "config.json")
-        self.generation_config = _read_json(folder / "generation_config.json")
+        self.config = read_json(folder / "config.json")
+        self.generation_config = read_json(folder / "generation_config.json")
         self.stop_ids = frozenset(self._end_of_turn_ids(tok_config))
 
     def _read_graph(self, folder: Path) -> None:
@@ -172,7 +162,7 @@ class OnnxRuntime(Runtime):
         if not past:
             raise XpackError(f"{self.onnx_path.name} has no KV cache inputs (past_key_values.*); export it with the text-generation-with-past task")
         past.sort(key=lambda n: (int(n.split(".")[1]), n))
-        config = _read_json(folder / "config.json")
+        config = read_json(folder / "config.json")
         text_cfg = config.get("text_config") or config
         self.past_names = past
         self.present_names = []
