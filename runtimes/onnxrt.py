@@ -20,7 +20,6 @@ seeded with ``seed``. Chats are rendered with the folder's chat template (runtim
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
