@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# This folder holds benchmarks/gguf.py and benchmarks/onnx.py: keep them from shadowing the gguf and
+# onnx packages that xpack imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def main() -> int:
