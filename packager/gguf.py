@@ -469,13 +469,15 @@ def type_report(path: Path, quant: str) -> dict:
     """Tensor type counts, and the fallbacks llama.cpp took (e.g. Q4_K -> Q5_0 when a row is not a multiple of 256)."""
     import gguf
 
+    from xpack.runtimes.gguf_header import read_gguf_header
+
     counts: dict[str, int] = {}
     fallbacks: dict[str, int] = {}
     block_quant = quant.startswith("IQ") or "_K" in quant
-    for t in gguf.GGUFReader(path).tensors:
-        tname = t.tensor_type.name
+    for _, dims, kind in read_gguf_header(path)[1]:
+        tname = gguf.GGMLQuantizationType(kind).name
         counts[tname] = counts.get(tname, 0) + 1
-        if block_quant and tname in _LEGACY_TYPES and len(t.shape) >= 2 and int(t.shape[0]) % 256:
+        if block_quant and tname in _LEGACY_TYPES and len(dims) >= 2 and int(dims[0]) % 256:
             key = f"{quant}->{tname}"
             fallbacks[key] = fallbacks.get(key, 0) + 1
     return {"tensor_types": counts, "fallbacks": fallbacks}

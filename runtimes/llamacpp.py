@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
+from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, gguf_models, load_image, read_manifest, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
@@ -53,54 +54,6 @@ _IMAGE_PROMPTS = {"gemma3": ("<start_of_image>", "\n\n{marker}\n\n")}
 # image_size x image_size (PIL, BILINEAR: Gemma3ImageProcessor), where llama.cpp would keep the aspect
 # ratio and pad with black (PAD_CEIL letterbox). xpack resizes first, so llama.cpp's resize is a copy.
 _STRETCH_TO_SQUARE = {"gemma3"}
-
-# GGUF metadata value types -> struct formats (gguf.GGUFValueType); 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_metadata(path: "str | os.PathLike") -> dict:
-    """The key/value header of a GGUF file (tensors are not read): what llama-cpp-python does not
-    expose for an mmproj (projector type, image size). Raises ValueError for a file that is not GGUF."""
-
-    with open(path, "rb") as f:
-
-        def read(n: int) -> bytes:
-            data = f.read(n)
-            if len(data) != n:
-                raise ValueError("the file ends inside its header")
-            return data
-
-        def unpack(fmt: str):
-            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return read(unpack("<Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int):
-            if kind == 8:
-                return string()
-            if kind == 9:
-                inner, count = unpack("<I"), unpack("<Q")
-                return [value(inner) for _ in range(count)]
-            if kind not in _GGUF_SCALARS:
-                raise ValueError(f"unknown metadata value type {kind}")
-            return unpack(_GGUF_SCALARS[kind])
-
-        if read(4) != b"GGUF":
-            raise ValueError("no GGUF magic")
-        version = unpack("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported")
-        unpack("<Q")  # tensor count
-        n_kv = unpack("<Q")
-        if n_kv > 1_000_000:
-            raise ValueError(f"implausible metadata count {n_kv}")
-        metadata = {}
-        for _ in range(n_kv):
-            key = string()
-            metadata[key] = value(unpack("<I"))
-        return metadata
-
 
 # llama.cpp's log lines at error level (the latest few), to quote in one-line errors; everything
 # libmtmd logs goes here instead of to the terminal.
