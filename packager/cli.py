@@ -148,22 +148,28 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
 @click.option("--quant", help="Any llama.cpp quant type instead of --bits (Q4_0, Q5_0, IQ4_XS, BF16, F32, ...).")
 @click.option("--block-size", type=click.IntRange(min=16), help="ONNX 8/4 bits: weights per quantization block (a power of two).  [default: 16 for 8 bits, 32 for 4 bits]")
 @click.option("--keep-lm-head", is_flag=True, help="ONNX 8/4 bits: keep the output head and token embedding in float.")
+@click.option(
+    "--graph", type=click.Choice(["xpack", "optimum"]), default="xpack", show_default=True,
+    help="ONNX: xpack's decoder graph with onnxruntime's fused attention, or optimum-onnx's traced export.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the artifact to.")
 @click.option("--name", help="GGUF file name stem (default: the model folder's name); ONNX files are model.onnx + model.onnx_data.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Quantizer threads (0: all cores).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, out, name, threads, force, allow_pickle, as_json):
+def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
     GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
     written with gguf-py and quantized by llama.cpp's own quantizer; an ollama Modelfile is written
     beside it.
 
-    ONNX: the decoder with its KV cache (the text model of Gemma 3 with vision), exported by
-    optimum-onnx and checked against torch; 8 and 4 bits are onnxruntime's weight-only block
-    quantization (MatMulNBits), the output head included unless --keep-lm-head.
+    ONNX: the decoder with its KV cache, written by xpack around onnxruntime's fused attention
+    (or traced by optimum-onnx with --graph optimum) and checked against torch; Gemma 3 with
+    vision adds the vision tower and the token embedding as graphs of their own. 8 and 4 bits are
+    onnxruntime's weight-only block quantization (MatMulNBits), the output head included unless
+    --keep-lm-head.
 
     \b
     Example:
@@ -181,7 +187,7 @@ def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, out, nam
 
     manifest = do_export(
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
-        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head,
+        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph,
     )
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
     for fname, info in manifest["artifacts"].items():

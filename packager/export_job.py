@@ -25,13 +25,15 @@ QUANT_NOTES = {
 
 def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
            force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False,
-           block_size: int | None = None, keep_lm_head: bool = False) -> dict:
+           block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack") -> dict:
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         return _export_onnx(model, out, bits=bits, quant=quant, adapters=adapters, force=force, threads=threads,
-                            allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head)
+                            allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph)
+    if graph != "xpack":
+        raise XpackError("--graph chooses how the ONNX decoder is written; drop it or use --format onnx")
     if block_size is not None or keep_lm_head:
         raise XpackError("--block-size and --keep-lm-head are ONNX settings (llama.cpp quant types fix their own blocks); drop them or use --format onnx")
     check_destination(out, force)
@@ -74,7 +76,7 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
 ONNX_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 
-def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head) -> dict:
+def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head, graph) -> dict:
     """``--format onnx``: optimum's export (+ onnxruntime's quantizer) of the checkpoint, with its card and manifest."""
     from xpack.packager.onnx import check_settings, default_block_size, export_onnx
 
@@ -89,8 +91,8 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
     loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
     label = ONNX_QUANT[bits]
     with atomic_dir(out, force) as tmp:
-        result = export_onnx(src.path, loaded, tmp, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads)
-        weights = [f for f in (result.onnx_file, result.data_file) if f and (tmp / f).is_file()]
+        result = export_onnx(src.path, loaded, tmp, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph)
+        weights = [f for f in (result.onnx_file, result.data_file, result.embed_file, result.embed_data_file, *result.vision.get("files", ())) if f and (tmp / f).is_file()]
         hashes = {f: sha256_file(tmp / f) for f in weights}
         ckpt = Checkpoint(src.path)
         source_manifest = cards.read_manifest(src.path)
@@ -108,13 +110,11 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
             "source": {**src.describe(), "files": {p.name: sha256_file(p) for p in _source_files(ckpt)}},
             "source_manifest": {k: source_manifest.get(k) for k in ("kind", "base", "created")} if source_manifest else None,
             "adapters": [{**s.describe(), **a.summary()} for s, a in zip(adapter_srcs, loaded)],
-            "artifacts": {
-                result.onnx_file: {
-                    "role": "text", "quant": label, "data_file": result.data_file,
-                    "tensor_types": result.quantization.get("node_types", {}),
-                    "bytes": sum((tmp / f).stat().st_size for f in weights),
-                },
-            },
+            "graph": result.graph,
+            "max_length": result.graph_facts.get("max_length"),
+            "embed_file": result.embed_file,
+            "vision_file": result.vision.get("onnx_file"),
+            "artifacts": _onnx_artifacts(tmp, result, label),
             "quantization": result.quantization,
             "validation": result.validation,
             "io": result.io,
@@ -124,6 +124,32 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
         manifest = cards.write_manifest(tmp, data, hashes)
     manifest["out_dir"] = str(out)
     return manifest
+
+
+def _onnx_artifacts(tmp: Path, result, label: str) -> dict:
+    """One entry per graph of the export: what it holds, its data file, weight types and bytes."""
+
+    def size(*files) -> int:
+        return sum((tmp / f).stat().st_size for f in files if f and (tmp / f).is_file())
+
+    out = {
+        result.onnx_file: {
+            "role": "decoder (takes inputs_embeds)" if result.embed_file else "text", "quant": label, "data_file": result.data_file,
+            "tensor_types": result.quantization.get("node_types", {}), "bytes": size(result.onnx_file, result.data_file),
+        },
+    }
+    if result.embed_file:
+        out[result.embed_file] = {
+            "role": "token embedding", "quant": label, "data_file": result.embed_data_file,
+            "tensor_types": result.quantization.get("embed_node_types", {}), "bytes": size(result.embed_file, result.embed_data_file),
+        }
+    if result.vision.get("onnx_file"):
+        v = result.vision
+        out[v["onnx_file"]] = {
+            "role": "vision tower + projector", "quant": v.get("precision", "fp32"), "data_file": v.get("data_file"),
+            "tensor_types": v.get("node_types", {}), "bytes": size(v["onnx_file"], v.get("data_file")),
+        }
+    return out
 
 
 def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result, label, hashes):

@@ -45,6 +45,7 @@ from xpack.packager.checkpoint import Checkpoint
 from xpack.packager.lora import Adapter
 from xpack.packager.merge import MergeSettings, apply_op, plan_merge, run_merge, stream_base
 from xpack.packager.safetensors_io import ShardedWriter, TensorSpec, plan_shards
+from xpack.runtimes.onnxrt import attention_bias
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -58,12 +59,24 @@ DEFAULT_BLOCK_SIZE = {4: 32, 8: 16}
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 TASK = "text-generation-with-past"
+# "xpack": the decoder graph xpack writes with onnxruntime's fused operators (packager/onnx_graph.py);
+# "optimum": optimum-onnx's traced export. Both have the same inputs and outputs.
+GRAPHS = ("xpack", "optimum")
+EMBED_FILE = "embed.onnx"
+EMBED_DATA_FILE = "embed.onnx_data"
+# Files a vision export needs beside the graphs: the image processor's settings and the processor's
+# prompt layout (image tokens per image, begin/end-of-image tokens).
+VISION_COMPANIONS = ("preprocessor_config.json", "processor_config.json")
+VISION_DTYPE = {32: "float32", 16: "float16", 8: "int8", 4: "int8"}
+# The fused kernels sum in another order than torch's eager attention: measured <= 1e-6 on the twins
+# and ~1e-4 on the demo model; optimum's own per-model atol is 1e-5 for its traced graph.
+XPACK_GRAPH_ATOL = 1e-3
 # accuracy_level of MatMulNBits: 4 = the activations are quantized to int8 per block inside the kernel.
 # Without it, onnxruntime 1.32's CPU kernel has no fast path for 8-bit weights (2.5 tok/s against
 # 57 tok/s on the demo model) and its int4 path is 1.4x slower, for a KL difference of 0.003.
 ACCURACY_LEVEL = 4
 SCHEMES = {
-    32: "fp32 as exported by optimum",
+    32: "fp32",
     16: "fp16 weights and activations; numerically sensitive ops kept in fp32 (see fp16_fp32_ops / fp16_fp32_nodes)",
     8: "int8 weight-only, block-wise asymmetric (MatMulNBits bits=8, int8 activations in the kernel); embedding GatherBlockQuantized 8-bit",
     4: "int4 weight-only, block-wise asymmetric (MatMulNBits bits=4, int8 activations in the kernel); embedding GatherBlockQuantized 4-bit",
@@ -111,6 +124,11 @@ def onnx_spec(arch: Arch) -> dict:
 class OnnxExport:
     onnx_file: str = ONNX_FILE
     data_file: str | None = DATA_FILE
+    embed_file: str | None = None
+    embed_data_file: str | None = None
+    vision: dict = field(default_factory=dict)
+    graph: str = "xpack"
+    graph_facts: dict = field(default_factory=dict)
     arch: str = ""
     exported_class: str = ""
     opset: int = 0
@@ -198,10 +216,14 @@ def _prepare_source(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, spec:
 @contextlib.contextmanager
 def _quiet():
     """optimum, torch.onnx and onnxruntime's quantizer log every step; keep the terminal to xpack's own lines."""
-    from optimum.utils import logging as optimum_logging
     from transformers.utils import logging as hf_logging
 
-    optimum_logging.get_logger()  # optimum sets its logger's level when first asked for it: before ours, not after
+    try:
+        from optimum.utils import logging as optimum_logging
+
+        optimum_logging.get_logger()  # optimum sets its logger's level when first asked for it: before ours, not after
+    except ImportError:  # xpack's own graph needs no optimum
+        pass
     names = ("optimum", "onnxruntime", "root")
     saved = {n: logging.getLogger(None if n == "root" else n).level for n in names}
     verbosity = hf_logging.get_verbosity()
@@ -218,9 +240,9 @@ def _quiet():
             logging.getLogger(None if n == "root" else n).setLevel(level)
 
 
-def _require_libraries() -> None:
+def _require_libraries(graph: str) -> None:
     missing = []
-    for module in ("optimum.exporters.onnx", "onnx", "onnxruntime", "onnx_ir"):
+    for module in ("optimum.exporters.onnx", "onnx", "onnxruntime", "onnx_ir")[graph == "xpack":]:
         try:
             __import__(module)
         except ImportError:
@@ -404,7 +426,16 @@ def _to_fp16(model: "onnx.ModelProto", spec: dict, info: dict) -> tuple["onnx.Mo
     ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep.get("op_types", [])))
     patterns = [re.compile(p) for p in keep.get("node_patterns", [])]
     nodes = [n.name for n in model.graph.node if n.name and any(p.search(n.name) for p in patterns)]
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes, disable_shape_infer=False)
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        # onnx's shape inference does not know onnxruntime's contrib ops (the fused attention and
+        # norms of xpack's graph), so their outputs would get no types and the converter no casts:
+        # onnxruntime's symbolic shape inference knows them
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        model = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes, disable_shape_infer=True)
+    else:
+        model = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes, disable_shape_infer=False)
     info.update(
         fp16_fp32_ops=keep.get("op_types", []),
         fp16_fp32_node_patterns=keep.get("node_patterns", []),
@@ -414,13 +445,13 @@ def _to_fp16(model: "onnx.ModelProto", spec: dict, info: dict) -> tuple["onnx.Mo
     return model, info
 
 
-def save_model(model: "onnx.ModelProto", folder: Path) -> None:
+def save_model(model: "onnx.ModelProto", folder: Path, name: str = ONNX_FILE, data: str = DATA_FILE) -> None:
     """``model.onnx`` (the graph) + ``model.onnx_data`` (every weight), whatever the model's size."""
     import onnx
 
     onnx.save_model(
-        model, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=DATA_FILE, size_threshold=0, convert_attribute=False,
+        model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data, size_threshold=0, convert_attribute=False,
     )
 
 
@@ -490,7 +521,7 @@ def _torch_steps(model, ids: list[int]) -> list[dict]:
     return steps
 
 
-def _ort_steps(path: Path, ids: list[int], threads: int) -> list[dict]:
+def _ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = None, window: int | None = None) -> list[dict]:
     import numpy as np
     import onnxruntime as ort
 
@@ -498,13 +529,20 @@ def _ort_steps(path: Path, ids: list[int], threads: int) -> list[dict]:
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    embedder = ort.InferenceSession(str(embed), options, providers=["CPUExecutionProvider"]) if embed else None
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     np_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     past = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np_types[i.type]) for n, i in inputs.items() if n.startswith("past_key_values.")}
     steps, start = [], 0
     for chunk in (ids[:-1], ids[-1:]):
-        feed = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, start + len(chunk)), np.int64), **past}
+        tokens = np.array([chunk], np.int64)
+        first = {"inputs_embeds": embedder.run(None, {"input_ids": tokens})[0]} if embedder else {"input_ids": tokens}
+        feed = {**first, "attention_mask": np.ones((1, start + len(chunk)), np.int64), **past}
+        if "attention_bias" in inputs:
+            feed["attention_bias"] = attention_bias(start, len(chunk))
+        if "attention_bias_sliding" in inputs:
+            feed["attention_bias_sliding"] = attention_bias(start, len(chunk), window)
         if "position_ids" in inputs:
             feed["position_ids"] = np.arange(start, start + len(chunk), dtype=np.int64)[None]
         values = dict(zip(outputs, session.run(outputs, feed)))
@@ -557,40 +595,79 @@ def _compare(reference: list[dict], candidate: list[dict], atol: float, rtol: fl
 # the export
 
 
+def _xpack_graph(src: Path, raw: Path, inputs_embeds: bool) -> dict:
+    """Write xpack's fused decoder graph (and, for a vision model, the embedding graph) into ``raw``."""
+    from xpack.packager.onnx_graph import build_decoder, build_embedding
+
+    raw.mkdir()
+    model, facts = build_decoder(src, inputs_embeds=inputs_embeds)
+    save_model(model, raw)
+    del model
+    if inputs_embeds:
+        save_model(build_embedding(src), raw, EMBED_FILE, EMBED_DATA_FILE)
+    return facts
+
+
+def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
+    """The vision tower + projector as ``vision.onnx`` (packager/onnx_vision.py), checked against torch there."""
+    from xpack.packager.onnx_vision import export_gemma3_vision
+
+    # 4-bit vision towers lose too much for too few bytes (the tower is ~10% of a 4B model): 8 bits there
+    dtype = VISION_DTYPE[bits]
+    figures = export_gemma3_vision(model_dir, out, dtype=dtype, threads=threads, copy_companions=False)
+    return {**figures, "onnx_file": figures["file"], "precision": dtype}
+
+
 def export_onnx(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
-    keep_lm_head: bool = False, threads: int = 0,
+    keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack",
 ) -> OnnxExport:
-    """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``."""
+    """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``
+    (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph)."""
     import os
 
     block_size = block_size or default_block_size(bits)
     check_settings(bits, block_size)
+    if graph not in GRAPHS:
+        raise XpackError(f"unknown ONNX graph {graph}; choose one of {', '.join(GRAPHS)}")
     ckpt = Checkpoint(model_dir)
     arch = require_arch(ckpt.config, "ONNX export")
     spec = onnx_spec(arch)
     ckpt.check_not_packed()
-    _require_libraries()
+    _require_libraries(graph)
     import onnx
 
     threads = threads or min(os.cpu_count() or 1, 8)
-    result = OnnxExport(arch=arch.name)
+    result = OnnxExport(arch=arch.name, graph=graph)
+    vision = graph == "xpack" and arch.vision
     clock = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, _quiet():
         work = Path(work_dir)
-        src, notes = _prepare_source(ckpt, adapters, arch, spec, work)
+        full = ckpt
+        if vision and adapters:  # the vision tower takes the adapter too: merge the whole checkpoint once
+            (work / "merged").mkdir()
+            result.notes += list(run_merge(ckpt, adapters, work / "merged", MergeSettings()).plan.notes)
+            full, adapters = Checkpoint(work / "merged"), []
+        src, notes = _prepare_source(full, adapters, arch, spec, work)
         result.notes += notes
         result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
         model = _load_torch(src, spec)
         result.exported_class = type(model).__name__
         raw = work / "raw"
         start = time.perf_counter()
-        atol = _optimum_export(model, raw, spec.get("opset"))
-        result.timings["optimum_export_s"] = round(time.perf_counter() - start, 2)
+        if graph == "optimum":
+            atol = _optimum_export(model, raw, spec.get("opset"))
+            result.timings["optimum_export_s"] = round(time.perf_counter() - start, 2)
+        else:
+            atol = XPACK_GRAPH_ATOL
+            result.graph_facts = _xpack_graph(src, raw, vision)
+            result.timings["graph_s"] = round(time.perf_counter() - start, 2)
         ids = _validation_ids(src, int(model.config.vocab_size))
+        window = getattr(model.config, "sliding_window", None)
         reference = _torch_steps(model, ids)
         del model
-        result.validation["export"] = _compare(reference, _ort_steps(raw / ONNX_FILE, ids, threads), atol)
+        embed_raw = raw / EMBED_FILE if vision else None
+        result.validation["export"] = _compare(reference, _ort_steps(raw / ONNX_FILE, ids, threads, embed_raw, window), atol)
         result.validation["export"]["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
         if not result.validation["export"]["within_tolerance"]:
             result.notes.append(
@@ -598,20 +675,36 @@ def export_onnx(
                 f"{result.validation['export']['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
             )
         start = time.perf_counter()
-        graph = onnx.load(str(raw / ONNX_FILE))
-        graph, result.quantization = _quantize(graph, bits, block_size, keep_lm_head, spec)
-        result.quantization.setdefault("node_types", weight_node_types(graph))
-        save_model(graph, tmp_out)
-        del graph
+        decoder = onnx.load(str(raw / ONNX_FILE))
+        decoder, result.quantization = _quantize(decoder, bits, block_size, keep_lm_head, spec)
+        result.quantization.setdefault("node_types", weight_node_types(decoder))
+        save_model(decoder, tmp_out)
+        del decoder
+        if vision:
+            embed, embed_info = _quantize(onnx.load(str(raw / EMBED_FILE)), bits, block_size, keep_lm_head, spec)
+            result.quantization["embed_node_types"] = embed_info.get("node_types") or weight_node_types(embed)
+            save_model(embed, tmp_out, EMBED_FILE, EMBED_DATA_FILE)
+            result.embed_file, result.embed_data_file = EMBED_FILE, EMBED_DATA_FILE
+            del embed
         result.timings["quantize_s"] = round(time.perf_counter() - start, 2)
-        shutil.copy2(raw / "config.json", tmp_out / "config.json")
+        if vision:
+            start = time.perf_counter()
+            result.vision = _export_vision(full.path, tmp_out, bits, threads)
+            result.timings["vision_s"] = round(time.perf_counter() - start, 2)
+            shutil.copy2(ckpt.path / "config.json", tmp_out / "config.json")  # the full config: image token, tokens per image
+            for name in VISION_COMPANIONS:
+                if (ckpt.path / name).is_file():
+                    shutil.copy2(ckpt.path / name, tmp_out / name)
+        else:
+            shutil.copy2((raw if graph == "optimum" else src) / "config.json", tmp_out / "config.json")
         _copy_companions(src, tmp_out)
         if not (tmp_out / "generation_config.json").is_file() and (raw / "generation_config.json").is_file():
             shutil.copy2(raw / "generation_config.json", tmp_out / "generation_config.json")
+        embed_out = tmp_out / EMBED_FILE if vision else None
         if bits == 32:
             result.validation["artifact"] = {"same_as": "export"}
         else:
-            check = _compare(reference, _ort_steps(tmp_out / ONNX_FILE, ids, threads), atol)
+            check = _compare(reference, _ort_steps(tmp_out / ONNX_FILE, ids, threads, embed_out, window), atol)
             if not check["finite"]:
                 raise XpackError(
                     f"the {bits}-bit ONNX file of {arch.name} gives non-finite logits (fp16 overflow or a broken quantization); "

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, read_json, read_manifest, timing_fields
+from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, load_image, read_json, read_manifest, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
-__all__ = ["OnnxRuntime", "onnx_file_of"]
+__all__ = ["OnnxRuntime", "attention_bias", "onnx_file_of"]
 
 PENALTY_LAST_N = 64  # llama.cpp's default penalty window (llama-cpp-python's last_n_tokens_size)
 _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
@@ -61,6 +61,24 @@ def onnx_file_of(path: "str | os.PathLike") -> Path:
     if not models:
         raise XpackError(f"{path} holds no .onnx file; pass an .onnx file or the folder `xpack export --format onnx` wrote")
     raise XpackError(f"{path} holds several .onnx files ({', '.join(p.name for p in models)}); pass one of them as --artifact")
+
+
+def attention_bias(start: int, n: int, window: int | None = None, image_spans: Sequence[tuple[int, int]] = ()):
+    """Additive attention mask [1, 1, n, start + n] for ``n`` new tokens after ``start`` cached ones, as
+    transformers builds it for Gemma 3: causal, within ``window`` positions when given (a sliding
+    layer: a token sees itself and the window - 1 before it), and both ways inside each image span
+    ``(first, end)`` (absolute positions, end exclusive; the token_type_ids mask)."""
+    import numpy as np
+
+    q = np.arange(start, start + n)[:, None]
+    k = np.arange(start + n)[None, :]
+    allowed = k <= q
+    if window:
+        allowed &= (q - k) < window
+    for first, end in image_spans:
+        allowed |= (q >= first) & (q < end) & (k >= first) & (k < end)
+    bias = np.where(allowed, np.float32(0), np.finfo(np.float32).min).astype(np.float32)
+    return bias[None, None]
 
 
 def _ids(value) -> set[int]:
@@ -119,14 +137,12 @@ class OnnxRuntime(Runtime):
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise XpackError(f"onnxruntime could not load {self.onnx_path} ({first[:300]}); check that the .onnx file and its .onnx_data are complete") from None
+        self._options, self._providers = options, providers
+        self.session = self._session(self.onnx_path)
         self._threads = threads
         self._device = "cuda" if self.on_gpu else "cpu"
         self._read_graph(folder)
+        self._read_vision(folder)
 
         tok_path = folder / "tokenizer.json"
         if not tok_path.is_file():
@@ -146,12 +162,44 @@ class OnnxRuntime(Runtime):
         self.generation_config = read_json(folder / "generation_config.json")
         self.stop_ids = frozenset(self._end_of_turn_ids(tok_config))
 
+    def _session(self, path: Path):
+        try:
+            return self._ort.InferenceSession(str(path), self._options, providers=self._providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise XpackError(f"onnxruntime could not load {path} ({first[:300]}); check that the .onnx file and its .onnx_data are complete") from None
+
+    def _companion(self, folder: Path, key: str, what: str):
+        """The session of a graph the manifest names beside the decoder (``embed_file``, ``vision_file``), or None."""
+        named = read_manifest(folder).get(key)
+        if not named:
+            return None
+        path = folder / named
+        if not path.is_file():
+            raise XpackError(f"{folder}/manifest.json names {key} {named} ({what}), which is missing; re-export the artifact")
+        return self._session(path)
+
+    def _read_vision(self, folder: Path) -> None:
+        """The embedding graph a decoder taking inputs_embeds needs, and the vision graph with its image preprocessing."""
+        self.embedder = self._companion(folder, "embed_file", "the token embedding")
+        if self.takes_embeds and self.embedder is None:
+            raise XpackError(f"{self.onnx_path.name} takes inputs_embeds but {folder} names no embedding graph (embed_file); re-export it with xpack")
+        self.vision = self._companion(folder, "vision_file", "the vision tower")
+        self.accepts_images = self.vision is not None and self.takes_embeds
+        if self.accepts_images:
+            from xpack.runtimes.images import Gemma3ImagePreprocessor, gemma3_image_tokens
+
+            self.preprocess = Gemma3ImagePreprocessor.from_folder(folder)
+            self.image_tokens = gemma3_image_tokens(folder)
+
     def _read_graph(self, folder: Path) -> None:
         """Input/output names and the KV-cache layout, from the graph (the config only when the graph leaves a size symbolic)."""
         session = self.session
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
-        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs] + [n for n in ("logits",) if n not in outputs]
+        self.takes_embeds = "inputs_embeds" in inputs
+        first = "inputs_embeds" if self.takes_embeds else "input_ids"
+        missing = [n for n in (first, "attention_mask") if n not in inputs] + [n for n in ("logits",) if n not in outputs]
         if missing:
             raise XpackError(
                 f"{self.onnx_path.name} is not a decoder graph xpack can run (no {', '.join(missing)}); "
@@ -182,7 +230,10 @@ class OnnxRuntime(Runtime):
         self.takes_position_ids = "position_ids" in inputs
         vocab = outputs["logits"].shape[-1]
         self._n_vocab = int(vocab) if isinstance(vocab, int) else int(text_cfg.get("vocab_size", 0))
-        extra = sorted(set(inputs) - {"input_ids", "attention_mask", "position_ids", *past})
+        self.bias_inputs = [n for n in ("attention_bias", "attention_bias_sliding") if n in inputs]
+        self.window = text_cfg.get("sliding_window")
+        self.max_length = read_manifest(folder).get("max_length")
+        extra = sorted(set(inputs) - {first, "attention_mask", "position_ids", *self.bias_inputs, *past})
         if extra:
             raise XpackError(f"{self.onnx_path.name} takes inputs xpack's onnx runtime does not feed ({', '.join(extra)}); export the decoder with `xpack export --format onnx`")
 
@@ -234,11 +285,22 @@ class OnnxRuntime(Runtime):
         if self.session is None:
             raise XpackError("this runtime was closed; load the artifact again")
 
-    def _run(self, binding, token_ids, past, start: int, mask, positions):
-        """One forward pass of ``token_ids`` after ``start`` cached positions; returns (logits OrtValue, present OrtValues)."""
+    def _embed(self, token_ids):
+        return self.embedder.run(["inputs_embeds"], {"input_ids": self._np.asarray([token_ids], dtype=self._np.int64)})[0]
+
+    def _run(self, binding, token_ids, past, start: int, mask, positions, embeds=None, spans=()):
+        """One forward pass of ``token_ids`` after ``start`` cached positions; returns (logits OrtValue, present OrtValues).
+
+        A vision model's decoder takes ``embeds`` (the prompt's embeddings with the image features in)
+        and its attention masks as biases, ``spans`` being the image positions that see each other."""
         np = self._np
         n = len(token_ids)
-        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        if self.takes_embeds:
+            binding.bind_cpu_input("inputs_embeds", self._embed(token_ids) if embeds is None else embeds)
+        else:
+            binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        for name in self.bias_inputs:
+            binding.bind_cpu_input(name, attention_bias(start, n, self.window if name.endswith("sliding") else None, spans))
         binding.bind_cpu_input("attention_mask", mask[:, : start + n])
         if self.takes_position_ids:
             binding.bind_cpu_input("position_ids", positions[:, start : start + n])
@@ -304,11 +366,64 @@ class OnnxRuntime(Runtime):
         probs /= probs.sum()
         return int(candidates[rng.choice(len(candidates), p=probs)])
 
+    # -- images ------------------------------------------------------------------------------------
+
+    def image_refusal(self) -> str:
+        return f"--image given but artifact {self.artifact} is text-only (no vision.onnx); drop --image or export a vision model with xpack"
+
+    def _image_prompt(self, text: str, picture):
+        """Token ids, embeddings (image features at the image tokens), image spans and encode seconds of a rendered prompt with one image."""
+        np = self._np
+        ids = self.tokenize(self.image_tokens.expand(text, 1))
+        pixels = self.preprocess(picture)
+        start = time.perf_counter()
+        features = self.vision.run(None, {self.vision.get_inputs()[0].name: pixels})[0]
+        encode_s = time.perf_counter() - start
+        embeds = self._embed(ids)
+        where = np.flatnonzero(np.asarray(ids) == self.image_tokens.image_token_id)
+        if len(where) != features.shape[1]:
+            raise XpackError(f"the prompt holds {len(where)} image tokens for {features.shape[1]} image features; re-export the artifact with xpack")
+        embeds[0, where] = features[0].astype(embeds.dtype)
+        breaks = np.flatnonzero(np.diff(where) != 1)
+        firsts = [where[0], *where[breaks + 1]]
+        lasts = [*where[breaks], where[-1]]
+        return ids, embeds, [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)], encode_s
+
+    def logits_with_image(self, prompt, image, continuation_ids: Sequence[int] | None = None):
+        """Teacher-forced logits of the text after the (last) image token, as the other runtimes' method.
+
+        Returns ``(logits, token_ids)``: float32 [n, vocab] and the text token ids after the image."""
+        self._check_open()
+        if not self.accepts_images:
+            raise XpackError(self.image_refusal())
+        np = self._np
+        picture = load_image(image) if not hasattr(image, "convert") else image
+        ids, embeds, spans, _ = self._image_prompt(self.prompt_text(prompt, image=picture), picture)
+        extra = self._checked_ids(continuation_ids or [])
+        if extra:
+            ids = ids + extra
+            embeds = np.concatenate([embeds, self._embed(extra)], axis=1)
+        mask, positions = self._buffers(len(ids))
+        logits, _ = self._run(self.session.io_binding(), ids, self.empty_past, 0, mask, positions, embeds, spans)
+        start = spans[-1][1]
+        return np.ascontiguousarray(logits.numpy()[0, start:], dtype=np.float32), ids[start:]
+
+    # -- generation --------------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        """The profile's context, within the positions the graph's rotary tables cover."""
+        return min(self.profile.n_ctx, int(self.max_length)) if self.max_length else self.profile.n_ctx
+
     def _generate(self, text, settings: GenerationSettings, image, on_token) -> dict:
         self._check_open()
         np = self._np
-        prompt = self.tokenize(text)
-        n_ctx = self.profile.n_ctx
+        embeds, spans, encode_s = None, (), None
+        if image is not None:
+            prompt, embeds, spans, encode_s = self._image_prompt(text, image)
+        else:
+            prompt = self.tokenize(text)
+        n_ctx = self.n_ctx
         if len(prompt) >= n_ctx:
             raise XpackError(
                 f"the prompt is {len(prompt)} tokens, more than the context of {n_ctx} (profile {self.profile.name}'s n_ctx); "
@@ -325,7 +440,7 @@ class OnnxRuntime(Runtime):
         first = None
         finish = "length"
         start = time.perf_counter()
-        logits, past = self._run(binding, prompt, self.empty_past, 0, mask, positions)
+        logits, past = self._run(binding, prompt, self.empty_past, 0, mask, positions, embeds, spans)
         cursor = len(prompt)
         while True:
             row = logits.numpy()[0, -1].astype(np.float32, copy=True)
@@ -350,10 +465,12 @@ class OnnxRuntime(Runtime):
         answer = self.detokenize(ids)
         if on_token is not None and len(answer) > len(printed) and answer.startswith(printed):
             on_token(answer[len(printed):])
-        return timing_fields(
+        measured = timing_fields(
             text=answer, prompt_tokens=len(prompt), completion_tokens=len(ids), steps=steps,
-            start=start, first=first, end=end, finish_reason=finish, token_ids=ids,
+            start=start - (encode_s or 0.0), first=first, end=end, finish_reason=finish, token_ids=ids,
         )
+        measured["image_encode_s"] = encode_s
+        return measured
 
     # -- memory and facts --------------------------------------------------------------------------
 
@@ -381,6 +498,9 @@ class OnnxRuntime(Runtime):
             "threads": self._threads,
             "kv_cache": self.kv_layout,
             "position_ids": self.takes_position_ids,
+            "inputs_embeds": self.takes_embeds,
+            "images": self.accepts_images,
+            "max_length": self.max_length,
             "vocab_size": self._n_vocab,
             "stop_ids": sorted(self.stop_ids),
         }

@@ -1,8 +1,10 @@
-"""ONNX export (optimum-onnx + onnxruntime's quantizer) and the onnxruntime backend, against torch and optimum.
+"""ONNX export (xpack's fused graph or optimum-onnx's, + onnxruntime's quantizer) and the onnxruntime
+backend, against torch and optimum. Every parity test runs on both graphs (``--graph xpack|optimum``).
 
 Thresholds (logits of tiny random twins, |logit| <~ 3; top-1 counts near-ties within 1e-3 as
 agreement, see parity.compare_logits):
-- fp32: top-1 agreement 100% (tie-aware; strict >= 97.5%), max |logit error| <= 1e-4 (measured ~1e-6)
+- fp32: top-1 agreement 100% (tie-aware; strict >= 97.5%), max |logit error| <= 1e-4 (measured ~1e-6).
+  The parity text is ~5x the sliding window of the Gemma twins (8), so the windowed layers are checked.
 - fp16 (Gemma twins, norms/softmax/softcapping kept in fp32): finite, top-1 >= 90% (tie-aware),
   max |logit error| <= 1e-2 (measured ~2e-3)
 - int8 / int4: the file loads and generates; its greedy text equals optimum's ORTModelForCausalLM's
@@ -48,6 +50,8 @@ PROMPT = "Describe the findings of this chest X-ray."
 GREEDY = GenerationSettings(max_tokens=16, temperature=0, repetition_penalty=1.0)
 FP32_MAX_ERR = 1e-4
 FP16_MAX_ERR, FP16_TOP1 = 1e-2, 0.9
+GRAPHS = ["xpack", "optimum"]
+OPTIMUM_ATOL = 1e-5  # optimum's ATOL_FOR_VALIDATION for these models
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +95,28 @@ def _onnx_logits(folder, profile, ids):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("name", TEXT_TWINS)
-def test_fp32_logits_match_torch(twin_factory, exports, cpu, name):
+def test_fp32_logits_match_torch(twin_factory, exports, cpu, name, graph):
+    from xpack.packager.onnx import XPACK_GRAPH_ATOL
+
     twin = twin_factory.get(name)
-    manifest, out = exports(name, 32)
+    manifest, out = exports(name, 32, graph=graph)
+    assert manifest["graph"] == graph
     ids = twins.load_tokenizer(twin)(PARITY_TEXT)["input_ids"]
     figures = compare_logits(_torch_logits(twins.load_base(twin), ids), _onnx_logits(out, cpu, ids))
     assert figures["top1_agreement_tie_aware"] == 1.0 and figures["top1_agreement"] >= 0.975, figures
     assert figures["max_abs_logit_error"] <= FP32_MAX_ERR, figures
     check = manifest["validation"]["export"]
-    assert check["within_tolerance"] and check["atol"] == 1e-5 and check["max_abs_diff"]["logits"] <= 1e-4
+    assert check["within_tolerance"] and check["atol"] == {"xpack": XPACK_GRAPH_ATOL, "optimum": OPTIMUM_ATOL}[graph]
+    assert check["max_abs_diff"]["logits"] <= 1e-4
     assert {"logits", "present.0.key", "present.0.value"} <= set(check["max_abs_diff_per_output"])
 
 
-def test_gemma3_vision_exports_its_text_model(twin_factory, exports, cpu):
+def test_gemma3_vision_optimum_graph_exports_its_text_model(twin_factory, exports, cpu):
+    """optimum exports no image-text-to-text decoder: --graph optimum gives the text model only."""
     twin = twin_factory.get("gemma3_vision")
-    manifest, out = exports("gemma3_vision", 32)
+    manifest, out = exports("gemma3_vision", 32, graph="optimum")
     assert manifest["exported_class"] == "Gemma3ForCausalLM" and manifest["architecture"] == "gemma3"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
@@ -118,12 +128,13 @@ def test_gemma3_vision_exports_its_text_model(twin_factory, exports, cpu):
     assert "Text only" in (out / "README.md").read_text()
 
 
-def test_adapter_merged_on_the_fly_matches_peft(twin_factory, exports, cpu):
-    """Gemma 2 + q_proj/v_proj LoRA, merged into a temporary checkpoint before optimum exports it."""
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_adapter_merged_on_the_fly_matches_peft(twin_factory, exports, cpu, graph):
+    """Gemma 2 + q_proj/v_proj LoRA, merged into a temporary checkpoint before the graph is written."""
     from peft import PeftModel
 
     twin = twin_factory.get("gemma2")
-    manifest, out = exports("gemma2", 32, adapter=True)
+    manifest, out = exports("gemma2", 32, adapter=True, graph=graph)
     assert manifest["adapters"] and manifest["adapters"][0]["path"] == str(twin.adapter_dir)
     ids = twins.load_tokenizer(twin)(PARITY_TEXT)["input_ids"]
     reference = _torch_logits(PeftModel.from_pretrained(twins.load_base(twin), twin.adapter_dir).eval(), ids)
@@ -134,18 +145,26 @@ def test_adapter_merged_on_the_fly_matches_peft(twin_factory, exports, cpu):
 
 
 def test_gemma2_keeps_attention_softcapping(exports):
-    """Exported with eager attention: Gemma 2's attention logit soft-capping (tanh) is in the graph."""
+    """Gemma 2's attention logit soft-capping: traced as tanh by optimum (eager attention), an attribute
+    of the fused attention in xpack's graph; the sliding window likewise."""
     import onnx
 
-    _, out = exports("gemma2", 32)
+    _, out = exports("gemma2", 32, graph="optimum")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     assert sum(1 for n in graph.node if n.op_type == "Tanh" and "/self_attn/" in n.name) == 2  # one per layer
+    _, out = exports("gemma2", 32)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    attention = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert [a["softcap"] for a in attention] == [50.0, 50.0]
+    assert [a.get("local_window_size", -1) for a in attention] == [8, -1]  # layer_types: sliding, full
+    assert sum(1 for n in graph.node if n.op_type == "Tanh") == 1  # the final logit soft-capping
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
-def test_fp16_gemma_logits_finite_and_close(twin_factory, exports, cpu, name):
+def test_fp16_gemma_logits_finite_and_close(twin_factory, exports, cpu, name, graph):
     twin = twin_factory.get(name)
-    manifest, out = exports(name, 16)
+    manifest, out = exports(name, 16, graph=graph)
     q = manifest["quantization"]
     assert q["fp16_fp32_nodes"] > 0 and "Softmax" in q["fp16_fp32_ops"]
     ids = twins.load_tokenizer(twin)(PARITY_TEXT)["input_ids"]
@@ -161,13 +180,15 @@ def test_fp16_gemma_logits_finite_and_close(twin_factory, exports, cpu, name):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("name", TEXT_TWINS)
-def test_quantized_files_load_and_generate(exports, cpu, name, bits):
-    manifest, out = exports(name, bits)
+def test_quantized_files_load_and_generate(exports, cpu, name, bits, graph):
+    manifest, out = exports(name, bits, graph=graph)
     q = manifest["quantization"]
     assert q["bits"] == bits and q["block_size"] == {8: 16, 4: 32}[bits] and q["lm_head"] == "quantized" and q["embedding"] == "quantized"
-    assert q["node_types"]["MatMulNBits"] == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer + the head
+    # per layer: q, k, v, o, gate, up, down (optimum) or qkv, o, gate, up, down (xpack); + the head
+    assert q["node_types"]["MatMulNBits"] == {"optimum": 7, "xpack": 5}[graph] * 2 + 1
     with load(out, cpu) as rt:
         result = rt.generate(PROMPT, GREEDY.with_overrides(max_tokens=8))
     assert result.runtime == "onnx" and result.completion_tokens > 0 and result.prompt_tokens > 0
@@ -187,10 +208,12 @@ def _optimum_model(folder):
     return model
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("bits", [32, 4])
 @pytest.mark.parametrize("name", TEXT_TWINS)
-def test_greedy_text_equals_optimums(twin_factory, exports, cpu, name, bits):
-    _, out = exports(name, bits)
+def test_greedy_text_equals_optimums(twin_factory, exports, cpu, name, bits, graph):
+    """optimum's ORTModelForCausalLM runs both graphs (xpack's has the same inputs and outputs)."""
+    _, out = exports(name, bits, graph=graph)
     tokenizer = twins.load_tokenizer(twin_factory.get(name))
     model = _optimum_model(out)
     with load(out, cpu) as rt:
@@ -270,7 +293,9 @@ def test_int4_of_a_tied_model_is_smaller_than_int8_and_quantizes_the_head(twin_f
     m8, out8 = exports("llama", 8)
     m4, out4 = exports("llama", 4)
     assert _weights_bytes(m4) < _weights_bytes(m8)
-    assert m4["quantization"]["lm_head_untied"] and _head_node_types(out4) == {"MatMulNBits"} == _head_node_types(out8)
+    # xpack's graph writes the head as a tensor of its own; optimum's is untied before quantizing
+    assert m4["graph"] == "xpack" or m4["quantization"]["lm_head_untied"]
+    assert _head_node_types(out4) == {"MatMulNBits"} == _head_node_types(out8)
     kept, out_kept = exports("llama", 4, keep_lm_head=True)
     assert kept["quantization"]["lm_head"] == "float (--keep-lm-head)" and _head_node_types(out_kept) == {"MatMul"}
     assert _weights_bytes(kept) > _weights_bytes(m4)
@@ -284,7 +309,7 @@ def test_demo_model_int4_smaller_than_int8(tmp_path, cpu):
     sizes = {}
     for bits in (8, 4):
         manifest = export(str(demo_base_dir()), "onnx", tmp_path / f"demo-{bits}", bits=bits, threads=1)
-        assert manifest["quantization"]["lm_head"] == "quantized" and manifest["quantization"]["lm_head_untied"]
+        assert manifest["quantization"]["lm_head"] == "quantized"
         assert _head_node_types(tmp_path / f"demo-{bits}") == {"MatMulNBits"}
         assert manifest["validation"]["artifact"]["logits"]["kl_mean"] <= (0.02 if bits == 8 else 1.0)  # 28 tokens; see the benchmark for 300
         sizes[bits] = _weights_bytes(manifest)
