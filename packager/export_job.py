@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, re
         "base_model": base_name,
         "quantized_by": f"xpack {__version__}",
         "library_name": "onnxruntime",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if result.vision else "text-generation",
         "tags": ["onnx", "onnxruntime", "xpack", label],
         "license": license_ or "other",
     }
@@ -187,7 +188,10 @@ def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, re
         export_check=result.validation["export"],
         artifact_check=check,
         exported_class=result.exported_class,
-        vision_text_only=ckpt.architectures != [result.exported_class] and bool(ckpt.config.get("vision_config")),
+        vision_text_only=not result.vision and bool(ckpt.config.get("vision_config")),
+        vision=_vision_card_facts(tmp, result),
+        graph=result.graph,
+        graph_facts=result.graph_facts,
         source=src.ref,
         source_manifest=bool(source_manifest),
         source_base=(source_manifest or {}).get("base", {}).get("ref"),
@@ -198,6 +202,31 @@ def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, re
         notes=result.notes,
     )
     (tmp / cards.CARD).write_text(text)
+
+
+def _vision_card_facts(tmp: Path, result) -> dict:
+    """What a vision export's card says about images: the files, the preprocessing, the image tokens."""
+    if not result.vision:
+        return {}
+    def read(name: str) -> dict:
+        return json.loads((tmp / name).read_text()) if (tmp / name).is_file() else {}
+
+    pre, proc = read("preprocessor_config.json"), read("processor_config.json")
+    size = pre.get("size") or {}
+    checks = [v["max_abs_diff"] for v in (result.vision.get("validation") or {}).values() if isinstance(v, dict) and "max_abs_diff" in v]
+    return {
+        "vision_file": result.vision.get("onnx_file"),
+        "cross_kv_file": result.vision.get("cross_kv_file"),
+        "embed_file": result.embed_file,
+        "precision": result.vision.get("precision"),
+        "size": f"{size.get('height')}x{size.get('width')}" if size.get("height") else None,
+        "max_tiles": pre.get("max_image_tiles"),
+        "mean": pre.get("image_mean"),
+        "std": pre.get("image_std"),
+        "resample": {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(pre.get("resample"), pre.get("resample")),
+        "tokens_per_image": proc.get("image_seq_length"),
+        "validation": {"max_abs_diff": max(checks)} if checks else {},
+    }
 
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:

@@ -618,6 +618,45 @@ def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
     return {**figures, "onnx_file": figures["file"], "precision": dtype}
 
 
+def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: dict) -> OnnxExport:
+    """Llama 3.2 Vision: three graphs (vision, cross-attention K/V, decoder) written by packager/onnx_mllama.py."""
+    from xpack.packager.onnx_mllama import CROSS_KV_FILE, DECODER_FILE, VISION_FILE, export_mllama
+
+    if bits not in spec.get("bits", [32]):
+        raise XpackError(
+            f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet: its graphs are written and checked in fp32 only; use --bits 32"
+        )
+    result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=DECODER_FILE, data_file=None, exported_class="MllamaForConditionalGeneration")
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, _quiet():
+        work = Path(work_dir)
+        source = ckpt.path
+        if adapters:  # the adapter reaches the vision layers too: merge the whole checkpoint first
+            (work / "merged").mkdir()
+            result.notes += list(run_merge(ckpt, adapters, work / "merged", MergeSettings()).plan.notes)
+            source = work / "merged"
+        meta = export_mllama(source, work / "mllama")
+        for path in (work / "mllama").iterdir():
+            shutil.move(str(path), tmp_out / path.name)
+    for name in (f"{DECODER_FILE}.data", f"{DECODER_FILE}_data"):
+        if (tmp_out / name).is_file():
+            result.data_file = name
+    figures = meta.get("validation") or {}
+    worst = max(figures.get(k, 0.0) for k in ("prefill_max_abs_diff", "decode_step_max_abs_diff", "text_only_max_abs_diff"))
+    result.validation["export"] = {
+        "tokens": figures.get("tokens"), "atol": figures.get("atol"), "rtol": 0.0, "within_tolerance": bool(figures.get("passed")),
+        "finite": True, "max_abs_diff": {"logits": worst, "present (max over layers)": None},
+        "figures": figures, "reference": "transformers fp32 (eager attention): prefill with an image, one cached step, text only",
+    }
+    result.validation["artifact"] = {"same_as": "export"}
+    result.vision = {"onnx_file": VISION_FILE, "cross_kv_file": CROSS_KV_FILE, "precision": "float32", "files": [VISION_FILE, CROSS_KV_FILE]}
+    result.quantization = {"bits": 32, "scheme": SCHEMES[32], "node_types": {}}
+    result.io = graph_io(tmp_out / DECODER_FILE)
+    result.opset = int(result.io["opset"].get("ai.onnx", 0))
+    result.timings["total_s"] = round(time.perf_counter() - clock, 2)
+    return result
+
+
 def export_onnx(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
     keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack",
@@ -638,6 +677,8 @@ def export_onnx(
     import onnx
 
     threads = threads or min(os.cpu_count() or 1, 8)
+    if spec.get("pipeline") == "mllama":
+        return _export_mllama(ckpt, adapters, tmp_out, bits, spec)
     result = OnnxExport(arch=arch.name, graph=graph)
     vision = graph == "xpack" and arch.vision
     clock = time.perf_counter()

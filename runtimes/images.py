@@ -23,6 +23,23 @@ onnxruntime; what goes into it and around it is prepared here, with numpy and Pi
     tokens = gemma3_image_tokens(folder)
     ids = tokenizer.encode(tokens.expand(rendered_chat_text), add_special_tokens=False).ids
     # image_features (vision.onnx) go where ids == tokens.image_token_id, in order
+
+Llama 3.2 Vision (Mllama) has its own preprocessor here too:
+
+- ``MllamaImagePreprocessor``: transformers' ``MllamaImageProcessor`` (4.57.6; it has no fast variant)
+  driven by the checkpoint's ``preprocessor_config.json``. Each image is converted to RGB the way
+  transformers does (RGBA composited on a white background), a tiled canvas of up to
+  ``max_image_tiles`` tiles of ``size`` x ``size`` is chosen (``get_optimal_tiled_canvas``), the image is
+  resized keeping its aspect ratio with PIL and ``resample`` (``get_image_size_fit_to_canvas``), padded
+  with black to the canvas (bottom/right), rescaled (float64, then float32) and normalized (float32),
+  split into tiles and padded with zero tiles to ``max_image_tiles``. A call gives, for one image and a
+  batch of 1, exactly what the processor gives: ``pixel_values`` float32 ``[1, 1, max_tiles, 3, size,
+  size]``, ``aspect_ratio_ids`` int64 ``[1, 1]`` (1 + the index of ``(tiles_high, tiles_wide)`` in
+  ``mllama_supported_aspect_ratios(max_tiles)``), ``aspect_ratio_mask`` int64 ``[1, 1, max_tiles]``, plus
+  ``num_tiles`` (an int; the processor's ``[[n]]``).
+
+    pre = MllamaImagePreprocessor.from_folder(folder)
+    inputs = pre(load_image("photo.jpg"))  # {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "num_tiles"}
 """
 
 from __future__ import annotations
@@ -40,6 +57,8 @@ __all__ = [
     "Gemma3ImagePreprocessor",
     "ImageTokens",
     "gemma3_image_tokens",
+    "MllamaImagePreprocessor",
+    "mllama_supported_aspect_ratios",
     "PREPROCESSOR_CONFIG",
     "PROCESSOR_CONFIG",
 ]
@@ -270,3 +289,245 @@ def gemma3_image_tokens(folder: "str | os.PathLike") -> ImageTokens:
         image_token_id=image_token_id,
         image_seq_length=seq_length,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama 3.2 Vision (Mllama): tiles
+# --------------------------------------------------------------------------------------------------
+
+_MLLAMA_PROCESSORS = ("MllamaImageProcessor",)  # transformers 4.57.6 has no MllamaImageProcessorFast
+
+
+def mllama_supported_aspect_ratios(max_image_tiles: int) -> list[tuple[int, int]]:
+    """transformers' ``get_all_supported_aspect_ratios``: every ``(a, b)`` with ``a * b <= max_image_tiles``, a-major.
+
+    ``aspect_ratio_ids`` are 1 + the index of ``(tiles_high, tiles_wide)`` in this list (0 pads a batch).
+    """
+    return [(a, b) for a in range(1, max_image_tiles + 1) for b in range(1, max_image_tiles + 1) if a * b <= max_image_tiles]
+
+
+def _mllama_optimal_canvas(image_height: int, image_width: int, max_image_tiles: int, tile_size: int) -> tuple[int, int]:
+    """transformers' ``get_optimal_tiled_canvas``, the same numpy operations in the same order: (height, width)."""
+    import numpy as np
+
+    canvases = np.array(mllama_supported_aspect_ratios(max_image_tiles)) * tile_size
+    target_heights, target_widths = canvases.T  # the first of each pair is taken as the height, as transformers does
+    scale_h = target_heights / image_height
+    scale_w = target_widths / image_width
+    scales = np.where(scale_w > scale_h, scale_h, scale_w)  # the limiting side: no distortion
+    upscaling = scales[scales >= 1]
+    selected = np.min(upscaling) if len(upscaling) > 0 else np.max(scales[scales < 1])
+    chosen = canvases[scales == selected]
+    if len(chosen) > 1:  # the same scale fits several canvases: the least area (least padding), first on a tie
+        best = chosen[np.argmin(chosen[:, 0] * chosen[:, 1])]
+    else:
+        best = chosen[0]
+    return int(best[0]), int(best[1])
+
+
+def _mllama_fit_to_canvas(image_height: int, image_width: int, canvas_height: int, canvas_width: int, tile_size: int) -> tuple[int, int]:
+    """transformers' ``get_image_size_fit_to_canvas`` (numpy clip and float64 scales, floor, at least 1): (height, width)."""
+    import math
+
+    import numpy as np
+
+    target_width = np.clip(image_width, tile_size, np.int64(canvas_width))
+    target_height = np.clip(image_height, tile_size, np.int64(canvas_height))
+    scale_h = target_height / image_height
+    scale_w = target_width / image_width
+    if scale_w < scale_h:
+        new_width = target_width
+        new_height = min(math.floor(image_height * scale_w) or 1, target_height)
+    else:
+        new_height = target_height
+        new_width = min(math.floor(image_width * scale_h) or 1, target_width)
+    return int(new_height), int(new_width)
+
+
+def _mllama_convert_to_rgb(image):
+    """transformers' mllama ``convert_to_rgb``: RGB as is; anything else via RGBA composited over white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _open_image_as_transformers(path: "str | os.PathLike"):
+    """An image file as transformers' ``load_image`` opens a path: EXIF orientation applied, then ``convert("RGB")``.
+
+    Missing or unreadable files are the same one-line errors as ``load_image``'s.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise XpackError(f"image {path} does not exist or is not a file")
+    try:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+    except ImportError:
+        raise XpackError("reading --image needs Pillow; install it with `pip install pillow`") from None
+    try:
+        with Image.open(path) as probe:
+            probe.verify()
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None
+
+
+def _flag(config: dict, key: str, default: bool, path: Path) -> bool:
+    value = config.get(key, default)
+    if value is None:  # transformers falls back to None, which its ``if``s read as false
+        return False
+    if not isinstance(value, (bool, int)):
+        raise XpackError(f"{path}: {key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class MllamaImagePreprocessor:
+    """transformers' MllamaImageProcessor (Llama 3.2 Vision) in numpy + Pillow; see the module docstring."""
+
+    tile_size: int  # size["height"] == size["width"]
+    max_image_tiles: int = 4
+    resample: int = 2  # PIL filter: 2 = BILINEAR
+    do_convert_rgb: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = _IMAGENET_STANDARD  # transformers' default; real checkpoints store CLIP's
+    image_std: tuple[float, float, float] = _IMAGENET_STANDARD
+
+    @classmethod
+    def from_config(cls, config: dict, source: "str | os.PathLike" = PREPROCESSOR_CONFIG) -> "MllamaImagePreprocessor":
+        """From the contents of a ``preprocessor_config.json`` (``source`` names it in error messages).
+
+        Missing keys take MllamaImageProcessor's defaults; keys it does not read are ignored, as it ignores them.
+        """
+        path = Path(source)
+        if not isinstance(config, dict):
+            raise XpackError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        kind = config.get("image_processor_type")
+        if kind is not None and kind not in _MLLAMA_PROCESSORS:
+            raise XpackError(f"{path} is for a {kind}, not Llama 3.2 Vision's image processor ({' / '.join(_MLLAMA_PROCESSORS)})")
+        if not _flag(config, "do_resize", True, path):
+            raise XpackError(f"{path} turns off do_resize, which MllamaImageProcessor does not support; set it to true")
+        if not _flag(config, "do_pad", True, path):
+            raise XpackError(f"{path} turns off do_pad, which MllamaImageProcessor does not support; set it to true")
+        size = config.get("size")
+        if size is None:
+            size = {"height": 224, "width": 224}  # MllamaImageProcessor's default
+        if not (
+            isinstance(size, dict)
+            and all(isinstance(size.get(k), int) and not isinstance(size.get(k), bool) for k in ("height", "width"))
+        ):
+            raise XpackError(f"{path}: size must be {{\"height\": N, \"width\": N}} (the tile size), got {size!r}")
+        if size["height"] != size["width"] or size["height"] <= 0:
+            raise XpackError(f"{path}: size {size!r} must be a positive square tile (height == width)")
+        tiles = config.get("max_image_tiles", 4)
+        if not isinstance(tiles, int) or isinstance(tiles, bool) or tiles <= 0:
+            raise XpackError(f"{path}: max_image_tiles must be a positive integer, got {tiles!r}")
+        do_rescale = _flag(config, "do_rescale", True, path)
+        factor = config.get("rescale_factor", 1 / 255)
+        if do_rescale and (not isinstance(factor, (int, float)) or isinstance(factor, bool)):
+            raise XpackError(f"{path}: rescale_factor must be a number, got {factor!r}")
+        mean = config.get("image_mean")
+        std = config.get("image_std")
+        mean = _triple(_IMAGENET_STANDARD if mean is None else mean, "image_mean", path)
+        std = _triple(_IMAGENET_STANDARD if std is None else std, "image_std", path)
+        do_normalize = _flag(config, "do_normalize", True, path)
+        if do_normalize and any(s == 0 for s in std):
+            raise XpackError(f"{path}: image_std {list(std)} has a zero")
+        return cls(
+            tile_size=int(size["height"]),
+            max_image_tiles=int(tiles),
+            resample=_resample(config.get("resample", 2), path),
+            do_convert_rgb=_flag(config, "do_convert_rgb", True, path),
+            do_rescale=do_rescale,
+            rescale_factor=float(factor) if do_rescale else 1 / 255,
+            do_normalize=do_normalize,
+            image_mean=mean,
+            image_std=std,
+        )
+
+    @classmethod
+    def from_folder(cls, folder: "str | os.PathLike") -> "MllamaImagePreprocessor":
+        """From ``folder/preprocessor_config.json`` (a checkpoint or an exported artifact folder)."""
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        if not path.is_file():
+            raise XpackError(f"{folder} has no {PREPROCESSOR_CONFIG}; copy it from the Hugging Face checkpoint to preprocess images")
+        return cls.from_config(read_json(path), path)
+
+    @property
+    def supported_aspect_ratios(self) -> list[tuple[int, int]]:
+        return mllama_supported_aspect_ratios(self.max_image_tiles)
+
+    def tiling(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For an image of ``height`` x ``width``: ((tiles_high, tiles_wide), (resized_height, resized_width))."""
+        if height <= 0 or width <= 0:
+            raise XpackError(f"the image is {width}x{height} pixels; it must have at least one pixel each way")
+        canvas_height, canvas_width = _mllama_optimal_canvas(height, width, self.max_image_tiles, self.tile_size)
+        resized = _mllama_fit_to_canvas(height, width, canvas_height, canvas_width, self.tile_size)
+        return (canvas_height // self.tile_size, canvas_width // self.tile_size), resized
+
+    def __call__(self, image) -> dict:
+        """A ``PIL.Image`` or an image file path -> the processor's output for ``images=[[image]]``, as numpy.
+
+        ``{"pixel_values": float32 [1, 1, max_tiles, 3, tile, tile], "aspect_ratio_ids": int64 [1, 1],
+        "aspect_ratio_mask": int64 [1, 1, max_tiles], "num_tiles": int}``. A path is opened as
+        transformers opens one (EXIF orientation applied, then RGB).
+        """
+        import numpy as np
+        from PIL import Image
+
+        if isinstance(image, (str, os.PathLike)):
+            image = _open_image_as_transformers(image)
+        if not isinstance(image, Image.Image):
+            raise XpackError(f"expected a PIL image or an image file path, got {type(image).__name__}")
+        if self.do_convert_rgb:
+            try:
+                image = _mllama_convert_to_rgb(image)
+            except (ValueError, OSError) as exc:  # a mode Pillow cannot turn into RGBA
+                raise XpackError(f"a {image.mode} image cannot be converted to RGB ({exc}); save it as an 8-bit RGB PNG or JPEG") from None
+        pixels = np.array(image)  # transformers' to_numpy_array
+        if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+            raise XpackError(
+                f"a {image.mode} image is not 8-bit RGB and {PREPROCESSOR_CONFIG} sets do_convert_rgb to false; "
+                "convert it to RGB first"
+            )
+        height, width = pixels.shape[:2]
+        (tiles_high, tiles_wide), (new_height, new_width) = self.tiling(height, width)
+        tile = self.tile_size
+
+        # transformers' resize: the uint8 array back to a PIL image (mode RGB), PIL resize, back to numpy
+        resized = np.asarray(Image.fromarray(pixels).resize((new_width, new_height), resample=self.resample))
+        # pad with 0 (black) at the bottom and right to the canvas
+        canvas = np.zeros((tiles_high * tile, tiles_wide * tile, 3), dtype=np.uint8)
+        canvas[:new_height, :new_width] = resized
+        values: Any = canvas
+        if self.do_rescale:
+            values = (values.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(values.dtype, np.floating):
+                values = values.astype(np.float32)
+            mean = np.array(self.image_mean, dtype=values.dtype)
+            std = np.array(self.image_std, dtype=values.dtype)
+            values = (values - mean) / std
+        # split_to_tiles: channels first, then tiles in row-major order
+        chw = values.transpose(2, 0, 1)
+        tiles = chw.reshape(3, tiles_high, tile, tiles_wide, tile).transpose(1, 3, 0, 2, 4).reshape(tiles_high * tiles_wide, 3, tile, tile)
+        num_tiles = tiles_high * tiles_wide
+
+        pixel_values = np.zeros((1, 1, self.max_image_tiles, 3, tile, tile), dtype=np.float32)
+        pixel_values[0, 0, :num_tiles] = tiles
+        aspect_ratio_ids = np.array([[self.supported_aspect_ratios.index((tiles_high, tiles_wide)) + 1]], dtype=np.int64)
+        aspect_ratio_mask = np.zeros((1, 1, self.max_image_tiles), dtype=np.int64)
+        aspect_ratio_mask[:, :, 0] = 1
+        aspect_ratio_mask[0, 0, :num_tiles] = 1
+        return {
+            "pixel_values": pixel_values,
+            "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask,
+            "num_tiles": num_tiles,
+        }

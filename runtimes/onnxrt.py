@@ -33,6 +33,7 @@ from xpack.runtimes.chat import ChatTemplate
 
 __all__ = ["OnnxRuntime", "attention_bias", "onnx_file_of"]
 
+MLLAMA_META = "mllama_onnx.json"  # runtimes/onnx_mllama.META_FILE, named here so that text-only loads import nothing more
 PENALTY_LAST_N = 64  # llama.cpp's default penalty window (llama-cpp-python's last_n_tokens_size)
 _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 # transformers' clean_up_tokenization (PreTrainedTokenizerBase.clean_up_tokenization), applied when
@@ -117,6 +118,7 @@ class OnnxRuntime(Runtime):
         except ImportError as exc:
             raise XpackError(f"the onnx runtime needs onnxruntime, tokenizers and numpy ({exc}); install them with `pip install 'xpack[onnx]'`") from None
         self._np, self._ort = np, ort
+        self.mllama = None
         self.onnx_path = onnx_file_of(self.artifact)
         folder = self.onnx_path.parent
         profile = self.profile
@@ -138,11 +140,14 @@ class OnnxRuntime(Runtime):
         else:
             providers = ["CPUExecutionProvider"]
         self._options, self._providers = options, providers
-        self.session = self._session(self.onnx_path)
         self._threads = threads
         self._device = "cuda" if self.on_gpu else "cpu"
-        self._read_graph(folder)
-        self._read_vision(folder)
+        if (folder / MLLAMA_META).is_file():
+            self._read_mllama(folder)
+        else:
+            self.session = self._session(self.onnx_path)
+            self._read_graph(folder)
+            self._read_vision(folder)
 
         tok_path = folder / "tokenizer.json"
         if not tok_path.is_file():
@@ -191,6 +196,25 @@ class OnnxRuntime(Runtime):
 
             self.preprocess = Gemma3ImagePreprocessor.from_folder(folder)
             self.image_tokens = gemma3_image_tokens(folder)
+
+    def _read_mllama(self, folder: Path) -> None:
+        """Llama 3.2 Vision's three graphs (runtimes/onnx_mllama.py); tokenizer, chat and sampling stay this class's."""
+        from xpack.runtimes.onnx_mllama import MllamaOnnx
+
+        self.mllama = MllamaOnnx(folder, providers=self._providers, threads=self._threads)
+        self.session = self.mllama.sessions["decoder"]
+        self._n_vocab = self.mllama.vocab_size
+        self.kv_layout = {"layers": len(self.mllama.self_layers), "cross_layers": len(self.mllama.cross_layers),
+                          "heads": self.mllama.kv_heads, "head_dim": self.mllama.head_dim, "dtype": str(self.mllama.kv_dtype)}
+        self.takes_position_ids, self.takes_embeds, self.bias_inputs, self.max_length = True, False, [], None
+        self.embedder = self.vision = None
+        try:
+            from xpack.runtimes.images import MllamaImagePreprocessor
+        except ImportError:  # pragma: no cover - an older images module
+            MllamaImagePreprocessor = None
+        self.accepts_images = MllamaImagePreprocessor is not None and (folder / "preprocessor_config.json").is_file()
+        if self.accepts_images:
+            self.preprocess = MllamaImagePreprocessor.from_folder(folder)
 
     def _read_graph(self, folder: Path) -> None:
         """Input/output names and the KV-cache layout, from the graph (the config only when the graph leaves a size symbolic)."""
@@ -329,6 +353,8 @@ class OnnxRuntime(Runtime):
         ids = self._checked_ids(token_ids)
         if not ids:
             raise XpackError("logits needs at least one token id")
+        if self.mllama is not None:
+            return self._np.ascontiguousarray(self.mllama.logits(ids), dtype=self._np.float32)
         mask, positions = self._buffers(len(ids))
         logits, _ = self._run(self.session.io_binding(), ids, self.empty_past, 0, mask, positions)
         return self._np.ascontiguousarray(logits.numpy()[0], dtype=self._np.float32)
@@ -398,8 +424,16 @@ class OnnxRuntime(Runtime):
             raise XpackError(self.image_refusal())
         np = self._np
         picture = load_image(image) if not hasattr(image, "convert") else image
-        ids, embeds, spans, _ = self._image_prompt(self.prompt_text(prompt, image=picture), picture)
         extra = self._checked_ids(continuation_ids or [])
+        if self.mllama is not None:
+            ids = self.tokenize(self.prompt_text(prompt, image=picture)) + extra
+            state, _ = self._mllama_image(picture)
+            where = [i for i, t in enumerate(ids) if t == self.mllama.image_token_id]
+            if not where:
+                raise XpackError("the chat template put no <|image|> token in the prompt; it cannot take image parts")
+            start = where[-1] + 1
+            return np.ascontiguousarray(self.mllama.logits(ids, state)[start:], dtype=np.float32), ids[start:]
+        ids, embeds, spans, _ = self._image_prompt(self.prompt_text(prompt, image=picture), picture)
         if extra:
             ids = ids + extra
             embeds = np.concatenate([embeds, self._embed(extra)], axis=1)
@@ -408,7 +442,41 @@ class OnnxRuntime(Runtime):
         start = spans[-1][1]
         return np.ascontiguousarray(logits.numpy()[0, start:], dtype=np.float32), ids[start:]
 
+    def _mllama_image(self, picture):
+        """Llama 3.2 Vision: the image's tiles through the vision and cross-attention K/V graphs, once."""
+        arrays = self.preprocess(picture)
+        start = time.perf_counter()
+        state = self.mllama.encode_image(arrays["pixel_values"], arrays["aspect_ratio_ids"], arrays["aspect_ratio_mask"])
+        return state, time.perf_counter() - start
+
     # -- generation --------------------------------------------------------------------------------
+
+    def _stepper(self, prompt: list[int], limit: int, embeds, spans, image_state):
+        """Run the prompt; returns (next-token logits row, ``step(token, cursor)`` giving the next row)."""
+        np = self._np
+        if self.mllama is not None:
+            m = self.mllama
+            cross_mask, row_mask = m.masks(prompt, image_state)
+            cross_kv = image_state.cross_kv if image_state is not None else m._no_image()
+            logits, past = m._run(prompt, m._empty_past(), cross_kv, cross_mask, row_mask, 0)
+            last_cross, last_row = cross_mask[:, :, -1:], row_mask[:, :, -1:]  # generated tokens reuse the last prompt row
+            cache = [past]
+
+            def mllama_step(token: int, cursor: int):
+                out, cache[0] = m._run([token], cache[0], cross_kv, last_cross, last_row, cursor)
+                return out[-1].astype(np.float32, copy=True)
+
+            return logits[-1].astype(np.float32, copy=True), mllama_step
+        mask, positions = self._buffers(len(prompt) + limit)
+        binding = self.session.io_binding()
+        logits, past = self._run(binding, prompt, self.empty_past, 0, mask, positions, embeds, spans)
+        cache = [past]
+
+        def step(token: int, cursor: int):
+            out, cache[0] = self._run(binding, [token], cache[0], cursor, mask, positions)
+            return out.numpy()[0, -1].astype(np.float32, copy=True)
+
+        return logits.numpy()[0, -1].astype(np.float32, copy=True), step
 
     @property
     def n_ctx(self) -> int:
@@ -418,8 +486,11 @@ class OnnxRuntime(Runtime):
     def _generate(self, text, settings: GenerationSettings, image, on_token) -> dict:
         self._check_open()
         np = self._np
-        embeds, spans, encode_s = None, (), None
-        if image is not None:
+        embeds, spans, encode_s, image_state = None, (), None, None
+        if image is not None and self.mllama is not None:
+            prompt = self.tokenize(text)
+            image_state, encode_s = self._mllama_image(image)
+        elif image is not None:
             prompt, embeds, spans, encode_s = self._image_prompt(text, image)
         else:
             prompt = self.tokenize(text)
@@ -432,18 +503,15 @@ class OnnxRuntime(Runtime):
         limit = min(settings.max_tokens, n_ctx - len(prompt))
         stop_ids = frozenset() if settings.ignore_eos else self.stop_ids
         rng = np.random.default_rng(settings.seed)
-        mask, positions = self._buffers(len(prompt) + limit)
-        binding = self.session.io_binding()
         ids: list[int] = []
         printed = ""
         steps = 0
         first = None
         finish = "length"
         start = time.perf_counter()
-        logits, past = self._run(binding, prompt, self.empty_past, 0, mask, positions, embeds, spans)
+        row, step = self._stepper(prompt, limit, embeds, spans, image_state)
         cursor = len(prompt)
         while True:
-            row = logits.numpy()[0, -1].astype(np.float32, copy=True)
             token = self._pick(row, ids[-PENALTY_LAST_N:], settings, rng)
             steps += 1
             if first is None:
@@ -459,7 +527,7 @@ class OnnxRuntime(Runtime):
                     printed = text_now
             if len(ids) >= limit:
                 break
-            logits, past = self._run(binding, [token], past, cursor, mask, positions)
+            row = step(token, cursor)
             cursor += 1
         end = time.perf_counter()
         answer = self.detokenize(ids)

@@ -1,0 +1,626 @@
+"""Llama 3.2 Vision (mllama, ``MllamaForConditionalGeneration``) -> three ONNX graphs for onnxruntime.
+
+Why we write this ourselves: no tool exports mllama to ONNX. optimum(-onnx) has no ``mllama`` export
+config (its image-text-to-text tasks cover none of the cross-attention VLMs), llama.cpp has no mllama
+support at all (no converter, no mmproj), and a plain ``torch.onnx.export`` of
+``MllamaForConditionalGeneration`` cannot work: its forward keeps the cross-attention keys/values in a
+``Cache`` object, chooses at run time whether to skip the cross-attention layers, and builds its masks
+from Python lists in the processor. So the model is cut into three graphs, each a small torch module
+that reuses the Hugging Face modules' weights (projections, norms, tanh gates, MLPs, rotary
+embedding) and passes every key/value explicitly:
+
+``vision.onnx``
+    ``pixel_values`` [B, 1, max_tiles, C, H, W] float32, ``aspect_ratio_ids`` [B, 1] int64,
+    ``aspect_ratio_mask`` [B, 1, max_tiles] int64 -> ``cross_attention_states`` [B, V, hidden]
+    (V = max_tiles * (patches per tile + 1 class token)): ``multi_modal_projector(vision_model(...))``
+    reshaped as ``MllamaModel.forward`` does ([B * tiles, tokens per tile, hidden]) and then flattened
+    per batch row, which is what the cross-attention's ``view(bsz, -1, heads, head_dim)`` does anyway.
+``cross_kv.onnx``
+    ``cross_attention_states`` [B, V, hidden] -> ``cross_key_values.{L}.key`` / ``.value``
+    [B, kv_heads, V, head_dim] for every cross-attention layer L (``k_norm(k_proj(x))`` and
+    ``v_proj(x)``): computed once per image, fed to every decoding step.
+``decoder.onnx``
+    ``input_ids`` [B, S] int64, ``attention_mask`` [B, P + S] int64, ``position_ids`` [B, S] int64,
+    ``cross_attention_mask`` [B, 1, S, V] float32 (additive: 0 attends, float32 min does not),
+    ``full_text_row_masked_out_mask`` [B, 1, S, 1] float32, ``past_key_values.{L}.key/value``
+    [B, kv_heads, P, head_dim] for every self-attention layer L and ``cross_key_values.{L}.key/value``
+    for every cross-attention layer L -> ``logits`` [B, S, vocab] and ``present.{L}.key/value``
+    [B, kv_heads, P + S, head_dim]. L is the layer's index in ``language_model.layers`` (the twin's
+    self-attention layers are 0 and 2, its cross-attention layer 1).
+
+Text without an image runs the same decoder: transformers skips the cross-attention layers then, and
+the graph reproduces that exactly with one all-zero cross key/value (V = 1) and a zero row mask: the
+attention output is ``o_proj(0) = 0`` and the MLP branch is multiplied by 0, so the layer is the
+identity. The masks are computed in numpy by ``xpack.runtimes.onnx_mllama`` exactly as
+``MllamaProcessor`` (``get_cross_attention_token_mask``) and ``_prepare_cross_attention_mask`` do;
+note that transformers (4.57) masks only the MLP branch of the rows before the ``<|image|>`` token,
+while their attention branch attends uniformly to every vision token (padding tiles included): the
+graph does the same.
+
+The wrapper modules are checked against ``MllamaForConditionalGeneration`` in torch before anything is
+exported, and the exported graphs (run by the numpy/onnxruntime pipeline of
+``xpack.runtimes.onnx_mllama``) against it afterwards, on a prefill with an image and one decoding
+step: :func:`export_mllama` returns those figures and raises :class:`XpackError` beyond tolerance.
+Exporter: torch.onnx's TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, deprecated but
+still in torch 2.13, and what optimum-onnx uses too) with ``dynamic_axes`` for the batch, sequence,
+past and vision-token axes; the decoder is traced with a non-empty past and several new tokens so
+that no size is frozen. The torch.export-based exporter (``dynamo=True``, torch's default) needs the
+``onnxscript`` package, which is not among xpack's dependencies (``No module named 'onnxscript'``).
+Weights go inline into each .onnx, or into one ``<graph>.onnx.data`` beside it past 1 GiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from xpack.errors import XpackError
+
+__all__ = [
+    "export_mllama",
+    "wrap_mllama",
+    "load_mllama",
+    "VISION_FILE",
+    "CROSS_KV_FILE",
+    "DECODER_FILE",
+    "META_FILE",
+]
+
+VISION_FILE = "vision.onnx"
+CROSS_KV_FILE = "cross_kv.onnx"
+DECODER_FILE = "decoder.onnx"
+META_FILE = "mllama_onnx.json"
+FORMAT = "xpack-mllama-onnx"
+FORMAT_VERSION = 1
+# Export gate: max |logit error| of the graphs against torch, relative to the logits' scale
+# (tolerance = LOGIT_RTOL * max(1, max |torch logit|)). Measured on the twin: <= 2.4e-7 (see the tests).
+LOGIT_RTOL = 1e-3
+# The torch wrappers against transformers, before exporting (same rule; measured on the twin: <= 1.2e-7).
+WRAPPER_RTOL = 1e-4
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to <graph>.onnx.data (protobuf's limit is 2 GiB)
+# What the output folder gets from the checkpoint besides the graphs.
+COMPANIONS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch wrappers (built lazily: this module imports without torch)
+
+
+_CLASSES: tuple = ()
+
+
+def _torch_modules():
+    """The three wrapper classes, defined on first use so that importing this module needs no torch."""
+    global _CLASSES
+    if _CLASSES:
+        return _CLASSES
+    import torch
+    from torch import nn
+    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb, repeat_kv
+
+    def attend(q, k, v, mask, scaling: float, groups: int):
+        """transformers' ``eager_attention_forward`` (no dropout): [B, H, S, D] x [B, KV, T, D] -> [B, S, H * D]."""
+        k = repeat_kv(k, groups)
+        v = repeat_kv(v, groups)
+        weights = torch.matmul(q, k.transpose(2, 3)) * scaling
+        weights = weights + mask
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    class _VisionGraph(nn.Module):
+        """pixel_values, aspect_ratio_ids, aspect_ratio_mask -> cross_attention_states [B, V, hidden]."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.vision_model = model.model.vision_model
+            self.multi_modal_projector = model.model.multi_modal_projector
+            self.hidden_size = model.config.text_config.hidden_size
+
+        def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+            states = self.vision_model(
+                pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+            ).last_hidden_state
+            # MllamaModel.forward: [B, N, T, P, Dv] -> projector -> [B * N * T, P, hidden]
+            states = self.multi_modal_projector(states).reshape(-1, states.shape[-2], self.hidden_size)
+            return states.reshape(pixel_values.shape[0], -1, self.hidden_size)
+
+    class _CrossKVGraph(nn.Module):
+        """cross_attention_states [B, V, hidden] -> (key, value) [B, kv_heads, V, head_dim] per cross-attention layer."""
+
+        def __init__(self, model):
+            super().__init__()
+            lm = model.model.language_model
+            self.layer_ids = list(lm.cross_attention_layers)
+            self.attns = nn.ModuleList([lm.layers[i].cross_attn for i in self.layer_ids])
+
+        def forward(self, cross_attention_states):
+            bsz = cross_attention_states.shape[0]
+            out = []
+            for attn in self.attns:
+                k = attn.k_proj(cross_attention_states).view(bsz, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+                v = attn.v_proj(cross_attention_states).view(bsz, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+                out += [attn.k_norm(k), v]
+            return tuple(out)
+
+    class _DecoderGraph(nn.Module):
+        """The language model with explicit KV tensors (see the module docstring for the inputs and outputs).
+
+        forward(input_ids, attention_mask, position_ids, cross_attention_mask, full_text_row_masked_out_mask,
+        past, cross) with ``past`` = (key, value) of each self-attention layer in order, flattened, and
+        ``cross`` likewise for the cross-attention layers; returns (logits, *present) flattened the same way.
+        """
+
+        def __init__(self, model):
+            super().__init__()
+            lm = model.model.language_model
+            self.lm = lm
+            self.lm_head = model.lm_head
+            self.cross_ids = list(lm.cross_attention_layers)
+            self.self_ids = [i for i in range(len(lm.layers)) if i not in self.cross_ids]
+            self.min_value = float(torch.finfo(torch.float32).min)
+
+        def forward(self, input_ids, attention_mask, position_ids, cross_attention_mask, full_text_row_masked_out_mask, past, cross):
+            lm = self.lm
+            hidden = lm.embed_tokens(input_ids)
+            seq = input_ids.shape[1]
+            past_len = past[0].shape[2]
+            total = attention_mask.shape[1]
+            # transformers' _prepare_4d_causal_attention_mask_with_cache_position: key j is hidden from
+            # query i (at cache position past + i) when j > past + i or attention_mask[j] == 0.
+            query_pos = torch.arange(seq, device=input_ids.device) + past_len
+            key_pos = torch.arange(total, device=input_ids.device)
+            allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] != 0)
+            causal = torch.where(allowed, torch.zeros((), dtype=hidden.dtype), torch.full((), self.min_value, dtype=hidden.dtype))
+            cos, sin = lm.rotary_emb(hidden, position_ids)
+            row_mask = full_text_row_masked_out_mask[:, 0]
+            present = []
+            slot = {layer: n for n, layer in enumerate(self.self_ids)}
+            cslot = {layer: n for n, layer in enumerate(self.cross_ids)}
+            for idx, layer in enumerate(lm.layers):
+                residual = hidden
+                h = layer.input_layernorm(hidden)
+                if idx in cslot:
+                    attn = layer.cross_attn
+                    bsz = h.shape[0]
+                    q = attn.q_proj(h).view(bsz, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
+                    q = attn.q_norm(q)
+                    k, v = cross[2 * cslot[idx]], cross[2 * cslot[idx] + 1]
+                    out = attn.o_proj(attend(q, k, v, cross_attention_mask, attn.scaling, attn.num_key_value_groups))
+                    hidden = residual + layer.cross_attn_attn_gate.tanh() * out
+                    residual = hidden
+                    mlp = layer.mlp(layer.post_attention_layernorm(hidden)) * row_mask
+                    hidden = residual + layer.cross_attn_mlp_gate.tanh() * mlp
+                else:
+                    attn = layer.self_attn
+                    bsz = h.shape[0]
+                    q = attn.q_proj(h).view(bsz, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
+                    k = attn.k_proj(h).view(bsz, seq, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+                    v = attn.v_proj(h).view(bsz, seq, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+                    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                    n = slot[idx]
+                    k = torch.cat([past[2 * n], k], dim=2)
+                    v = torch.cat([past[2 * n + 1], v], dim=2)
+                    present += [k, v]
+                    out = attn.o_proj(attend(q, k, v, causal, attn.scaling, attn.num_key_value_groups))
+                    hidden = residual + out
+                    residual = hidden
+                    hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = lm.norm(hidden)
+            return (self.lm_head(hidden), *present)
+
+    _CLASSES = (_VisionGraph, _CrossKVGraph, _DecoderGraph)
+    return _CLASSES
+
+
+def wrap_mllama(model) -> dict:
+    """The three export wrappers of a loaded ``MllamaForConditionalGeneration`` (eval mode, fp32), sharing its weights.
+
+    Returns ``{"vision": ..., "cross_kv": ..., "decoder": ...}`` (torch modules; see the module docstring).
+    """
+    vision, cross_kv, decoder = _torch_modules()
+    return {"vision": vision(model).eval(), "cross_kv": cross_kv(model).eval(), "decoder": decoder(model).eval()}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, export, validation
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx's TorchScript exporter and transformers warn on every trace; keep the terminal to xpack's own lines."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    saved = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        logging.getLogger("torch.onnx").setLevel(saved)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """libtorch's tracer prints "In-place op on output of tensor.shape" to fd 2 directly (the vision tower's
+    ``num_patches += 1``, harmless: those sizes are static); python-level errors still raise as usual."""
+    import os
+    import sys
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest's capture, notebooks: nothing to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
+
+
+def _require_libraries() -> None:
+    missing = []
+    for module in ("torch", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise XpackError(f"the mllama ONNX export needs {', '.join(missing)}; install them with `pip install 'xpack[pack]'`")
+
+
+def _read_config(model_dir: Path) -> dict:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise XpackError(f"{model_dir}/config.json is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
+    if config.get("model_type") != "mllama":
+        raise XpackError(f"{model_dir} is a {config.get('model_type', 'unknown')!r} checkpoint, not Llama 3.2 Vision (mllama); use the plain ONNX export for it")
+    return config
+
+
+def load_mllama(model_dir: "str | Path"):
+    """``MllamaForConditionalGeneration`` in fp32, eager attention, eval mode (the reference the export is checked against)."""
+    import torch
+    import transformers
+
+    model_dir = Path(model_dir)
+    _read_config(model_dir)
+    with _quiet():
+        try:
+            model = transformers.MllamaForConditionalGeneration.from_pretrained(
+                str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise XpackError(f"transformers could not load {model_dir} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return model.eval()
+
+
+def _layout(model) -> dict:
+    text = model.config.text_config
+    vision = model.config.vision_config
+    lm = model.model.language_model
+    cross = [int(i) for i in lm.cross_attention_layers]
+    return {
+        "self_attention_layers": [i for i in range(len(lm.layers)) if i not in cross],
+        "cross_attention_layers": cross,
+        "num_key_value_heads": int(text.num_key_value_heads),
+        "head_dim": int(text.hidden_size // text.num_attention_heads),
+        "hidden_size": int(text.hidden_size),
+        "vocab_size": int(model.lm_head.weight.shape[0]),
+        "image_token_id": int(model.config.image_token_index),
+        "max_num_tiles": int(vision.max_num_tiles),
+        "tokens_per_tile": int(model.model.vision_model.num_patches),
+        "image_size": int(vision.image_size),
+        "num_channels": int(vision.num_channels),
+        "supported_aspect_ratios": [list(r) for r in vision.supported_aspect_ratios],
+    }
+
+
+def _io_names(layout: dict) -> dict:
+    past = [f"past_key_values.{i}.{kv}" for i in layout["self_attention_layers"] for kv in ("key", "value")]
+    cross = [f"cross_key_values.{i}.{kv}" for i in layout["cross_attention_layers"] for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in layout["self_attention_layers"] for kv in ("key", "value")]
+    return {"past": past, "cross": cross, "present": present}
+
+
+def _validation_inputs(layout: dict, seed: int = 0) -> dict:
+    """A fixed synthetic case: random pixels, a one-tile aspect ratio (so padding tiles exist), text before and after <|image|>."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    tiles, channels, size = layout["max_num_tiles"], layout["num_channels"], layout["image_size"]
+    pixel_values = torch.randn((1, 1, tiles, channels, size, size), generator=gen)
+    ratios = [tuple(r) for r in layout["supported_aspect_ratios"]]
+    ratio = (1, 2) if (1, 2) in ratios else ratios[0]
+    ratio_id = ratios.index(ratio) + 1
+    used = ratio[0] * ratio[1]
+    pixel_values[:, :, used:] = 0  # as the image processor pads
+    aspect_ratio_mask = torch.zeros((1, 1, tiles), dtype=torch.long)
+    aspect_ratio_mask[..., :used] = 1
+    special = {layout["image_token_id"]}
+    vocab = layout["vocab_size"]
+    ids = [int(t) for t in torch.randint(0, min(vocab, 32000), (24,), generator=gen) if int(t) not in special][:20]
+    input_ids = ids[:3] + [layout["image_token_id"]] + ids[3:]
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": torch.tensor([[ratio_id]]),
+        "aspect_ratio_mask": aspect_ratio_mask,
+        "input_ids": input_ids,
+        "num_tiles": used,
+    }
+
+
+def _hf_logits(model, input_ids: list[int], image: dict | None, num_tiles: int | None = None):
+    """transformers' logits [S, vocab] for ``input_ids`` (with the image and the processor's cross_attention_mask, if given)."""
+    import torch
+
+    ids = torch.tensor([input_ids])
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if image is not None:
+        tiles = image["aspect_ratio_mask"].shape[-1]
+        mask = torch.zeros((1, len(input_ids), 1, tiles), dtype=torch.long)
+        start = input_ids.index(model.config.image_token_index)
+        mask[:, start:, :, :num_tiles] = 1
+        kwargs.update(
+            pixel_values=image["pixel_values"],
+            aspect_ratio_ids=image["aspect_ratio_ids"],
+            aspect_ratio_mask=image["aspect_ratio_mask"],
+            cross_attention_mask=mask,
+        )
+    with torch.no_grad():
+        return model(**kwargs).logits[0].float().numpy()
+
+
+def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> float:
+    """(max |logit diff|, max |logit|) of the torch wrappers against MllamaForConditionalGeneration on ``case``
+    (a prefill of all but the last token, then that token as a cached step)."""
+    import numpy as np
+    import torch
+
+    from xpack.runtimes.onnx_mllama import cross_attention_masks
+
+    ids = case["input_ids"]
+    ref = _hf_logits(model, ids, case, case["num_tiles"])
+    with torch.no_grad():
+        states = wraps["vision"](case["pixel_values"], case["aspect_ratio_ids"], case["aspect_ratio_mask"])
+        cross = wraps["cross_kv"](states)
+        cmask, rmask = cross_attention_masks(ids, layout["image_token_id"], case["num_tiles"], layout["max_num_tiles"], layout["tokens_per_tile"])
+        cmask, rmask = torch.from_numpy(cmask), torch.from_numpy(rmask)
+        empty = tuple(torch.zeros((1, layout["num_key_value_heads"], 0, layout["head_dim"])) for _ in _io_names(layout)["past"])
+        n = len(ids) - 1
+        first = wraps["decoder"](
+            torch.tensor([ids[:n]]), torch.ones((1, n), dtype=torch.long), torch.arange(n)[None], cmask[:, :, :n], rmask[:, :, :n], empty, cross
+        )
+        step = wraps["decoder"](
+            torch.tensor([ids[n:]]), torch.ones((1, n + 1), dtype=torch.long), torch.tensor([[n]]), cmask[:, :, n:], rmask[:, :, n:], tuple(first[1:]), cross
+        )
+    got = np.concatenate([first[0][0].numpy(), step[0][0].numpy()])
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
+
+
+def _export_graph(module, args, path: Path, input_names, output_names, dynamic_axes, opset: int, output_shapes: dict | None = None) -> None:
+    """torch.onnx's TorchScript exporter into a scratch folder, then saved as ``path`` alone (weights inline), or with
+    one ``<name>.data`` file beside it when they pass 1 GiB (the exporter itself writes one file per tensor past 2 GiB)."""
+    import onnx
+    import torch
+
+    scratch = path.parent / f".{path.stem}-export"
+    scratch.mkdir()
+    try:
+        with _quiet(), _native_stderr_silenced(), torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(scratch / path.name),
+                dynamo=False,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(scratch / path.name), load_external_data=True)
+        for output in model.graph.output:  # the tracer names derived sizes after its nodes ("Reshape..._dim_2"): state them
+            for i, size in enumerate((output_shapes or {}).get(output.name, ())):
+                dim = output.type.tensor_type.shape.dim[i]
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = int(size)
+        if sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export_all(model, wraps: dict, layout: dict, case: dict, folder: Path, opset: int) -> None:
+    import torch
+
+    names = _io_names(layout)
+    kvh, hd = layout["num_key_value_heads"], layout["head_dim"]
+    # vision
+    vision_args = (case["pixel_values"], case["aspect_ratio_ids"], case["aspect_ratio_mask"])
+    vision_in = ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"]
+    batch = {0: "batch"}
+    _export_graph(
+        wraps["vision"], vision_args, folder / VISION_FILE, vision_in, ["cross_attention_states"],
+        {n: batch for n in vision_in + ["cross_attention_states"]}, opset,
+        {"cross_attention_states": ("batch", layout["max_num_tiles"] * layout["tokens_per_tile"], layout["hidden_size"])},
+    )
+    # cross keys/values
+    with torch.no_grad():
+        states = wraps["vision"](*vision_args)
+        cross = tuple(wraps["cross_kv"](states))
+    kv_axes = {0: "batch", 2: "vision_tokens"}
+    _export_graph(
+        wraps["cross_kv"], (states,), folder / CROSS_KV_FILE, ["cross_attention_states"], names["cross"],
+        {"cross_attention_states": {0: "batch", 1: "vision_tokens"}, **{n: kv_axes for n in names["cross"]}}, opset,
+        {n: ("batch", kvh, "vision_tokens", hd) for n in names["cross"]},
+    )
+    # decoder: traced with a non-empty past and several new tokens, so that no size is taken for a constant
+    past_len, seq = 3, 4
+    gen = torch.Generator().manual_seed(1)
+    past = tuple(torch.randn((1, kvh, past_len, hd), generator=gen) for _ in names["past"])
+    ids = torch.tensor([case["input_ids"][past_len : past_len + seq]])
+    vision_tokens = layout["max_num_tiles"] * layout["tokens_per_tile"]
+    decoder_args = (
+        ids,
+        torch.ones((1, past_len + seq), dtype=torch.long),
+        torch.arange(past_len, past_len + seq)[None],
+        torch.zeros((1, 1, seq, vision_tokens)),
+        torch.ones((1, 1, seq, 1)),
+        past,
+        cross,
+    )
+    decoder_in = ["input_ids", "attention_mask", "position_ids", "cross_attention_mask", "full_text_row_masked_out_mask"]
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "cross_attention_mask": {0: "batch", 2: "sequence", 3: "vision_tokens"},
+        "full_text_row_masked_out_mask": {0: "batch", 2: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{n: {0: "batch", 2: "past_sequence"} for n in names["past"]},
+        **{n: kv_axes for n in names["cross"]},
+        **{n: {0: "batch", 2: "total_sequence"} for n in names["present"]},
+    }
+    _export_graph(
+        wraps["decoder"], decoder_args, folder / DECODER_FILE, decoder_in + names["past"] + names["cross"], ["logits"] + names["present"], axes, opset,
+        {"logits": ("batch", "sequence", layout["vocab_size"]), **{n: ("batch", kvh, "total_sequence", hd) for n in names["present"]}},
+    )
+
+
+def _validate(model, folder: Path, layout: dict, case: dict) -> dict:
+    """The graphs (through the runtime's pipeline) against torch: a prefill with the image, one cached decoding step, text only."""
+    import numpy as np
+
+    from xpack.runtimes.onnx_mllama import MllamaOnnx
+
+    pipe = MllamaOnnx(folder)
+    ids = case["input_ids"]
+    n = len(ids) - 1
+    ref = _hf_logits(model, ids, case, case["num_tiles"])  # full forward: its last row is what a cached step must give
+    image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
+    cmask, rmask = pipe.masks(ids, image)
+    prefill, past = pipe._run(ids[:n], pipe._empty_past(), image.cross_kv, cmask[:, :, :n], rmask[:, :, :n], 0)
+    step, _ = pipe._run(ids[n:], past, image.cross_kv, cmask[:, :, n:], rmask[:, :, n:], n)
+    text_ids = [t for t in ids if t != layout["image_token_id"]]
+    text_ref = _hf_logits(model, text_ids, None)
+    text = pipe.logits(text_ids)
+    scale = float(max(np.abs(ref).max(), np.abs(text_ref).max()))
+    return {
+        "prefill_max_abs_diff": float(np.abs(prefill - ref[:n]).max()),
+        "decode_step_max_abs_diff": float(np.abs(step - ref[n:]).max()),
+        "text_only_max_abs_diff": float(np.abs(text - text_ref).max()),
+        "prefill_top1_agreement": float((prefill.argmax(-1) == ref[:n].argmax(-1)).mean()),
+        "logit_scale": scale,
+        "prefill_tokens": n,
+        "image_tiles": case["num_tiles"],
+    }
+
+
+def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int | None = None, force: bool = False, atol: float | None = None) -> dict:
+    """Export a Llama 3.2 Vision checkpoint (merge an adapter first) to ``vision.onnx``, ``cross_kv.onnx``, ``decoder.onnx``.
+
+    ``out_dir`` gets the three graphs, ``mllama_onnx.json`` (layout, files, figures) and the checkpoint's
+    tokenizer, processor and generation files; it is written atomically (refused if it exists, unless
+    ``force``). Returns the metadata written to ``mllama_onnx.json``; its ``validation`` holds the max
+    |logit difference| against torch of a prefill with an image, of one cached decoding step and of a
+    text-only prefill. Raises :class:`XpackError` when one is above ``atol`` (default:
+    ``LOGIT_RTOL * max(1, max |torch logit|)``).
+    """
+    from xpack.packager.atomic import atomic_dir
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _require_libraries()
+    import onnx
+    import torch
+    import transformers
+
+    _read_config(model_dir)
+    started = time.perf_counter()
+    opset = int(opset or DEFAULT_OPSET)
+    model = load_mllama(model_dir)
+    layout = _layout(model)
+    wraps = wrap_mllama(model)
+    case = _validation_inputs(layout)
+    wrapper_diff, scale = _check_wrappers(model, wraps, layout, case)
+    wrapper_tolerance = WRAPPER_RTOL * max(1.0, scale)
+    if not wrapper_diff <= wrapper_tolerance:
+        raise XpackError(
+            f"the mllama export wrapper differs from transformers {transformers.__version__} by {wrapper_diff:.3g} in the logits "
+            f"(tolerance {wrapper_tolerance:.3g}); this transformers version is not supported, use 4.57"
+        )
+    with atomic_dir(out_dir, force=force) as tmp:
+        try:
+            _export_all(model, wraps, layout, case, tmp, opset)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise XpackError(f"torch.onnx could not export the mllama graphs ({first})") from None
+        for name in COMPANIONS:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "files": {"vision": VISION_FILE, "cross_kv": CROSS_KV_FILE, "decoder": DECODER_FILE},
+            **layout,
+            "eos_token_ids": _eos_ids(model),
+            "bos_token_id": model.config.text_config.bos_token_id,
+            "dtype": "float32",
+            "opset": opset,
+            "exporter": f"torch.onnx.export(dynamo=False) (TorchScript), torch {torch.__version__}, onnx {onnx.__version__}",
+            "transformers": transformers.__version__,
+            "source": str(model_dir),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        figures = _validate(model, tmp, layout, case)
+        tolerance = float(atol if atol is not None else LOGIT_RTOL * max(1.0, figures["logit_scale"]))
+        worst = max(figures["prefill_max_abs_diff"], figures["decode_step_max_abs_diff"], figures["text_only_max_abs_diff"])
+        figures.update(wrapper_max_abs_diff=wrapper_diff, atol=tolerance, passed=worst <= tolerance)
+        if not worst <= tolerance:
+            raise XpackError(f"the exported mllama graphs differ from torch by {worst:.3g} in the logits (tolerance {tolerance:.3g}); nothing was written")
+        meta["validation"] = figures
+        meta["seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def _eos_ids(model) -> list[int]:
+    ids: list[int] = []
+    for source in (model.generation_config.eos_token_id, model.config.text_config.eos_token_id):
+        for value in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+    return ids
