@@ -31,26 +31,48 @@ Method
          (tokenizer, ~a few MB) is not counted. Gemma 3 keeps its 262208 embedding rows (the
          converter trims to the tokenizer's list, which is padded to ``vocab_size``).
          Llama 3.2 Vision has no llama.cpp support: "n/a".
-       - ONNX (onnxruntime), as ``xpack export --format onnx`` builds it: fp16 = every weight fp16
-         (1-D norm weights kept fp32), tied head read through a Transpose of the embedding (stored
-         once); int8 / int4 = ``MatMulNBits`` (onnxruntime's ``MatMulNBitsQuantizer``, QOperator
-         format, asymmetric, from the fp32 export) with blocks of 16 (8 bits) / 32 (4 bits) along K.
-         Per weight [K, N], k_blocks = ceil(K / block): packed data N*k_blocks*block*bits/8 bytes,
-         scales N*k_blocks float32 (the scales take the dtype of the input A, float32 here),
-         zero points uint8 N*ceil(k_blocks / (8/bits)) (two 4-bit points per byte, one 8-bit point per
-         byte). So 8 bits/block 16 = (16 + 4 + 1) bytes per 16 weights = 10.5 bpw; 4 bits/block 32 =
-         (16 + 4 + 0.5) bytes per 32 weights = 5.125 bpw. The embedding becomes a
-         ``GatherBlockQuantized`` with the same block layout (xpack's own 8-bit one: uint8 data,
-         float32 scales, one uint8 zero point per block; onnxruntime's 4-bit one: packed uint4 data and
-         zero points, float32 scales). A tied head is materialized as its own ``lm_head.weight`` before
-         quantizing, so int8/int4 Gemma files hold the embedding twice (once as Gather, once as MatMul).
-         1-D tensors stay fp32. The vision tower + projector are kept **fp16** in every ONNX variant,
-         as a separate ``vision.onnx`` (+ ``vision.onnx_data``). At the committed HEAD xpack exports only
-         Gemma 3's text decoder (optimum has no image-text-to-text export) and marks mllama unsupported
-         (``archs/mllama.json``); uncommitted work in the tree (``packager/onnx_vision.py``,
-         ``packager/onnx_mllama.py``) adds a Gemma 3 ``vision.onnx`` and a vision / cross_kv / decoder
-         split for mllama. Those files are therefore labelled "not in HEAD"; their sizes are what the
-         layouts above give, whoever writes them.
+       - ONNX (onnxruntime), as ``xpack export --format onnx --bits 32|16|8|4`` builds it
+         (``packager/onnx.py`` ``export_onnx``). Per precision: fp32 = every weight float32; fp16 =
+         onnxruntime's ``convert_float_to_float16`` (1-D tensors feeding a norm stay float32, the rest
+         float16); int8 / int4 = ``MatMulNBits`` (onnxruntime's ``MatMulNBitsQuantizer``, asymmetric,
+         from the fp32 graph) with blocks of 16 (8 bits) / 32 (4 bits) along K. Per weight [K, N],
+         k_blocks = ceil(K / block): packed data N*k_blocks*block*bits/8 bytes, scales N*k_blocks
+         float32 (the dtype of input A, float32 here), zero points uint8 N*ceil(k_blocks / (8/bits))
+         (two 4-bit points per byte, one 8-bit point per byte). So 8 bits/block 16 = (16 + 4 + 1) bytes
+         per 16 weights = 10.5 bpw; 4 bits/block 32 = (16 + 4 + 0.5) bytes per 32 weights = 5.125 bpw.
+         The token embedding becomes a ``GatherBlockQuantized`` with the same block layout (xpack's own
+         8-bit one: uint8 data, float32 scales, one uint8 zero point per block; onnxruntime's 4-bit one:
+         packed uint4 data and zero points, float32 scales). 1-D tensors stay float32 when quantized.
+         Gemma 3 (MedGemma), xpack's graph, three files at every --bits:
+           * ``model.onnx`` (+ ``model.onnx_data``): xpack's fused decoder (``packager/onnx_graph.py``
+             ``build_decoder(inputs_embeds=True)``: GroupQueryAttention, SkipSimplifiedLayerNorm, q/k/v
+             in one MatMul, which changes no byte count), at the --bits precision. It has no embedding
+             Gather; its output head is its own tensor ``lm_head.weight`` [hidden, vocab] = the tied
+             embedding transposed, in every precision (fp32 and fp16 too, not only int8/int4), so the
+             262208 x 2560 matrix is stored twice per artifact. It also holds the rotary cos/sin
+             tables, [min(max_position_embeddings, 8192), head_dim / 2] each, global + local
+             (4 x 8192 x 128: 16.8 MB float32, 8.4 MB in the fp16 graph), counted with the LM layers.
+           * ``embed.onnx`` (+ ``embed.onnx_data``): the token embedding (``build_embedding``: Gather,
+             x sqrt(hidden)), quantized like the decoder: Gather float32 / float16 at 32 / 16,
+             GatherBlockQuantized at 8 / 4 bits (blocks of 16 / 32).
+           * ``vision.onnx`` (+ ``vision.onnx_data``): the SigLIP tower + projector
+             (``packager/onnx_vision.py``), at ``VISION_DTYPE[bits]``: float32 for --bits 32, float16
+             for 16 (LayerNormalization and the projector's RMSNorm kept float32), int8 for both 8 and
+             4 (``MatMulNBits`` 8-bit, block 32 = 9.25 bpw on every MatMul weight: q/k/v/out_proj,
+             fc1/fc2, the projector; the patch-embedding Conv, the position embedding and the norms
+             stay float32).
+         Llama 3.2 Vision (mllama): xpack exports it at --bits 32 only (``_export_mllama``, archs
+         ``mllama.json`` ``"bits": [32]``; 16/8/4 raise an error): ``packager/onnx_mllama.py`` writes
+         ``vision.onnx`` (vision encoder + projector), ``cross_kv.onnx`` (the k_proj / v_proj /
+         k_norm of the 8 cross-attention layers) and ``decoder.onnx`` (embedding, every other LM
+         weight, final norm, the untied lm_head), all float32, each parameter once; a graph's weights
+         go to ``<graph>.onnx.data`` past 1 GiB. That fp32 row is what xpack exports; the fp16 / int8 /
+         int4 rows are "computed for reference: not exportable by xpack yet (fp32 only)", with Gemma
+         3's per-bits layout assumed for the three graphs (decoder and cross_kv at the text
+         precision, embedding GatherBlockQuantized, vision at ``VISION_DTYPE[bits]``).
+         Check: on the tests' tiny twins (``tests/twins.py``), these rules give the bytes of every
+         ``.onnx_data`` file of an ``export_onnx`` run of ``gemma3_vision`` at --bits 32/16/8/4 exactly,
+         and the mllama twin's three fp32 graphs hold exactly its parameters, each once.
   3. Runtime memory per profile (``profiles/*.toml``: device, compute_dtype, n_ctx,
      memory_budget_gb) = resident weights + KV cache at n_ctx + a vision-activation ballpark:
        - weights: torch = parameters x the profile's compute dtype (bf16/fp16 2 B, fp32 4 B), as
@@ -59,9 +81,13 @@ Method
          bytes. torch: bytes of the compute dtype; Gemma 3's sliding-window layers hold
          min(sliding_window, n_ctx) tokens, its global layers n_ctx. llama.cpp: F16 K/V, and
          ``swa_full`` is true in ``llama_context_default_params`` (which llama-cpp-python, and so xpack,
-         uses), so every Gemma 3 layer holds n_ctx. ONNX: float32 K/V (xpack's fp16 graphs keep fp32
-         I/O), every layer n_ctx (optimum's graph concatenates, it does not trim the window), and x2
-         because onnxruntime holds ``past`` and ``present`` at the same time on the last step.
+         uses), so every Gemma 3 layer holds n_ctx. ONNX: float32 K/V at every --bits (xpack's graphs
+         take and return float32 ``past_key_values`` / ``present``; the fp16 graph casts at its
+         edges), every layer n_ctx (Gemma 3's GroupQueryAttention graph applies the sliding window
+         through its attention bias and returns ``present`` at full length on the sliding layers too;
+         the mllama decoder concatenates past and new K/V), and x2 because ``past`` and ``present``
+         are both alive during a step (the runtime binds each step's ``present`` as the next step's
+         ``past``).
          Llama 3.2 Vision: 32 of its 40 layers are self-attention layers (n_ctx tokens); the 8
          cross-attention layers hold K/V for the image tokens, num_tiles x (patches + 1) = 4 x 1601.
        - vision activations (ballpark, one image, one forward, peak inside one encoder layer):
@@ -74,7 +100,8 @@ Method
          T = tokens through the encoder (Gemma 3: (896/14)^2 = 4096; mllama: 4 tiles x 1608, 1601 padded
          to a multiple of 8 as transformers does), H / I = vision hidden / intermediate size, b = bytes
          per activation: the profile's compute dtype for torch, 4 (float32) for llama.cpp and
-         onnxruntime.
+         onnxruntime (float32 graph I/O and MatMulNBits activations; an upper bound for the float16
+         vision graph).
        "fits" compares the sum with ``memory_budget_gb`` (GB = 1e9 bytes throughout, which is
        conservative against GiB-sized devices). Not counted: CUDA context (~0.3-0.5 GB), allocator
        slack, llama.cpp / onnxruntime compute buffers, the tokenizer, the Python process itself.
@@ -257,7 +284,11 @@ MODELS = [
         # gemma-3-4b-it: 4.96 + 2.80 GB (https://huggingface.co/OpenPipe/gemma-3-4b-it-text-only-3/tree/main)
         "published_text_bf16_gb": 7.76,
         "gguf": True,
-        "onnx_exportable": "decoder: xpack at HEAD (language model streamed into a Gemma3ForCausalLM checkpoint); vision.onnx: not in HEAD (uncommitted packager/onnx_vision.py)",
+        # xpack export --format onnx --bits 32|16|8|4 (packager/onnx.py export_onnx with xpack's graph):
+        # model.onnx (packager/onnx_graph.py build_decoder, inputs_embeds), embed.onnx (build_embedding),
+        # vision.onnx (packager/onnx_vision.py export_gemma3_vision at VISION_DTYPE[bits]).
+        "onnx_layout": "gemma3",
+        "onnx_bits": (32, 16, 8, 4),
     },
     {
         "key": "llama-3.2-11b-vision",
@@ -270,7 +301,11 @@ MODELS = [
         "published_source": "model card: 11B (10.6B)",
         "published_bf16_gb": 4.99 + 4.97 + 4.92 + 5.00 + 1.47,
         "gguf": False,
-        "onnx_exportable": "not in HEAD: optimum-onnx has no mllama config, archs/mllama.json marks ONNX unsupported (uncommitted packager/onnx_mllama.py splits it into vision / cross_kv / decoder; the cross-attn k/v projections would sit in cross_kv.onnx, counted here with the decoder)",
+        # xpack export --format onnx --bits 32 only (packager/onnx.py _export_mllama, archs/mllama.json
+        # "bits": [32]): vision.onnx, cross_kv.onnx, decoder.onnx (packager/onnx_mllama.py), all fp32;
+        # --bits 16/8/4 raise "not available for Llama 3.2 Vision (mllama) ONNX yet".
+        "onnx_layout": "mllama",
+        "onnx_bits": (32,),
     },
 ]
 
@@ -288,12 +323,19 @@ GGML_TYPES = {
     "Q4_K": (144, 256),  # 4.5 bpw
 }
 GGUF_TEXT_QUANTS = ("F16", "Q8_0", "Q4_K_M")
-ONNX_VARIANTS = {  # name: (bits, block size); None = fp16
-    "fp16": (None, None),
-    "int8": (8, 16),  # xpack's DEFAULT_BLOCK_SIZE for 8 bits
-    "int4": (4, 32),  # xpack's DEFAULT_BLOCK_SIZE for 4 bits
+ONNX_VARIANTS = {  # name: (--bits, block size of the text weights)
+    "fp32": (32, None),
+    "fp16": (16, None),
+    "int8": (8, 16),  # packager/onnx.py DEFAULT_BLOCK_SIZE for 8 bits
+    "int4": (4, 32),  # packager/onnx.py DEFAULT_BLOCK_SIZE for 4 bits
 }
+# packager/onnx.py VISION_DTYPE: the precision of vision.onnx for each --bits (4-bit towers get 8 bits).
+VISION_DTYPE = {32: "float32", 16: "float16", 8: "int8", 4: "int8"}
+VISION_INT8_BLOCK = 32  # packager/onnx_vision.py INT8_BLOCK_SIZE
+ROTARY_MAX_LENGTH = 8192  # packager/onnx_graph.py MAX_LENGTH: rows of the cos/sin tables in xpack's decoder graph
+MLLAMA_EXTERNAL_DATA_BYTES = 1 << 30  # packager/onnx_mllama.py: weights past 1 GiB go to <graph>.onnx.data
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32 only)"
 HF_SHARD_BYTES = 5e9  # transformers' save_pretrained default max_shard_size ("5GB")
 
 
@@ -351,16 +393,23 @@ def build_model(spec: dict):
 
 def count(spec: dict) -> dict:
     """Exact parameter counts per component + the tensor list the format calculators need."""
+    import torch
+
     model, config = build_model(spec)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     tied = head is embed
+    # Weights that become a MatMul in an ONNX graph, as (K, N): nn.Linear weights are [out, in] (K = in);
+    # Gemma 3's projector multiplies by mm_input_projection_weight [in, out] directly (K = rows).
+    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     tensors = []
     per = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():  # a tied head is listed once (under the embedding)
         comp = component_of(name)
         per[comp] += p.numel()
-        tensors.append({"name": name, "shape": tuple(p.shape), "numel": p.numel(), "component": comp})
+        shape = tuple(p.shape)
+        matmul = (shape[1], shape[0]) if name in linear else (shape[0], shape[1]) if name.endswith("mm_input_projection_weight") else None
+        tensors.append({"name": name, "shape": shape, "numel": p.numel(), "component": comp, "matmul": matmul})
     text = config.get_text_config()
     vision = config.vision_config
     info = {
@@ -377,6 +426,7 @@ def count(spec: dict) -> dict:
             "num_key_value_heads": text.num_key_value_heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
             "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_position_embeddings,
             "tie_word_embeddings": tied,
         },
         "vision": {"hidden_size": vision.hidden_size, "intermediate_size": vision.intermediate_size,
@@ -528,54 +578,151 @@ def gguf(counted: dict, spec: dict) -> dict:
     return out
 
 
-def onnx_weight_bytes(t: dict, bits: int | None, block: int | None, as_matmul: bool) -> int:
-    """Bytes of one tensor in an ONNX file (see the module docstring for the layouts)."""
-    numel = t["numel"]
-    if len(t["shape"]) < 2 or numel <= 1:
-        return 4 * numel  # 1-D / scalar: float32
-    if bits is None:
-        return 2 * numel  # fp16
-    if t["component"] == "embedding" and not as_matmul:
-        rows, cols = t["shape"]  # GatherBlockQuantized, blocks along the hidden axis
-        k_blocks = -(-cols // block)
-        n_out, k = rows, cols
-    else:
-        n_out, k = t["shape"]  # nn.Linear weight [out_features, in_features]: MatMul K = in, N = out
-        k_blocks = -(-k // block)
+def nbits_bytes(n_out: int, k: int, bits: int, block: int) -> int:
+    """MatMulNBits / GatherBlockQuantized storage of an [N, K] weight quantized in blocks along K."""
+    k_blocks = -(-k // block)
     data = n_out * k_blocks * block * bits // 8
     scales = n_out * k_blocks * 4  # float32: the dtype of input A in an fp32 graph
     zero_points = n_out * -(-k_blocks // (8 // bits))  # uint8, 8/bits points per byte
     return data + scales + zero_points
 
 
-def onnx(counted: dict, spec: dict) -> dict:
+def onnx_weight_bytes(t: dict, precision: str, bits: int | None = None, block: int | None = None, gather_quantized: bool = False) -> int:
+    """Bytes of one tensor in an ONNX file (see the module docstring for the layouts).
+
+    precision: "float32"; "float16" (onnxruntime's converter: 1-D tensors feeding a norm stay float32,
+    everything else float16); "nbits" (MatMul weights -> MatMulNBits at bits/block, the token embedding
+    -> GatherBlockQuantized when gather_quantized, every other tensor float32).
+    """
+    numel = t["numel"]
+    if precision == "float32":
+        return 4 * numel
+    if precision == "float16":
+        return 4 * numel if len(t["shape"]) == 1 and "norm" in t["name"] else 2 * numel
+    if len(t["shape"]) < 2:
+        return 4 * numel
+    if t.get("matmul"):
+        k, n_out = t["matmul"]
+        return nbits_bytes(n_out, k, bits, block)
+    if gather_quantized and t["component"] == "embedding":
+        rows, cols = t["shape"]  # GatherBlockQuantized, blocks along the hidden axis
+        return nbits_bytes(rows, cols, bits, block)
+    return 4 * numel  # position / tile embeddings, the patch Conv: float32
+
+
+def _text_precision(bits: int) -> str:
+    return {32: "float32", 16: "float16"}.get(bits, "nbits")
+
+
+def _text_label(variant: str, bits: int, block: int | None) -> str:
+    return variant if block is None else f"{variant} (MatMulNBits {bits}-bit, block {block})"
+
+
+def _embed_label(bits: int, block: int | None) -> str:
+    return {32: "Gather fp32", 16: "Gather fp16"}.get(bits) or f"GatherBlockQuantized {bits}-bit, block {block}"
+
+
+def _vision_bytes(vision: list[dict], bits: int) -> tuple[dict, str]:
+    dtype = VISION_DTYPE[bits]
+    prec = {"float32": "float32", "float16": "float16", "int8": "nbits"}[dtype]
+    per = _split(vision, lambda t: onnx_weight_bytes(t, prec, 8, VISION_INT8_BLOCK))
+    label = dtype if dtype != "int8" else f"int8: MatMulNBits 8-bit, block {VISION_INT8_BLOCK}; Conv, position embedding, norms float32"
+    return per, label
+
+
+def _rotary_bytes(info: dict, bits: int) -> int:
+    """cos/sin tables of xpack's decoder graph: [min(max_position_embeddings, 8192), head_dim / 2] each, global
+    and (Gemma 3's sliding layers, their own rotary base) local; float16 in the fp16 graph, float32 otherwise."""
+    t = info["text"]
+    rows = min(t["max_position_embeddings"], ROTARY_MAX_LENGTH)
+    tables = 4 if "layer_types" in info and "sliding_attention" in info["layer_types"] else 2
+    return tables * rows * (t["head_dim"] // 2) * (2 if bits == 16 else 4)
+
+
+def _onnx_gemma3(counted: dict, spec: dict) -> dict:
+    """xpack export --format onnx of Gemma 3: model.onnx (decoder, inputs_embeds) + embed.onnx + vision.onnx."""
     info = counted["info"]
     tied = info["tied"]
-    text = [t for t in counted["tensors"] if t["component"] in ("lm_layers", "embedding", "lm_head")]
+    layers = [t for t in counted["tensors"] if t["component"] in ("lm_layers", "lm_head")]
+    emb = next(t for t in counted["tensors"] if t["component"] == "embedding")
     vision = [t for t in counted["tensors"] if t["component"] in ("vision_tower", "projector")]
-    vis_per = _split(vision, lambda t: onnx_weight_bytes(t, None, None, True))
-    vis_bytes = sum(vis_per.values())
+    # xpack's graph writes the head as its own initializer lm_head.weight [H, V] (the embedding transposed
+    # when tied, in every precision); a MatMul weight with K = hidden
+    head = {**emb, "name": "lm_head.weight", "component": "lm_head", "matmul": (emb["shape"][1], emb["shape"][0])} if tied else None
     out = {}
     for variant, (bits, block) in ONNX_VARIANTS.items():
-        per = _split(text, lambda t: onnx_weight_bytes(t, bits, block, t["component"] != "embedding"))
-        if tied and bits is not None:
-            # xpack materializes the tied head as lm_head.weight before quantizing: a second copy, as MatMul
-            emb = next(t for t in text if t["component"] == "embedding")
-            per["lm_head"] += onnx_weight_bytes({**emb, "component": "lm_head"}, bits, block, True)
+        prec = _text_precision(bits)
+        per = _split(layers + ([head] if head else []), lambda t: onnx_weight_bytes(t, prec, bits, block))
+        rotary = _rotary_bytes(info, bits)
+        per["lm_layers"] += rotary
         dec = sum(per.values())
-        label = variant if bits is None else f"{variant} (MatMulNBits {bits}-bit, block {block})"
+        emb_per = _split([emb], lambda t: onnx_weight_bytes(t, prec, bits, block, gather_quantized=True))
+        emb_bytes = sum(emb_per.values())
+        vis_per, vis_label = _vision_bytes(vision, bits)
+        vis_bytes = sum(vis_per.values())
+        label = _text_label(variant, bits, block)
         out[variant] = {
-            "format": f"ONNX {label} + vision fp16",
+            "format": f"ONNX {label} + vision {VISION_DTYPE[bits]}",
+            "bits": bits,
+            "vision_dtype": VISION_DTYPE[bits],
+            "exportable": bits in spec["onnx_bits"],
             "files": {
-                f"model.onnx_data (text decoder, {variant})": {"components": per, "bytes": dec},
-                "vision.onnx_data (vision tower + projector, fp16)": {"components": vis_per, "bytes": vis_bytes},
+                f"model.onnx + model.onnx_data (decoder taking inputs_embeds: LM layers, final norm, lm_head, {rotary / 1e6:.1f} MB rotary tables; {variant})":
+                    {"components": per, "bytes": dec, "rotary_tables_bytes": rotary},
+                f"embed.onnx + embed.onnx_data (token embedding, {_embed_label(bits, block)})": {"components": emb_per, "bytes": emb_bytes},
+                f"vision.onnx + vision.onnx_data (vision tower + projector, {vis_label})": {"components": vis_per, "bytes": vis_bytes},
             },
-            "bytes": dec + vis_bytes,
-            "decoder_bytes": dec,
-            "note": spec["onnx_exportable"]
-            + ("; int8/int4 hold the tied embedding twice (Gather + materialized lm_head MatMul)" if tied and bits is not None else ""),
+            "bytes": dec + emb_bytes + vis_bytes,
+            "decoder_bytes": dec + emb_bytes,
+            "note": f"exportable: xpack export --format onnx --bits {bits}"
+            + ("; the tied embedding is stored twice (embed.onnx Gather + model.onnx lm_head, its transpose)" if tied else ""),
         }
     return out
+
+
+def _mllama_file(name: str, nbytes: int) -> str:
+    return f"{name} + {name}.data" if nbytes > MLLAMA_EXTERNAL_DATA_BYTES else f"{name} [weights inline]"
+
+
+def _onnx_mllama(counted: dict, spec: dict) -> dict:
+    """xpack export --format onnx of Llama 3.2 Vision: vision.onnx + cross_kv.onnx + decoder.onnx (fp32 only today)."""
+    cross_kv_re = (".cross_attn.k_proj.", ".cross_attn.v_proj.", ".cross_attn.k_norm.")
+    text = [t for t in counted["tensors"] if t["component"] in ("lm_layers", "embedding", "lm_head")]
+    cross = [t for t in text if any(k in t["name"] for k in cross_kv_re)]
+    decoder = [t for t in text if not any(k in t["name"] for k in cross_kv_re)]
+    vision = [t for t in counted["tensors"] if t["component"] in ("vision_tower", "projector")]
+    out = {}
+    for variant, (bits, block) in ONNX_VARIANTS.items():
+        exportable = bits in spec["onnx_bits"]
+        prec = _text_precision(bits)
+        dec_per = _split(decoder, lambda t: onnx_weight_bytes(t, prec, bits, block, gather_quantized=True))
+        cross_per = _split(cross, lambda t: onnx_weight_bytes(t, prec, bits, block))
+        vis_per, vis_label = _vision_bytes(vision, bits)
+        dec, cro, vis = (sum(d.values()) for d in (dec_per, cross_per, vis_per))
+        label = _text_label(variant, bits, block)
+        emb = "" if bits == 32 else f"; embedding {_embed_label(bits, block)}"
+        out[variant] = {
+            "format": f"ONNX {label} + vision {VISION_DTYPE[bits]}" + (" (exportable)" if exportable else f" ({REFERENCE_LABEL})"),
+            "bits": bits,
+            "vision_dtype": VISION_DTYPE[bits],
+            "exportable": exportable,
+            "files": {
+                f"{_mllama_file('vision.onnx', vis)} (vision encoder + projector, {vis_label})": {"components": vis_per, "bytes": vis},
+                f"{_mllama_file('cross_kv.onnx', cro)} (cross-attention k_proj / v_proj / k_norm of the {len(counted['info']['text']['cross_attention_layers'])} cross-attention layers, {variant})":
+                    {"components": cross_per, "bytes": cro},
+                f"{_mllama_file('decoder.onnx', dec)} (embedding, every other LM weight, final norm, lm_head; {variant}{emb})": {"components": dec_per, "bytes": dec},
+            },
+            "bytes": dec + cro + vis,
+            "decoder_bytes": dec + cro,
+            "note": ("exportable: xpack export --format onnx --bits 32 (packager/onnx_mllama.py, every graph fp32)" if exportable else
+                     f"{REFERENCE_LABEL}; layout assumed as Gemma 3's at --bits {bits}: decoder/cross_kv weights {variant}, "
+                     f"vision {VISION_DTYPE[bits]}") + "; lm_head untied (stored once, in decoder.onnx)",
+        }
+    return out
+
+
+def onnx(counted: dict, spec: dict) -> dict:
+    return (_onnx_gemma3 if spec["onnx_layout"] == "gemma3" else _onnx_mllama)(counted, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,10 +815,9 @@ def runtime_rows(spec: dict, counted: dict, artifacts: dict, profile: dict) -> l
                 "llama.cpp F16 KV, swa_full (default) = every layer n_ctx")
     for v in ONNX_VARIANTS:
         a = artifacts["onnx"][v]
-        hypo = spec["key"] != "medgemma-4b"
-        row(f"ONNX {v} + vision fp16" + (" (not in HEAD)" if hypo else ""), "onnx", a["bytes"], kv_cache(info, n_ctx, 4, "onnx"),
-            vision_activations(info, 4), "fp32 KV (fp32 graph I/O), every layer n_ctx"
-            + ("; no mllama ONNX export at HEAD" if hypo else "; vision.onnx not in HEAD"))
+        tag = "" if spec["onnx_layout"] == "gemma3" else " (exportable)" if a["exportable"] else f" ({REFERENCE_LABEL})"
+        row(f"ONNX {v} + vision {a['vision_dtype']}{tag}", "onnx", a["bytes"], kv_cache(info, n_ctx, 4, "onnx"),
+            vision_activations(info, 4), "fp32 KV (xpack's graphs take and return fp32 K/V at every --bits), every layer n_ctx")
     return [r for r in rows if r["format"] in profile["formats"]] if profile["formats"] else rows
 
 
@@ -753,8 +899,15 @@ def report(results: dict) -> str:
           f"(Q4_K 4.5, Q6_K 6.5625, F32 32 bpw). A flat 4.85 bpw (llama.cpp's usual Q4_K_M average, Llama-7B-shaped) would give "
           f"{text_params * 4.85 / 8 / GB:.2f} GB instead of {g(f['bytes'])} GB: here the 262208 x 2560 embedding, which doubles as the "
           "output head, is Q6_K and is 17% of the text weights.",
-          "- ONNX int8 = 10.5 bpw (16 x 8-bit + float32 scale + uint8 zero point per 16 weights), int4 = 5.125 bpw "
-          "(32 x 4-bit + float32 scale + half a byte of zero point per 32 weights); vision tower + projector fp16 in every ONNX variant.", ""]
+          "- ONNX text weights: int8 = 10.5 bpw (16 x 8-bit + float32 scale + uint8 zero point per 16 weights), int4 = 5.125 bpw "
+          "(32 x 4-bit + float32 scale + half a byte of zero point per 32 weights); the token embedding likewise as GatherBlockQuantized. "
+          "vision.onnx follows packager/onnx.py VISION_DTYPE: float32 at --bits 32, float16 at 16, int8 at 8 and 4 "
+          f"(MatMulNBits 8-bit, block {VISION_INT8_BLOCK} = 9.25 bpw on the MatMul weights; patch Conv, position embeddings, norms float32).",
+          "- MedGemma 4B ONNX: the decoder (model.onnx) takes inputs_embeds and holds the output head as its own tensor lm_head.weight, "
+          "the tied embedding transposed, while embed.onnx holds the embedding for the Gather: the 262208 x 2560 matrix is stored twice "
+          "at every --bits (fp32 and fp16 included). model.onnx also holds the rotary cos/sin tables (8192 rows, global + local).",
+          f"- Llama 3.2 11B Vision ONNX: xpack exports it at --bits 32 only (vision.onnx, cross_kv.onnx, decoder.onnx, all fp32); "
+          f"the fp16/int8/int4 rows are {REFERENCE_LABEL}, with Gemma 3's per-bits layout assumed.", ""]
 
     # runtime
     for prof in results["profiles"]:
