@@ -383,10 +383,10 @@ def test_export_errors(twin_factory, tmp_path):
         export(str(llama.model_dir), "onnx", out, quant="Q4_K_M")
     r = _cli("export", "--model", llama.model_dir, "--format", "gguf", "--bits", "4", "--keep-lm-head", "--out", out)
     assert r.exit_code == 1 and "ONNX settings" in r.output
-    mllama = twin_factory.get("mllama")
-    r = _cli("export", "--model", mllama.model_dir, "--format", "onnx", "--bits", "32", "--out", out)
-    assert r.exit_code == 1 and "cannot export Llama 3.2 Vision (mllama)" in r.output
-    assert "gemma2" in r.output and "gemma3" in r.output and "llama" in r.output
+    r = _cli("export", "--model", llama.model_dir, "--format", "onnx", "--bits", "32", "--graph", "other", "--out", out)
+    assert r.exit_code == 2 and "other" in r.output
+    r = _cli("export", "--model", llama.model_dir, "--format", "gguf", "--bits", "4", "--graph", "optimum", "--out", out)
+    assert r.exit_code == 1 and "--graph chooses how the ONNX decoder is written" in r.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "xpack-tmp" in p.name or "xpack-onnx" in p.name]
 
 
