@@ -61,8 +61,9 @@ Method
              4 (``MatMulNBits`` 8-bit, block 32 = 9.25 bpw on every MatMul weight: q/k/v/out_proj,
              fc1/fc2, the projector; the patch-embedding Conv, the position embedding and the norms
              stay float32).
-         Llama 3.2 Vision (mllama): xpack exports it at --bits 32 only (``_export_mllama``, archs
-         ``mllama.json`` ``"bits": [32]``; 16/8/4 raise an error): ``packager/onnx_mllama.py`` writes
+         Llama 3.2 Vision (mllama): xpack exports it at --bits 32, 8 and 4 (``_export_mllama``, archs
+         ``mllama.json`` ``"bits"``; 16 raises an error; 8/4 quantize decoder and cross_kv like the
+         Gemma decoder and the vision graph to int8): ``packager/onnx_mllama.py`` writes
          ``vision.onnx`` (vision encoder + projector), ``cross_kv.onnx`` (the k_proj / v_proj /
          k_norm of the 8 cross-attention layers) and ``decoder.onnx`` (embedding, every other LM
          weight, final norm, the untied lm_head), all float32, each parameter once; a graph's weights
@@ -305,7 +306,7 @@ MODELS = [
         # "bits": [32]): vision.onnx, cross_kv.onnx, decoder.onnx (packager/onnx_mllama.py), all fp32;
         # --bits 16/8/4 raise "not available for Llama 3.2 Vision (mllama) ONNX yet".
         "onnx_layout": "mllama",
-        "onnx_bits": (32,),
+        "onnx_bits": (32, 8, 4),
     },
 ]
 
@@ -335,7 +336,7 @@ VISION_INT8_BLOCK = 32  # packager/onnx_vision.py INT8_BLOCK_SIZE
 ROTARY_MAX_LENGTH = 8192  # packager/onnx_graph.py MAX_LENGTH: rows of the cos/sin tables in xpack's decoder graph
 MLLAMA_EXTERNAL_DATA_BYTES = 1 << 30  # packager/onnx_mllama.py: weights past 1 GiB go to <graph>.onnx.data
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32 only)"
+REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32, int8, int4 only)"
 HF_SHARD_BYTES = 5e9  # transformers' save_pretrained default max_shard_size ("5GB")
 
 
