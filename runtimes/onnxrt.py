@@ -6,7 +6,9 @@ The graph takes ``input_ids``, ``attention_mask``, ``position_ids`` when it has 
 KV layout (heads, head size, dtype) is read from the graph's inputs, never from the config (optimum's
 own ORTModelForCausalLM guesses it from the config and gets Gemma 2's wrong).
 
-The decode loop keeps the cache where onnxruntime made it: each step's ``present.*`` OrtValues are
+With xpack's own graph (GroupQueryAttention), the cache is one buffer per layer allocated for the
+whole generation and bound as both past and present, so the kernel appends in place
+(``XPACK_ONNX_SHARE_KV=0`` turns that off, for measuring). Otherwise the decode loop keeps the cache where onnxruntime made it: each step's ``present.*`` OrtValues are
 bound as the next step's ``past_key_values.*`` through an IO binding (no numpy copies, no per-step
 concatenation in Python), only the last position's logits are copied out, and the attention mask and
 position ids are views of arrays allocated once per call. On a CUDA profile the cache stays on the
@@ -255,6 +257,8 @@ class OnnxRuntime(Runtime):
         vocab = outputs["logits"].shape[-1]
         self._n_vocab = int(vocab) if isinstance(vocab, int) else int(text_cfg.get("vocab_size", 0))
         self.bias_inputs = [n for n in ("attention_bias", "attention_bias_sliding") if n in inputs]
+        # xpack's graphs attend with GroupQueryAttention, which can grow its cache in place (see _cache_buffers)
+        self.share_buffer = read_manifest(folder).get("graph") == "xpack" and os.environ.get("XPACK_ONNX_SHARE_KV", "1") != "0"
         self.window = text_cfg.get("sliding_window")
         self.max_length = read_manifest(folder).get("max_length")
         extra = sorted(set(inputs) - {first, "attention_mask", "position_ids", *self.bias_inputs, *past})
@@ -312,7 +316,7 @@ class OnnxRuntime(Runtime):
     def _embed(self, token_ids):
         return self.embedder.run(["inputs_embeds"], {"input_ids": self._np.asarray([token_ids], dtype=self._np.int64)})[0]
 
-    def _run(self, binding, token_ids, past, start: int, mask, positions, embeds=None, spans=()):
+    def _run(self, binding, token_ids, past, start: int, mask, positions, embeds=None, spans=(), shared: bool = False):
         """One forward pass of ``token_ids`` after ``start`` cached positions; returns (logits OrtValue, present OrtValues).
 
         A vision model's decoder takes ``embeds`` (the prompt's embeddings with the image features in)
@@ -332,8 +336,11 @@ class OnnxRuntime(Runtime):
             binding.bind_ortvalue_input(name, value)
         binding.clear_binding_outputs()
         binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self._device)
+        for name, value in zip(self.present_names, past if shared else self.present_names):
+            if shared:  # the kernel writes the new keys/values into the buffer it reads the past from
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self._device)
         if self.on_gpu:
             binding.synchronize_inputs()
             self.session.run_with_iobinding(binding)
@@ -341,7 +348,15 @@ class OnnxRuntime(Runtime):
         else:
             self.session.run_with_iobinding(binding)
         out = binding.get_outputs()
-        return out[0], out[1:]
+        return out[0], (past if shared else out[1:])
+
+    def _cache_buffers(self, length: int) -> list:
+        """One [1, kv_heads, length, head_dim] buffer per past input, allocated once per generation on the
+        profile's device: GroupQueryAttention appends in place when past and present are the same
+        buffer (onnxruntime-genai's past_present_share_buffer), so no step copies the cache."""
+        np, layout = self._np, self.kv_layout
+        shape = [1, int(layout["heads"]), int(length), int(layout["head_dim"])]
+        return [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(layout["dtype"]).type, self._device) for _ in self.past_names]
 
     def _buffers(self, length: int):
         np = self._np
@@ -469,11 +484,13 @@ class OnnxRuntime(Runtime):
             return logits[-1].astype(np.float32, copy=True), mllama_step
         mask, positions = self._buffers(len(prompt) + limit)
         binding = self.session.io_binding()
-        logits, past = self._run(binding, prompt, self.empty_past, 0, mask, positions, embeds, spans)
+        shared = self.share_buffer
+        start_past = self._cache_buffers(len(prompt) + limit) if shared else self.empty_past
+        logits, past = self._run(binding, prompt, start_past, 0, mask, positions, embeds, spans, shared)
         cache = [past]
 
         def step(token: int, cursor: int):
-            out, cache[0] = self._run(binding, [token], cache[0], cursor, mask, positions)
+            out, cache[0] = self._run(binding, [token], cache[0], cursor, mask, positions, shared=shared)
             return out.numpy()[0, -1].astype(np.float32, copy=True)
 
         return logits.numpy()[0, -1].astype(np.float32, copy=True), step
