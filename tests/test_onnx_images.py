@@ -147,15 +147,16 @@ def _adapter_keys(folder):
         return list(f.keys())
 
 
-def test_verify_images_on_onnx(twin_factory, exported, tmp_path):
+@pytest.mark.parametrize("name", ["gemma3_vision", "mllama"])
+def test_verify_images_on_onnx(twin_factory, exported, tmp_path, name):
     from PIL import Image
 
-    _, out = exported("gemma3_vision")
+    _, out = exported(name)
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (32, 32), (30, 160, 90)).save(images / "square.png")
     twins.sample_image().save(images / "wide.png")
-    report = verify(out, twin_factory.get("gemma3_vision").model_dir, "cpu16", images_dir=images, benchmark=False, max_tokens=8)
+    report = verify(out, twin_factory.get(name).model_dir, "cpu16", images_dir=images, benchmark=False, max_tokens=8)
     assert report["runtime"] == "onnx" and report["parity_pass"], report["checks"]
     assert {c["metric"] for c in report["checks"]} >= {"image_top1_agreement", "image_kl_mean"}
     assert all(p["tokens"] > 4 and p["kl_mean"] < 1e-6 for p in report["parity"]["images"])
