@@ -1,23 +1,52 @@
 """Weight-only block quantization of an ONNX decoder's MatMuls into onnxruntime's ``MatMulNBits``, written by xpack.
 
-onnxruntime's ``MatMulNBitsQuantizer`` rounds every block to nearest over its [min, max] range, at one bit
-width for the whole model. On small models that loses far more than llama.cpp's Q4_K_M (on the 135M demo
-model: mean KL 0.51 against 0.087). Two things llama.cpp does are done here, in numpy, on the same
-onnxruntime operator (so the file runs on any onnxruntime with the contrib ops):
+onnxruntime's ``MatMulNBitsQuantizer`` rounds every block to nearest over its [min, max] range, at one
+width for the whole model; on the 135M demo model its int4 file loses far more than llama.cpp's Q4_K_M.
+Q4_K_M does better with a per-block scale/min search and a mix of widths, and on this model (rows of
+576, not a multiple of 256) most of its matrices fall back to Q5_0 and Q8_0. MatMulNBits runs 2, 4 and
+8 bits only on CPU, so the same ideas are done here with 4 and 8 bits, on onnxruntime's own operator:
 
 - Search (llama.cpp's ``make_qkx2_quants``): per block, a grid of candidate scales around the block's
-  range is tried; for each, the integer codes are rounded, the scale is refitted by least squares and
-  the (weighted) squared error kept if it is the lowest so far. The error weights are llama.cpp's for
-  K-quants without an importance matrix (``rms(block) + |x|``). Unlike Q4_K, ``MatMulNBits`` stores an
-  integer zero point, so the block's minimum is a multiple of its scale; the search works in that space.
-- Mixed bit widths: 8 bits where llama.cpp's Q4_K_M spends 6 (the output head, and ``use_more_bits``
-  layers: the first and last eighth and every third layer between), chosen by node-name patterns.
+  range is tried; for each, the integer codes are rounded, the scale refitted by least squares and the
+  weighted squared error kept if it is the lowest so far (llama.cpp's weights for K-quants without an
+  importance matrix: ``rms(block) + |x|``). Unlike Q4_K, ``MatMulNBits`` stores an integer zero point,
+  so the block's minimum is a multiple of its scale; the search works in that space.
+- Mixed widths: 8 bits (blocks of 64) for the output head, every attention projection and the MLP of
+  llama.cpp's ``use_more_bits`` layers (first and last eighth, every third between); 4 bits (blocks of
+  32) for the other MLPs. Node-name patterns, so callers can choose otherwise.
+- A tied embedding is read from the head's packed weight (``GatherBlockQuantized`` over the same
+  initializer) instead of being stored a second time, as llama.cpp stores it once.
 
-And one thing llama.cpp gets for free and onnxruntime's quantizer does not: a tied embedding is read
-from the output head's quantized weights (``GatherBlockQuantized`` over the same packed initializer),
-instead of being stored a second time.
+Measured on the demo model (SmolLM2-135M-Instruct, xpack's decoder graph, onnxruntime 1.32, one thread;
+mean KL / top-1 against torch fp32, teacher-forced on the 548 tokens of data/eval_medical.txt; "README"
+= the first 1024 tokens of the repository's README.md; "merged" = the demo's merged base + radiology
+adapter, eval_medical; decode = median ms per single-token step with the KV cache, interleaved runs;
+4-bit blocks of 32, accuracy_level 4 throughout; the first three rows keep onnxruntime's own 4-bit
+embedding, the others read the embedding from the head):
 
-The layout written is onnxruntime's (checked bit for bit against its quantizer in tests):
+| variant | bytes | KL | top-1 | KL README | KL merged | decode ms |
+|---|---|---|---|---|---|---|
+| RTN, onnxruntime's quantizer (embedding 4-bit) | 106.7 MB | 0.511 | 58.0% | 0.456 | 0.529 | 7.6-7.8 |
+| RTN, this module (byte-identical file) | 106.7 MB | 0.511 | 58.0% | 0.456 | - | 7.5 |
+| search, all 4-bit | 106.7 MB | 0.422 | 57.5% | 0.341 | - | 7.4 |
+| search, all 4-bit, tied embedding shared | 93.0 MB | 0.424 | 58.0% | 0.336 | - | 7.3 |
+| search + llama.cpp's Q4_K_M choice at 8/32 (head, qkv + down of use_more_bits) | 118.0 MB | 0.178 | 76.5% | 0.146 | 0.263 | 8.1-8.4 |
+| search + head, all qkv, down of use_more_bits, all of first/last eighth (8/32) | 130.1 MB | 0.064 | 84.9% | 0.046 | 0.106 | 8.2-8.8 |
+| the same, RTN instead of search | 130.1 MB | 0.084 | 84.1% | 0.058 | - | 8.3 |
+| the same + o_proj everywhere (8/32) | 134.1 MB | 0.056 | 84.7% | 0.039 | 0.079 | 8.4 |
+| the same, 8-bit blocks of 64 | 125.6 MB | 0.057 | 86.1% | 0.043 | 0.079 | 7.4-8.0 |
+| **default**: head, all attention, MLP of use_more_bits (8/64) | 131.1 MB | 0.046 | 86.7% | 0.035 | 0.063 | 7.4-7.9 |
+| 4-bit blocks of 16 instead of more 8-bit (head, all qkv, down use_more_bits at 8/32) | 133.4 MB | 0.070 | 84.3% | 0.052 | - | 10.2 |
+| llama.cpp Q4_K_M (GGUF, for reference) | 105.5 MB | 0.076 | 85.8% | 0.070 | 0.087 | - |
+
+What bought what (KL on eval_medical, 8/32 unless noted): q|k|v in every layer instead of the
+use_more_bits ones -0.07 for 4.6 MB (xpack's graph packs q|k|v in one MatMul, so the whole packed
+matrix, not v alone, is the unit: 8 bits for all of it costs 3 MB more than for v alone would, and
+q and k gain too); the down projections of use_more_bits -0.08 for 6.4 MB once q|k|v are 8-bit;
+o_proj everywhere -0.01 (but -0.03 on the merged model, whose adapter changes q, k, v and o); the
+searched scales -0.02 at the same bytes. Quantizing the whole model takes ~14 s on one core.
+
+The layout written is onnxruntime's (byte for byte against its quantizer in tests/test_onnx_quant.py):
 ``B`` uint8 [N, k_blocks, block_size * bits / 8], codes along K, low nibble first for 4 bits;
 ``scales`` float [N, k_blocks]; ``zero_points`` uint8 [N, ceil(k_blocks * bits / 8)], packed like B
 (4 bits: low nibble = even block, an odd last block padded with 8, as onnxruntime does).
@@ -38,13 +67,26 @@ if TYPE_CHECKING:  # pragma: no cover
 # ``{more_bits}`` = llama.cpp's use_more_bits layers (Q4_K_M gives these Q6_K for attn_v and ffn_down),
 # ``{ends}`` = its first and last eighth only.
 MORE_BITS, ENDS = "{more_bits}", "{ends}"
-# Nodes that get 8 bits when ``mixed``: the output head, and the down projection of the
-# use_more_bits layers. Patterns are regexes searched in the node name (xpack's graph and optimum's
-# name them alike: /lm_head/MatMul, /model/layers.N/mlp/down_proj/MatMul).
+# Nodes that get 8 bits when ``mixed`` (regexes searched in node names; xpack's graph and optimum's
+# name them alike, /lm_head/MatMul, /model/layers.N/mlp/down_proj/MatMul, except that xpack's graph
+# packs q|k|v into one /model/layers.N/attn/qkv_proj/MatMul and optimum's attention is /self_attn/).
+# Chosen by measurement on the demo model (module docstring): the output head, every attention
+# projection (q, k, v, o) and the MLP (gate, up, down) of llama.cpp's use_more_bits layers; the MLPs
+# of the other layers stay 4-bit.
 DEFAULT_EIGHT_BIT_PATTERNS = (
     r"^/lm_head/",
-    r"^/model/layers\.{more_bits}/mlp/down_proj/",
+    r"^/model/layers\.\d+/(attn|self_attn)/",
+    r"^/model/layers\.{more_bits}/mlp/",
+)
+# 8-bit blocks of 64: the same KL as blocks of 32 on the demo model, 7% fewer 8-bit bytes, and
+# onnxruntime's int8 kernel runs them ~10% faster (the mix then decodes as fast as plain int4).
+EIGHT_BIT_BLOCK_SIZE = 64
+# llama.cpp's own choice for Q4_K_M (Q6_K: output head, attn_v and ffn_down of the use_more_bits layers),
+# as 8-bit MatMulNBits patterns; with xpack's packed q|k|v, "v" is the whole qkv MatMul.
+LLAMA_CPP_Q4_K_M_PATTERNS = (
+    r"^/lm_head/",
     r"^/model/layers\.{more_bits}/(attn/qkv_proj|self_attn/v_proj)/",
+    r"^/model/layers\.{more_bits}/mlp/down_proj/",
 )
 # The candidate grid, make_qkx2_quants' form: iscale = (qmax + RMIN + RDELTA * i) / range, i = 0..NSTEP.
 # llama.cpp's Q4_K uses -1, 0.1, 20 (qmax - 1 .. qmax + 1); a wider grid, qmax - 4 .. qmax + 4 in steps of
@@ -188,6 +230,15 @@ def _pack(values: "np.ndarray", bits: int, pad_value: int = 0) -> "np.ndarray":
     return out
 
 
+def _unpack(packed: "np.ndarray", bits: int, count: int) -> "np.ndarray":
+    """The inverse of :func:`_pack`: ``count`` values along the last axis."""
+    import numpy as np
+
+    mask = np.uint8(2**bits - 1)
+    out = np.stack([(packed >> np.uint8(bits * i)) & mask for i in range(8 // bits)], axis=-1)
+    return out.reshape(packed.shape[:-1] + (-1,))[..., :count]
+
+
 def quantize_weight(
     w: "np.ndarray", bits: int = 4, block_size: int = 32, *, search: bool = True, weighted: bool = True,
 ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
@@ -223,12 +274,10 @@ def dequantize_weight(packed: "np.ndarray", scales: "np.ndarray", zero_points: "
     """The float [K, N] weight a MatMulNBits initializer triple stands for (for checks and tests)."""
     import numpy as np
 
-    n, k_blocks, _ = packed.shape
-    per_byte = 8 // bits
-    mask = np.uint8(2**bits - 1)
-    q = np.stack([(packed >> np.uint8(bits * i)) & mask for i in range(per_byte)], axis=-1).reshape(n, k_blocks, -1)
-    z = np.stack([(zero_points >> np.uint8(bits * i)) & mask for i in range(per_byte)], axis=-1).reshape(n, -1)[:, :k_blocks]
-    w = (q.astype(np.float32) - z[..., None].astype(np.float32)) * scales.reshape(n, k_blocks)[..., None]
+    n, k_blocks, blob = packed.shape
+    q = _unpack(packed, bits, blob * 8 // bits).astype(np.float32)
+    z = _unpack(zero_points, bits, k_blocks).astype(np.float32)
+    w = (q - z[..., None]) * scales.reshape(n, k_blocks)[..., None]
     return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
 
 
@@ -242,10 +291,11 @@ def _layer_count(names: Iterable[str]) -> int:
 
 
 def expand_patterns(patterns: Sequence[str], layers: int) -> list["re.Pattern"]:
-    """Compile the 8-bit node patterns, ``{more_bits}`` replaced by the use_more_bits layer numbers."""
+    """Compile the 8-bit node patterns: ``{more_bits}`` becomes the alternation of llama.cpp's
+    use_more_bits layer numbers, ``{ends}`` that of the first and last eighth (``layers // 8``)."""
     def alternation(keep) -> str:
         chosen = [str(i) for i in range(layers) if keep(i)]
-        return "(?:" + "|".join(chosen) + ")" if chosen else "(?!)"
+        return "(?:" + "|".join(chosen) + r")(?!\d)" if chosen else "(?!)"
 
     more = alternation(lambda i: use_more_bits(i, layers))
     ends = alternation(lambda i: i < layers // 8 or i >= 7 * layers // 8)
@@ -262,24 +312,26 @@ def quantize_matmuls(
     accuracy_level: int | None = 4,
     exclude: Iterable[str] = (),
     eight_bit_patterns: Sequence[str] = DEFAULT_EIGHT_BIT_PATTERNS,
-    eight_bit_block_size: int = 32,
+    eight_bit_block_size: int = EIGHT_BIT_BLOCK_SIZE,
     share_embedding: bool = True,
     weighted: bool = True,
 ) -> tuple["onnx.ModelProto", dict]:
     """Replace every MatMul whose second input is a 2-D float32 initializer [K, N] by a ``MatMulNBits``
     (in place; the model is also returned), with an ``info`` dict of what was done.
 
-    - ``bits``/``block_size``: the default width (4 or 8) and block along K.
-    - ``mixed``: nodes whose name matches one of ``eight_bit_patterns`` (regexes searched in the node
-      name; ``{more_bits}`` stands for the llama.cpp use_more_bits layer numbers) get 8 bits in blocks
-      of ``eight_bit_block_size``.
-    - ``search``: per-block scale / zero point search (make_qkx2_quants-style); False = round to
-      nearest exactly as onnxruntime's MatMulNBitsQuantizer does (bit-identical output).
+    - ``bits``/``block_size``: the width (4 or 8) and block along K of every quantized MatMul not
+      picked for 8 bits.
+    - ``mixed`` (ignored at 8 bits): nodes whose name matches one of ``eight_bit_patterns`` (regexes
+      searched in the node name; ``{more_bits}`` and ``{ends}`` stand for layer numbers, see
+      :func:`expand_patterns`) get 8 bits in blocks of ``eight_bit_block_size``.
+    - ``search``: the per-block scale / zero-point search; False = round to nearest exactly as
+      onnxruntime's MatMulNBitsQuantizer does (the same bytes).
+    - ``accuracy_level``: MatMulNBits' attribute (4: int8 activations in the kernel); None/0 = unset.
     - ``exclude``: node names left as float MatMuls.
     - ``share_embedding``: a Gather (axis 0) whose table equals the transpose of a quantized MatMul
       weight (a tied embedding) becomes a ``GatherBlockQuantized`` reading that MatMul's packed weight,
-      so the table is stored once (at the head's bit width). Other Gathers are left alone.
-    - ``weighted``: the search minimizes llama.cpp's weighted error (rms(block) + |x|) rather than the plain one.
+      so the table is stored once, at the head's width. Other Gathers are left as they are.
+    - ``weighted``: the search minimizes llama.cpp's weighted error (rms(block) + |x|), not the plain one.
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -294,11 +346,11 @@ def quantize_matmuls(
         for name in node.input:
             users[name] = users.get(name, 0) + 1
     excluded = set(exclude)
-    layers = _layer_count(n.name for n in graph.node)
+    nodes = list(graph.node)
+    layers = _layer_count(n.name for n in nodes)
     eight = expand_patterns(eight_bit_patterns, layers) if mixed and bits != 8 else []
 
     # tied embeddings: Gather tables by shape, matched below against the transposed MatMul weights
-    nodes = list(graph.node)
     tables: dict[tuple[int, int], list[int]] = {}
     if share_embedding:
         for i, node in enumerate(nodes):
@@ -306,7 +358,8 @@ def quantize_matmuls(
             if node.op_type == "Gather" and axis == 0 and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
                 tables.setdefault(tuple(inits[node.input[0]].dims), []).append(i)
 
-    replaced: dict[int, list] = {}  # index of an original node -> its replacement nodes
+    replaced: dict[int, list] = {}  # index of an original node -> the nodes that replace it
+    done: dict[str, tuple] = {}  # weight initializer -> (bits, block, names of B / scales / zero points)
     nodes_info: dict[str, dict] = {}
     shared: dict[str, str] = {}
     new_inits = []
@@ -316,58 +369,75 @@ def quantize_matmuls(
         tensor = inits.get(weight)
         if tensor is None or node.name in excluded or len(tensor.dims) != 2 or tensor.data_type != 1:  # 1: float32
             continue
-        w = numpy_helper.to_array(tensor)
-        k, n = w.shape
-        node_bits, node_block = bits, block_size
-        if any(p.search(node.name) for p in eight):
-            node_bits, node_block = 8, eight_bit_block_size
-        packed, scales, zero_points = quantize_weight(w, node_bits, node_block, search=search, weighted=weighted)
-        err = float(np.square(dequantize_weight(packed, scales, zero_points, node_bits, k) - w, dtype=np.float64).sum())
-        ref = float(np.square(w, dtype=np.float64).sum())
-        sq_err, sq_ref = sq_err + err, sq_ref + ref
-        b_name, s_name, z_name = f"{weight}_Q{node_bits}", f"{weight}_scales", f"{weight}_zero_points"
-        new_inits += [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name), numpy_helper.from_array(zero_points, z_name)]
+        k, n = tensor.dims
+        if weight in done:  # one weight, several MatMuls: quantized once, at its first node's width
+            node_bits, node_block, names = done[weight]
+        else:
+            w = numpy_helper.to_array(tensor)
+            node_bits, node_block = (8, eight_bit_block_size) if any(p.search(node.name) for p in eight) else (bits, block_size)
+            if (n, k) in tables:  # a tied table can only be shared in whole blocks: a smaller block that divides K
+                while node_block > 16 and k % node_block:
+                    node_block //= 2
+            packed, scales, zero_points = quantize_weight(w, node_bits, node_block, search=search, weighted=weighted)
+            err = float(np.square(dequantize_weight(packed, scales, zero_points, node_bits, k) - w, dtype=np.float64).sum())
+            ref = float(np.square(w, dtype=np.float64).sum())
+            sq_err, sq_ref = sq_err + err, sq_ref + ref
+            names = (f"{weight}_Q{node_bits}", f"{weight}_scales", f"{weight}_zero_points")
+            new_inits += [numpy_helper.from_array(a, name) for a, name in zip((packed, scales, zero_points), names)]
+            done[weight] = (node_bits, node_block, names)
+            nodes_info[node.name or weight] = {"bits": node_bits, "block_size": node_block, "K": k, "N": n, "rel_mse": err / ref if ref else 0.0}
+            for gi in tables.get((n, k), []) if k % node_block == 0 else []:
+                g = nodes[gi]
+                if gi in replaced or not np.array_equal(numpy_helper.to_array(inits[g.input[0]]), w.T):
+                    continue
+                replaced[gi] = _shared_gather(g, names[0], scales, zero_points, node_bits, node_block, k, new_inits)
+                shared[g.name or g.input[0]] = node.name or weight
+                users[g.input[0]] -= 1
+            del w
         attrs = dict(K=k, N=n, bits=node_bits, block_size=node_block)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         replaced[index] = [helper.make_node(
-            "MatMulNBits", [node.input[0], b_name, s_name, z_name], list(node.output),
+            "MatMulNBits", [node.input[0], *names], list(node.output),
             name=f"{node.name}_Q{node_bits}" if node.name else "", domain=ONNX_DOMAIN, **attrs,
         )]
-        nodes_info[node.name or weight] = {"bits": node_bits, "block_size": node_block, "K": k, "N": n, "rel_mse": err / ref if ref else 0.0}
         users[weight] -= 1
-        for gi in tables.get((n, k), []) if k % node_block == 0 else []:
-            g = nodes[gi]
-            if gi in replaced or not np.array_equal(numpy_helper.to_array(inits[g.input[0]]), w.T):
-                continue
-            replaced[gi] = _shared_gather(g, b_name, scales, zero_points, node_bits, node_block, k, new_inits)
-            shared[g.name or g.input[0]] = node.name or weight
-            users[g.input[0]] -= 1
-        del w
 
     rebuilt = [x for i, node in enumerate(nodes) for x in replaced.get(i, [node])]
     graph.ClearField("node")
     graph.node.extend(rebuilt)
-    kept = [i for i in graph.initializer if users.get(i.name, 0) > 0 or i.name not in users]
+    unused = {name for name, count in users.items() if count <= 0}
+    kept = [i for i in graph.initializer if i.name not in unused]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+    for value in [v for v in graph.input if v.name in unused]:  # initializers listed as inputs (IR < 4)
+        graph.input.remove(value)
     if not any(o.domain == ONNX_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ONNX_DOMAIN, 1))
+
     counts: dict[str, int] = {}
     for v in nodes_info.values():
         key = f"{v['bits']}-bit/{v['block_size']}"
         counts[key] = counts.get(key, 0) + 1
+    eight_nodes = sorted(k for k, v in nodes_info.items() if v["bits"] == 8) if eight else []
+    scheme = f"int{bits} weight-only, block {block_size}, asymmetric (MatMulNBits)"
+    if eight_nodes:
+        scheme += f"; 8-bit (block {eight_bit_block_size}) for {len(eight_nodes)} of {len(nodes_info)} MatMuls"
+    if search:
+        scheme += "; per-block scale/zero-point search"
+    if shared:
+        scheme += "; tied embedding read from the head's packed weight"
     info = {
-        "quantizer": "xpack onnx_quant: " + ("per-block scale/zero-point search (llama.cpp make_qkx2_quants grid)" if search else "round-to-nearest (as onnxruntime)"),
+        "scheme": scheme,
+        "quantizer": "xpack onnx_quant (" + ("llama.cpp make_qkx2_quants-style search" if search else "round to nearest, as onnxruntime") + ")",
         "bits": bits,
         "block_size": block_size,
         "symmetric": False,
         "accuracy_level": accuracy_level,
-        "search": {"nstep": NSTEP, "rmin": RMIN, "rdelta": RDELTA, "error_weights": "rms(block) + |x|" if weighted else "uniform"} if search else None,
-        "mixed": bool(eight),
+        "search": {"grid": [RMIN, RDELTA, NSTEP], "error_weights": "rms(block) + |x|" if weighted else "uniform"} if search else None,
         "eight_bit_patterns": list(eight_bit_patterns) if eight else [],
         "eight_bit_block_size": eight_bit_block_size if eight else None,
-        "eight_bit_nodes": sorted(k for k, v in nodes_info.items() if v["bits"] == 8) if eight else [],
+        "eight_bit_nodes": eight_nodes,
         "node_counts": counts,
         "shared_embedding": shared,
         "weight_rel_mse": sq_err / sq_ref if sq_ref else 0.0,
@@ -375,14 +445,6 @@ def quantize_matmuls(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return model, info
-
-
-def _unpack(packed: "np.ndarray", bits: int, count: int) -> "np.ndarray":
-    import numpy as np
-
-    mask = np.uint8(2**bits - 1)
-    out = np.stack([(packed >> np.uint8(bits * i)) & mask for i in range(8 // bits)], axis=-1)
-    return out.reshape(packed.shape[:-1] + (-1,))[..., :count]
 
 
 def _shared_gather(g, b_name: str, scales, zero_points, bits: int, block: int, hidden: int, new_inits: list) -> list:

@@ -186,7 +186,7 @@ def test_fp16_gemma_logits_finite_and_close(twin_factory, exports, cpu, name, gr
 def test_quantized_files_load_and_generate(exports, cpu, name, bits, graph):
     manifest, out = exports(name, bits, graph=graph)
     q = manifest["quantization"]
-    assert q["bits"] == bits and q["block_size"] == {8: 16, 4: 32}[bits] and q["lm_head"] == "quantized" and q["embedding"] == "quantized"
+    assert q["bits"] == bits and q["block_size"] == {8: 16, 4: 32}[bits] and q["lm_head"].startswith("quantized") and q["embedding"].startswith("quantized")
     # per layer: q, k, v, o, gate, up, down (optimum) or qkv, o, gate, up, down (xpack); + the head
     assert q["node_types"]["MatMulNBits"] == {"optimum": 7, "xpack": 5}[graph] * 2 + 1
     with load(out, cpu) as rt:
@@ -309,7 +309,7 @@ def test_demo_model_int4_smaller_than_int8(tmp_path, cpu):
     sizes = {}
     for bits in (8, 4):
         manifest = export(str(demo_base_dir()), "onnx", tmp_path / f"demo-{bits}", bits=bits, threads=1)
-        assert manifest["quantization"]["lm_head"] == "quantized"
+        assert manifest["quantization"]["lm_head"].startswith("quantized")
         assert _head_node_types(tmp_path / f"demo-{bits}") == {"MatMulNBits"}
         assert manifest["validation"]["artifact"]["logits"]["kl_mean"] <= (0.02 if bits == 8 else 1.0)  # 28 tokens; see the benchmark for 300
         sizes[bits] = _weights_bytes(manifest)

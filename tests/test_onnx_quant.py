@@ -14,6 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from xpack.packager.onnx_quant import (  # noqa: E402
+    LLAMA_CPP_Q4_K_M_PATTERNS,
     dequantize_weight,
     quantize_matmuls,
     quantize_weight,
@@ -170,12 +171,11 @@ def test_tiny_decoder_runs_in_onnxruntime_close_to_fp32():
     quantized, info = quantize_matmuls(model, 4, 32)
     ops = [n.op_type for n in quantized.graph.node]
     assert "MatMul" not in ops and "Gather" not in ops and ops.count("MatMulNBits") == 17 and ops.count("GatherBlockQuantized") == 1
-    # mixed: the head and the use_more_bits layers' down projections (8 layers: 0, 3, 6, 7) get 8 bits
+    # mixed (8 layers: use_more_bits = 0, 3, 6, 7): 8 bits, blocks of 64, for the head and the MLPs of 0, 3, 6, 7
+    eight = sorted(["/lm_head/MatMul"] + [f"/model/layers.{i}/mlp/{p}_proj/MatMul" for i in (0, 3, 6, 7) for p in ("up", "down")])
     bits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")) for n in quantized.graph.node if n.op_type == "MatMulNBits"}
-    assert sorted(k for k, v in bits.items() if v == 8) == sorted(
-        ["/lm_head/MatMul_Q8"] + [f"/model/layers.{i}/mlp/down_proj/MatMul_Q8" for i in (0, 3, 6, 7)]
-    )
-    assert info["node_counts"] == {"4-bit/32": 12, "8-bit/32": 5}
+    assert sorted(k for k, v in bits.items() if v == 8) == [f"{name}_Q8" for name in eight]
+    assert info["eight_bit_nodes"] == eight and info["node_counts"] == {"4-bit/32": 8, "8-bit/64": 9}
     assert info["shared_embedding"] == {"/model/embed_tokens/Gather": "/lm_head/MatMul"}
     names = {i.name for i in quantized.graph.initializer}
     assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names  # the table is stored once, packed
@@ -191,6 +191,20 @@ def test_tiny_decoder_runs_in_onnxruntime_close_to_fp32():
     assert rel < 0.1, rel  # measured 0.074-0.077 (seeds 7-9); plain 4-bit RTN everywhere: 0.13
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).mean() >= 0.9
 
+    # llama.cpp's Q4_K_M choice: the head and the use_more_bits down projections (no qkv in this graph)
+    _, info = quantize_matmuls(_tiny_decoder(np.random.default_rng(7)), 4, 32, eight_bit_patterns=LLAMA_CPP_Q4_K_M_PATTERNS)
+    assert info["eight_bit_nodes"] == sorted(["/lm_head/MatMul"] + [f"/model/layers.{i}/mlp/down_proj/MatMul" for i in (0, 3, 6, 7)])
+    # a hidden size that is not a whole number of 8-bit blocks (96 = 1.5 x 64): the tied head takes
+    # blocks of 32 so that the embedding can still read it
+    wide = _tiny_decoder(np.random.default_rng(8), hidden=96)
+    wide_logits, wide_embeds = _run(wide, ids)
+    wide, info = quantize_matmuls(wide, 4, 32)
+    assert info["nodes"]["/lm_head/MatMul"]["block_size"] == 32 and info["nodes"]["/model/layers.0/mlp/down_proj/MatMul"]["block_size"] == 64
+    assert info["shared_embedding"] == {"/model/embed_tokens/Gather": "/lm_head/MatMul"}
+    logits, embeds = _run(wide, ids)
+    assert np.abs(embeds - wide_embeds).max() < 0.01
+    assert np.linalg.norm(logits - wide_logits) / np.linalg.norm(wide_logits) < 0.1
+
     # no mixing, no sharing, an excluded node: all 4-bit, the Gather and the excluded MatMul left as they were
     plain, info = quantize_matmuls(_tiny_decoder(np.random.default_rng(7)), 4, 32, mixed=False, share_embedding=False, exclude=["/lm_head/MatMul"])
     ops = [n.op_type for n in plain.graph.node]
@@ -199,3 +213,23 @@ def test_tiny_decoder_runs_in_onnxruntime_close_to_fp32():
     logits, embeds = _run(plain, ids)
     assert np.array_equal(embeds, ref_embeds)
     assert np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits) < 0.15
+
+
+def test_one_weight_two_matmuls_quantized_once():
+    rng = np.random.default_rng(5)
+    w = _weights(rng, 64, 48)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y1"], name="first"), helper.make_node("MatMul", ["Y0", "W"], ["Y2"], name="second"),
+         helper.make_node("Relu", ["A"], ["Y0"], name="relu")], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("Y1", TensorProto.FLOAT, [1, 48]), helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [1, 48])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    model, info = quantize_matmuls(model, 4, 32)
+    assert sorted(_inits(model)) == ["W_Q4", "W_scales", "W_zero_points"] and list(info["nodes"]) == ["first"]
+    a = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+    y1, y2 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})
+    deq = dequantize_weight(*[_inits(model)[n] for n in ("W_Q4", "W_scales", "W_zero_points")], 4, 64)
+    assert np.abs(y1 - a @ deq).max() < 0.05 and np.abs(y2 - np.maximum(a, 0) @ deq).max() < 0.05
