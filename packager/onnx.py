@@ -1,10 +1,17 @@
 """Hugging Face checkpoint (+ optional LoRA, merged first) -> ONNX decoder with a KV cache, for onnxruntime.
 
+The decoder graph is xpack's (``onnx_graph.py``: onnxruntime's fused GroupQueryAttention, ~10 nodes
+per layer) unless ``graph="optimum"``; both take and return the same tensors. Gemma 3 with vision
+adds ``vision.onnx`` (``onnx_vision.py``) and ``embed.onnx``, its decoder taking ``inputs_embeds``;
+Llama 3.2 Vision is written as three graphs by ``onnx_mllama.py`` (``_export_mllama``).
+
 What optimum-onnx and onnxruntime give us and we use: optimum's exporter (``onnx_export_from_model``,
 task ``text-generation-with-past``: one graph taking ``past_key_values.*`` and returning ``logits``
-and ``present.*``), onnxruntime's weight-only block quantizer (``MatMulNBitsQuantizer``: MatMul ->
-``MatMulNBits``, embedding Gather -> ``GatherBlockQuantized``) and its fp16 converter
-(``onnxruntime.transformers.float16``).
+and ``present.*``) for ``--graph optimum``, onnxruntime's weight-only block quantizer
+(``MatMulNBitsQuantizer``: MatMul -> ``MatMulNBits``, embedding Gather -> ``GatherBlockQuantized``)
+for 8 bits, its operators for 4 bits (the weights written by ``onnx_quant.py``: searched scales,
+llama.cpp-style 8-bit layers) and its fp16 converter (``onnxruntime.transformers.float16``, after
+onnxruntime's symbolic shape inference, which knows the contrib ops).
 
 What we do ourselves, and why:
 - An adapter is merged into a temporary checkpoint first (``merge.run_merge``): optimum exports a
