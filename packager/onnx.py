@@ -34,19 +34,17 @@ What we do ourselves, and why:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import re
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
+from xpack.packager.quiet import quiet
 from xpack.packager.archs import Arch, all_archs, require_arch
 from xpack.packager.checkpoint import Checkpoint
 from xpack.packager.lora import Adapter
@@ -218,33 +216,6 @@ def _prepare_source(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, spec:
 
 # ---------------------------------------------------------------------------------------------
 # optimum
-
-
-@contextlib.contextmanager
-def _quiet():
-    """optimum, torch.onnx and onnxruntime's quantizer log every step; keep the terminal to xpack's own lines."""
-    from transformers.utils import logging as hf_logging
-
-    try:
-        from optimum.utils import logging as optimum_logging
-
-        optimum_logging.get_logger()  # optimum sets its logger's level when first asked for it: before ours, not after
-    except ImportError:  # xpack's own graph needs no optimum
-        pass
-    names = ("optimum", "onnxruntime", "root")
-    saved = {n: logging.getLogger(None if n == "root" else n).level for n in names}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    for n in names:
-        logging.getLogger(None if n == "root" else n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        for n, level in saved.items():
-            logging.getLogger(None if n == "root" else n).setLevel(level)
 
 
 def _require_libraries(graph: str) -> None:
@@ -673,7 +644,7 @@ def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bit
         )
     result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=DECODER_FILE, data_file=None, exported_class="MllamaForConditionalGeneration")
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, _quiet():
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, quiet():
         work = Path(work_dir)
         source = ckpt.path
         if adapters:  # the adapter reaches the vision layers too: merge the whole checkpoint first
@@ -779,7 +750,7 @@ def export_onnx(
     result = OnnxExport(arch=arch.name, graph=graph)
     vision = graph == "xpack" and arch.vision
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, _quiet():
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, quiet():
         work = Path(work_dir)
         full = ckpt
         if vision and adapters:  # the vision tower takes the adapter too: merge the whole checkpoint once

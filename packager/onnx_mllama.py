@@ -53,13 +53,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.packager.quiet import quiet
 
 __all__ = [
     "export_mllama",
@@ -243,24 +242,6 @@ def wrap_mllama(model) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """torch.onnx's TorchScript exporter and transformers warn on every trace; keep the terminal to xpack's own lines."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    saved = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        logging.getLogger("torch.onnx").setLevel(saved)
-
-
-@contextlib.contextmanager
 def _native_stderr_silenced():
     """libtorch's tracer prints "In-place op on output of tensor.shape" to fd 2 directly (the vision tower's
     ``num_patches += 1``, harmless: those sizes are static); python-level errors still raise as usual."""
@@ -314,7 +295,7 @@ def load_mllama(model_dir: "str | Path"):
 
     model_dir = Path(model_dir)
     _read_config(model_dir)
-    with _quiet():
+    with quiet():
         try:
             model = transformers.MllamaForConditionalGeneration.from_pretrained(
                 str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True
@@ -436,7 +417,7 @@ def _export_graph(module, args, path: Path, input_names, output_names, dynamic_a
     scratch = path.parent / f".{path.stem}-export"
     scratch.mkdir()
     try:
-        with _quiet(), _native_stderr_silenced(), torch.no_grad():
+        with quiet(), _native_stderr_silenced(), torch.no_grad():
             torch.onnx.export(
                 module,
                 args,

@@ -42,18 +42,16 @@ The numpy preprocessing of the runtime is checked against the transformers proce
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xpack.errors import XpackError
+from xpack.packager.quiet import quiet
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -163,27 +161,6 @@ def load_gemma3(model_dir: "str | Path"):
 
 # ---------------------------------------------------------------------------------------------
 # export
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx (deprecation and tracer warnings), transformers and onnxruntime's quantizer log every step."""
-    from transformers.utils import logging as hf_logging
-
-    names = ("onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "torch.onnx")
-    saved = {n: logging.getLogger(n).level for n in names}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        for n, level in saved.items():
-            logging.getLogger(n).setLevel(level)
 
 
 def _image_features_module(model):
@@ -463,7 +440,7 @@ def export_gemma3_vision(
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    with _quiet():
+    with quiet():
         model = load_gemma3(model_dir)
         timings["load_s"] = round(time.perf_counter() - clock, 2)
         inputs, pre_figures = _validation_inputs(model_dir, spec) if validate else ({}, {})

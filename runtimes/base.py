@@ -287,8 +287,9 @@ def fold_system(messages: Sequence[dict]) -> list[dict] | None:
     return [{"role": "user", "content": content}, *messages[2:]]
 
 
-def load_image(path: "str | os.PathLike"):
-    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing or unreadable."""
+def load_image(path: "str | os.PathLike", exif_transpose: bool = False):
+    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing or unreadable.
+    ``exif_transpose``: apply the EXIF orientation first, as transformers' ``load_image`` does for a path."""
     path = Path(path)
     if not path.is_file():
         raise XpackError(f"image {path} does not exist or is not a file")
@@ -300,6 +301,10 @@ def load_image(path: "str | os.PathLike"):
         with Image.open(path) as probe:
             probe.verify()
         with Image.open(path) as img:
+            if exif_transpose:
+                from PIL import ImageOps
+
+                return ImageOps.exif_transpose(img).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None

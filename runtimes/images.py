@@ -355,27 +355,6 @@ def _mllama_convert_to_rgb(image):
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _open_image_as_transformers(path: "str | os.PathLike"):
-    """An image file as transformers' ``load_image`` opens a path: EXIF orientation applied, then ``convert("RGB")``.
-
-    Missing or unreadable files are the same one-line errors as ``load_image``'s.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise XpackError(f"image {path} does not exist or is not a file")
-    try:
-        from PIL import Image, ImageOps, UnidentifiedImageError
-    except ImportError:
-        raise XpackError("reading --image needs Pillow; install it with `pip install pillow`") from None
-    try:
-        with Image.open(path) as probe:
-            probe.verify()
-        with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None
-
-
 def _flag(config: dict, key: str, default: bool, path: Path) -> bool:
     value = config.get(key, default)
     if value is None:  # transformers falls back to None, which its ``if``s read as false
@@ -482,7 +461,7 @@ class MllamaImagePreprocessor:
         from PIL import Image
 
         if isinstance(image, (str, os.PathLike)):
-            image = _open_image_as_transformers(image)
+            image = load_image(image, exif_transpose=True)  # as transformers opens a path
         if not isinstance(image, Image.Image):
             raise XpackError(f"expected a PIL image or an image file path, got {type(image).__name__}")
         if self.do_convert_rgb:
