@@ -152,13 +152,17 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
     "--graph", type=click.Choice(["xpack", "optimum"]), default="xpack", show_default=True,
     help="ONNX: xpack's decoder graph with onnxruntime's fused attention, or optimum-onnx's traced export.",
 )
+@click.option(
+    "--int4", type=click.Choice(["mixed", "plain"]), default="mixed", show_default=True,
+    help="ONNX 4 bits: 8 bits for the head, attention and some MLPs as Q4_K_M does (quality), or every weight 4-bit (smallest, fastest).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the artifact to.")
 @click.option("--name", help="GGUF file name stem (default: the model folder's name); ONNX files are model.onnx + model.onnx_data.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Quantizer threads (0: all cores).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, out, name, threads, force, allow_pickle, as_json):
+def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, int4, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
     GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
@@ -187,7 +191,7 @@ def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, o
 
     manifest = do_export(
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
-        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph,
+        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4,
     )
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
     for fname, info in manifest["artifacts"].items():

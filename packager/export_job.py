@@ -26,15 +26,15 @@ QUANT_NOTES = {
 
 def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
            force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False,
-           block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack") -> dict:
+           block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack", int4: str = "mixed") -> dict:
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         return _export_onnx(model, out, bits=bits, quant=quant, adapters=adapters, force=force, threads=threads,
-                            allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph)
-    if graph != "xpack":
-        raise XpackError("--graph chooses how the ONNX decoder is written; drop it or use --format onnx")
+                            allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4)
+    if graph != "xpack" or int4 != "mixed":
+        raise XpackError("--graph and --int4 are ONNX settings; drop them or use --format onnx")
     if block_size is not None or keep_lm_head:
         raise XpackError("--block-size and --keep-lm-head are ONNX settings (llama.cpp quant types fix their own blocks); drop them or use --format onnx")
     check_destination(out, force)
@@ -77,7 +77,7 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
 ONNX_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 
-def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head, graph) -> dict:
+def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head, graph, int4) -> dict:
     """``--format onnx``: optimum's export (+ onnxruntime's quantizer) of the checkpoint, with its card and manifest."""
     from xpack.packager.onnx import check_settings, default_block_size, export_onnx
 
@@ -92,7 +92,7 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
     loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
     label = ONNX_QUANT[bits]
     with atomic_dir(out, force) as tmp:
-        result = export_onnx(src.path, loaded, tmp, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph)
+        result = export_onnx(src.path, loaded, tmp, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph, int4=int4)
         weights = [f for f in (result.onnx_file, result.data_file, result.embed_file, result.embed_data_file, *result.vision.get("files", ())) if f and (tmp / f).is_file()]
         hashes = {f: sha256_file(tmp / f) for f in weights}
         ckpt = Checkpoint(src.path)

@@ -362,7 +362,7 @@ def _lm_head_nodes(model: "onnx.ModelProto", spec: dict) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and pattern.search(n.name)]
 
 
-def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: dict) -> tuple["onnx.ModelProto", dict]:
+def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: dict, int4: str = "mixed") -> tuple["onnx.ModelProto", dict]:
     info: dict = {"bits": bits, "scheme": SCHEMES[bits]}
     if bits == 32:
         return model, info
@@ -373,7 +373,7 @@ def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head
     head = _lm_head_nodes(model, spec)
     untied = [] if keep_lm_head else materialize_output_head(model)
     if bits == 4:
-        return _quantize_int4(model, block_size, keep_lm_head, head, untied, info)
+        return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed")
     exclude = head if keep_lm_head else []
     quantize_embedding = not keep_lm_head
     ops = ("MatMul", "Gather") if quantize_embedding and bits == 4 else ("MatMul",)
@@ -399,15 +399,16 @@ def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head
     return model, info
 
 
-def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict) -> tuple["onnx.ModelProto", dict]:
-    """4 bits as packager/onnx_quant.py writes them: searched block scales and llama.cpp-style 8-bit
-    layers (on the demo model mean KL 0.046 for 1.23x the bytes of onnxruntime's plain int4, which
-    measures 0.51; llama.cpp's Q4_K_M 0.076)."""
+def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict, mixed: bool = True) -> tuple["onnx.ModelProto", dict]:
+    """4 bits as packager/onnx_quant.py writes them: searched block scales and, when ``mixed``,
+    llama.cpp-style 8-bit layers (on the demo model mean KL 0.046 for 1.23x the bytes of
+    onnxruntime's plain int4, which measures 0.51; llama.cpp's Q4_K_M 0.076). ``mixed=False``
+    (``--int4 plain``) keeps every weight at 4 bits: the smallest, fastest file (KL 0.42)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from xpack.packager.onnx_quant import EIGHT_BIT_BLOCK_SIZE, quantize_matmuls
 
-    model, q = quantize_matmuls(model, 4, block_size, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head, accuracy_level=ACCURACY_LEVEL)
+    model, q = quantize_matmuls(model, 4, block_size, mixed=mixed, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head, accuracy_level=ACCURACY_LEVEL)
     embedding = "float (--keep-lm-head)"
     if not keep_lm_head:
         embedding = "quantized (reads the output head's packed weight)" if q.get("shared_embedding") else "quantized"
@@ -422,11 +423,12 @@ def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool
         block_size=block_size,
         symmetric=False,
         accuracy_level=ACCURACY_LEVEL,
-        quantizer="xpack (packager/onnx_quant.py): searched block scales, mixed 4/8 bits",
+        quantizer=f"xpack (packager/onnx_quant.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
+        int4="mixed" if mixed else "plain",
         eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
         eight_bit_nodes=len(q.get("eight_bit_nodes", [])),
         bit_widths=q.get("node_counts"),
-        lm_head="quantized (8-bit)" if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
+        lm_head=f"quantized ({8 if mixed else 4}-bit)" if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
         lm_head_untied=bool(untied),
         embedding=embedding,
         node_types=counts,
@@ -727,7 +729,7 @@ def _quantize_mllama(folder: Path, keep: Path, bits: int, spec: dict) -> tuple[d
 
 def export_onnx(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
-    keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack",
+    keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack", int4: str = "mixed",
 ) -> OnnxExport:
     """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``
     (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph)."""
@@ -785,7 +787,7 @@ def export_onnx(
             )
         start = time.perf_counter()
         decoder = onnx.load(str(raw / ONNX_FILE))
-        decoder, result.quantization = _quantize(decoder, bits, block_size, keep_lm_head, spec)
+        decoder, result.quantization = _quantize(decoder, bits, block_size, keep_lm_head, spec, int4)
         result.quantization.setdefault("node_types", weight_node_types(decoder))
         save_model(decoder, tmp_out)
         del decoder

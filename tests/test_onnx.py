@@ -288,6 +288,15 @@ def _head_node_types(folder) -> set[str]:
     return {n.op_type for n in graph.node if n.name.startswith("/lm_head/")}
 
 
+def test_plain_int4_is_every_weight_at_4_bits(exports):
+    mixed, _ = exports("llama", 4)
+    plain, out = exports("llama", 4, int4="plain")
+    assert plain["quantization"]["int4"] == "plain" and plain["quantization"]["bit_widths"] == {"4-bit/32": 11}
+    assert mixed["quantization"]["int4"] == "mixed" and any(k.startswith("8-bit") for k in mixed["quantization"]["bit_widths"])
+    assert _weights_bytes(plain) < _weights_bytes(mixed)
+    assert plain["validation"]["artifact"]["finite"]
+
+
 def test_int4_of_a_tied_model_is_smaller_than_int8_and_quantizes_the_head(twin_factory, exports):
     assert json.loads((twin_factory.get("llama").model_dir / "config.json").read_text())["tie_word_embeddings"]
     m8, out8 = exports("llama", 8)
@@ -386,7 +395,7 @@ def test_export_errors(twin_factory, tmp_path):
     r = _cli("export", "--model", llama.model_dir, "--format", "onnx", "--bits", "32", "--graph", "other", "--out", out)
     assert r.exit_code == 2 and "other" in r.output
     r = _cli("export", "--model", llama.model_dir, "--format", "gguf", "--bits", "4", "--graph", "optimum", "--out", out)
-    assert r.exit_code == 1 and "--graph chooses how the ONNX decoder is written" in r.output
+    assert r.exit_code == 1 and "--graph and --int4 are ONNX settings" in r.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "xpack-tmp" in p.name or "xpack-onnx" in p.name]
 
 
