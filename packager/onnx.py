@@ -34,6 +34,7 @@ What we do ourselves, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -765,18 +766,21 @@ def export_onnx(
         model = _load_torch(src, spec)
         result.exported_class = type(model).__name__
         raw = work / "raw"
+        ids = _validation_ids(src, int(model.config.vocab_size))
+        window = getattr(model.config, "sliding_window", None)
+        reference = _torch_steps(model, ids)
         start = time.perf_counter()
         if graph == "optimum":
             atol = _optimum_export(model, raw, spec.get("opset"))
             result.timings["optimum_export_s"] = round(time.perf_counter() - start, 2)
+            del model
         else:
+            # the torch model is let go before the graph is built: the two never share the memory
+            del model
+            gc.collect()
             atol = XPACK_GRAPH_ATOL
             result.graph_facts = _xpack_graph(src, raw, vision)
             result.timings["graph_s"] = round(time.perf_counter() - start, 2)
-        ids = _validation_ids(src, int(model.config.vocab_size))
-        window = getattr(model.config, "sliding_window", None)
-        reference = _torch_steps(model, ids)
-        del model
         embed_raw = raw / EMBED_FILE if vision else None
         result.validation["export"] = _compare(reference, _ort_steps(raw / ONNX_FILE, ids, threads, embed_raw, window), atol)
         result.validation["export"]["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
