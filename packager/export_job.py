@@ -84,7 +84,7 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
     if quant:
         raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
     block_size = block_size or default_block_size(bits)
-    check_settings(bits, block_size)
+    check_settings(bits, block_size, graph, int4)
     check_destination(out, force)
     src = resolve(model, "model")
     specs = [parse_adapter_spec(a) for a in adapters]

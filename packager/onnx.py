@@ -68,6 +68,8 @@ TASK = "text-generation-with-past"
 # "xpack": the decoder graph xpack writes with onnxruntime's fused operators (packager/onnx_graph.py);
 # "optimum": optimum-onnx's traced export. Both have the same inputs and outputs.
 GRAPHS = ("xpack", "optimum")
+# --int4: "mixed" (8 bits where Q4_K_M spends more, the default) or "plain" (every weight 4-bit)
+INT4_SCHEMES = ("mixed", "plain")
 EMBED_FILE = "embed.onnx"
 EMBED_DATA_FILE = "embed.onnx_data"
 # Files a vision export needs beside the graphs: the image processor's settings and the processor's
@@ -105,8 +107,14 @@ def default_block_size(bits: int | None) -> int:
     return DEFAULT_BLOCK_SIZE.get(bits, 32)
 
 
-def check_settings(bits: int | None, block_size: int) -> None:
-    """The quantization settings, before any work: one line naming what is valid."""
+def check_settings(bits: int | None, block_size: int, graph: str = "xpack", int4: str = "mixed") -> None:
+    """The export settings, before any work: one line naming what is valid."""
+    if graph not in GRAPHS:
+        raise XpackError(f"unknown ONNX graph {graph}; choose one of {', '.join(GRAPHS)}")
+    if int4 not in INT4_SCHEMES:
+        raise XpackError(f"unknown --int4 scheme {int4}; choose one of {', '.join(INT4_SCHEMES)}")
+    if int4 != "mixed" and bits != 4:
+        raise XpackError(f"--int4 {int4} applies to 4-bit exports; drop it or export with --bits 4")
     if bits is None:
         raise XpackError(f"an ONNX export needs --bits: one of {', '.join(map(str, BITS))}")
     if bits not in BITS:
@@ -636,7 +644,7 @@ def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
     return {**figures, "onnx_file": figures["file"], "precision": dtype}
 
 
-def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: dict) -> OnnxExport:
+def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: dict, block_size: int, keep_lm_head: bool, int4: str) -> OnnxExport:
     """Llama 3.2 Vision: three graphs (vision, cross-attention K/V, decoder) written by packager/onnx_mllama.py."""
     from xpack.packager.onnx_mllama import CROSS_KV_FILE, DECODER_FILE, VISION_FILE, export_mllama
 
@@ -656,7 +664,7 @@ def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bit
             source = work / "merged"
         meta = export_mllama(source, work / "mllama")
         if bits != 32:
-            result.quantization, result.validation["artifact"] = _quantize_mllama(work / "mllama", work / "fp32", bits, spec)
+            result.quantization, result.validation["artifact"] = _quantize_mllama(work / "mllama", work / "fp32", bits, spec, block_size, keep_lm_head, int4)
         for path in (work / "mllama").iterdir():
             shutil.move(str(path), tmp_out / path.name)
     for name in (f"{DECODER_FILE}.data", f"{DECODER_FILE}_data"):
@@ -679,7 +687,7 @@ def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bit
     return result
 
 
-def _quantize_mllama(folder: Path, keep: Path, bits: int, spec: dict) -> tuple[dict, dict]:
+def _quantize_mllama(folder: Path, keep: Path, bits: int, spec: dict, block_size: int, keep_lm_head: bool, int4: str) -> tuple[dict, dict]:
     """Quantize the three mllama graphs in ``folder`` (decoder and cross K/V at ``bits``, vision at 8
     bits), then compare them with the fp32 graphs (kept in ``keep``; those matched torch within 1e-6)
     on a synthetic image and a prompt around the image token."""
@@ -699,7 +707,7 @@ def _quantize_mllama(folder: Path, keep: Path, bits: int, spec: dict) -> tuple[d
         if name == VISION_FILE:
             model, part = _to_int8(model), {"bits": 8}
         else:
-            model, part = _quantize(model, bits, default_block_size(bits), False, spec)
+            model, part = _quantize(model, bits, block_size, keep_lm_head, spec, int4)
         for o in model.opset_import:  # the quantizer raises the opset; the traced graph's ops (ReduceMean axes) are of its own
             if o.domain in ("", "ai.onnx") and opset is not None:
                 o.version = opset
@@ -737,9 +745,7 @@ def export_onnx(
     import os
 
     block_size = block_size or default_block_size(bits)
-    check_settings(bits, block_size)
-    if graph not in GRAPHS:
-        raise XpackError(f"unknown ONNX graph {graph}; choose one of {', '.join(GRAPHS)}")
+    check_settings(bits, block_size, graph, int4)
     ckpt = Checkpoint(model_dir)
     arch = require_arch(ckpt.config, "ONNX export")
     spec = onnx_spec(arch)
@@ -749,7 +755,9 @@ def export_onnx(
 
     threads = threads or min(os.cpu_count() or 1, 8)
     if spec.get("pipeline") == "mllama":
-        return _export_mllama(ckpt, adapters, tmp_out, bits, spec)
+        if graph != "xpack":
+            raise XpackError("optimum-onnx cannot export Llama 3.2 Vision (mllama); drop --graph optimum (xpack writes its vision, cross-attention and decoder graphs)")
+        return _export_mllama(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4)
     result = OnnxExport(arch=arch.name, graph=graph)
     vision = graph == "xpack" and arch.vision
     clock = time.perf_counter()

@@ -394,6 +394,8 @@ def test_export_errors(twin_factory, tmp_path):
     assert r.exit_code == 1 and "ONNX settings" in r.output
     r = _cli("export", "--model", llama.model_dir, "--format", "onnx", "--bits", "32", "--graph", "other", "--out", out)
     assert r.exit_code == 2 and "other" in r.output
+    r = _cli("export", "--model", llama.model_dir, "--format", "onnx", "--bits", "8", "--int4", "plain", "--out", out)
+    assert r.exit_code == 1 and "--int4 plain applies to 4-bit exports" in r.output and not out.exists()
     r = _cli("export", "--model", llama.model_dir, "--format", "gguf", "--bits", "4", "--graph", "optimum", "--out", out)
     assert r.exit_code == 1 and "--graph and --int4 are ONNX settings" in r.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "xpack-tmp" in p.name or "xpack-onnx" in p.name]

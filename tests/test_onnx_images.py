@@ -200,4 +200,6 @@ def test_mllama_gguf_names_the_onnx_path_and_quantized_onnx_is_refused(twin_fact
     assert r.exit_code == 1 and "llama.cpp has no Llama 3.2 Vision" in r.output and "--format onnx --bits 32" in r.output
     with pytest.raises(XpackError, match="--bits 16 is not available for Llama 3.2 Vision"):
         export(str(mllama.model_dir), "onnx", tmp_path / "o", bits=16)
+    r = _cli("export", "--model", mllama.model_dir, "--format", "onnx", "--bits", "32", "--graph", "optimum", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "optimum-onnx cannot export Llama 3.2 Vision" in r.output
     assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()

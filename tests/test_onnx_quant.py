@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402 - part of the dev install: a missing one must fail, not skip
+import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from xpack.packager.onnx_quant import (  # noqa: E402
