@@ -155,18 +155,7 @@ def _onnx_artifacts(tmp: Path, result, label: str) -> dict:
 
 def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result, label, hashes):
     base_name = _base_name(src, ckpt, source_manifest)
-    license_ = None
-    src_card = src.path / "README.md"
-    if src_card.is_file():
-        license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license")
-    fm = {
-        "base_model": base_name,
-        "quantized_by": f"xpack {__version__}",
-        "library_name": "onnxruntime",
-        "pipeline_tag": "image-text-to-text" if result.vision else "text-generation",
-        "tags": ["onnx", "onnxruntime", "xpack", label],
-        "license": license_ or "other",
-    }
+    fm = _front_matter(src, base_name, "onnxruntime", bool(result.vision), ["onnx", "onnxruntime", "xpack", label])
     files = [{"name": f, "size": _size((tmp / f).stat().st_size), "sha256": h} for f, h in hashes.items()]
     total = sum((tmp / f).stat().st_size for f in hashes)
     q = result.quantization
@@ -277,6 +266,20 @@ def _write_modelfile(tmp: Path, gguf_file: str, ckpt: Checkpoint) -> None:
     (tmp / "Modelfile").write_text("\n".join(lines) + "\n")
 
 
+def _front_matter(src, base_name: str, library: str, vision: bool, tags: list[str]) -> dict:
+    """The card's YAML front matter; the license is the source card's when it names one."""
+    src_card = src.path / "README.md"
+    license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license") if src_card.is_file() else None
+    return {
+        "base_model": base_name,
+        "quantized_by": f"xpack {__version__}",
+        "library_name": library,
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
+        "tags": tags,
+        "license": license_ or "other",
+    }
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -285,18 +288,7 @@ def _write_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result,
     import json
 
     base_name = _base_name(src, ckpt, source_manifest)
-    license_ = None
-    src_card = src.path / "README.md"
-    if src_card.is_file():
-        license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license")
-    fm = {
-        "base_model": base_name,
-        "quantized_by": f"xpack {__version__}",
-        "library_name": "gguf",
-        "pipeline_tag": "image-text-to-text" if mmproj else "text-generation",
-        "tags": ["gguf", "llama.cpp", "xpack", quant.lower()],
-        "license": license_ or "other",
-    }
+    fm = _front_matter(src, base_name, "gguf", bool(mmproj), ["gguf", "llama.cpp", "xpack", quant.lower()])
     files = [
         {"name": f, "role": i["role"], "quant": i["quant"], "size": _size((tmp / f).stat().st_size), "sha256": hashes[f]}
         for f, i in result.files.items()

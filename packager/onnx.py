@@ -383,27 +383,31 @@ def _quantize(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head
     untied = [] if keep_lm_head else materialize_output_head(model)
     if bits == 4:
         return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed")
-    exclude = head if keep_lm_head else []
-    quantize_embedding = not keep_lm_head
-    ops = ("MatMul", "Gather") if quantize_embedding and bits == 4 else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
         model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
-        nodes_to_exclude=exclude, op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
+        nodes_to_exclude=head if keep_lm_head else [], op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),),
     )
     quantizer.process()
     model = quantizer.model.model
-    gathers = _quantize_gather_8bit(model, block_size) if quantize_embedding and bits == 8 else []
-    counts = weight_node_types(model)
+    gathers = [] if keep_lm_head else _quantize_gather_8bit(model, block_size)
+    return _quantized_info(
+        model, info, block_size, head, keep_lm_head, untied, "quantized", "float (--keep-lm-head)" if keep_lm_head else "quantized",
+        quantizer=f"onnxruntime MatMulNBitsQuantizer (RTN){' + xpack 8-bit GatherBlockQuantized' if gathers else ''}",
+    )
+
+
+def _quantized_info(model, info: dict, block_size: int, head: list[str], keep_lm_head: bool, untied: list[str], head_label: str, embedding: str, **extra) -> tuple["onnx.ModelProto", dict]:
+    """The manifest's account of a quantized graph: settings, what became of the head and the embedding, node types."""
     head_quantized = bool(head) and not keep_lm_head and not any(n.op_type == "MatMul" and n.name in head for n in model.graph.node)
     info.update(
         block_size=block_size,
         symmetric=False,
         accuracy_level=ACCURACY_LEVEL,
-        quantizer=f"onnxruntime MatMulNBitsQuantizer (RTN){' + xpack 8-bit GatherBlockQuantized' if gathers else ''}",
-        lm_head="quantized" if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
+        **extra,
+        lm_head=head_label if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
         lm_head_untied=bool(untied),
-        embedding="quantized" if quantize_embedding else "float (--keep-lm-head)",
-        node_types=counts,
+        embedding=embedding,
+        node_types=weight_node_types(model),
     )
     return model, info
 
@@ -426,23 +430,14 @@ def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool
                                              op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
             quantizer.process()
             model = quantizer.model.model
-    counts = weight_node_types(model)
-    head_quantized = bool(head) and not keep_lm_head and not any(n.op_type == "MatMul" and n.name in head for n in model.graph.node)
-    info.update(
-        block_size=block_size,
-        symmetric=False,
-        accuracy_level=ACCURACY_LEVEL,
+    return _quantized_info(
+        model, info, block_size, head, keep_lm_head, untied, f"quantized ({8 if mixed else 4}-bit)", embedding,
         quantizer=f"xpack (packager/onnx_quant.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
         int4="mixed" if mixed else "plain",
         eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
         eight_bit_nodes=len(q.get("eight_bit_nodes", [])),
         bit_widths=q.get("node_counts"),
-        lm_head=f"quantized ({8 if mixed else 4}-bit)" if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
-        lm_head_untied=bool(untied),
-        embedding=embedding,
-        node_types=counts,
     )
-    return model, info
 
 
 def _to_fp16(model: "onnx.ModelProto", spec: dict, info: dict) -> tuple["onnx.ModelProto", dict]:

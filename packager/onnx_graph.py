@@ -396,8 +396,3 @@ def build_embedding(folder: Path) -> "onnx.ModelProto":
         return model
     finally:
         weights.close()
-
-
-def is_xpack_graph(model: "onnx.ModelProto") -> bool:
-    return model.producer_name == "xpack" and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
-

@@ -320,7 +320,7 @@ TokenCallback = Callable[[str], Any]
 class Runtime(abc.ABC):
     """Loads one artifact on one hardware profile; renders chats, tokenizes, generates, scores.
 
-    Subclasses implement ``can_load``, ``_load``, ``render_chat``, ``tokenize``, ``_generate``,
+    Subclasses implement ``locate`` (or ``can_load``), ``_load``, ``render_chat``, ``tokenize``, ``_generate``,
     ``logits``, ``vocab_size`` and ``close``; the base class times the load, builds the
     conversation, checks image input, measures peak memory and fills in the result.
     """
@@ -341,15 +341,27 @@ class Runtime(abc.ABC):
 
     # -- to implement ------------------------------------------------------------------------------
 
+    @staticmethod
+    def locate(path: "str | os.PathLike") -> Path:
+        """The artifact's main file under ``path``, or a one-line XpackError saying why there is none.
+        Runtimes of one-file formats set this; the default refuses everything."""
+        raise XpackError(f"no artifact file at {path}")
+
     @classmethod
-    @abc.abstractmethod
     def can_load(cls, path: "str | os.PathLike") -> bool:
         """Whether this runtime can run the artifact at ``path`` (cheap: looks at names, not weights)."""
+        try:
+            cls.locate(path)
+        except XpackError:
+            return False
+        return True
 
     @classmethod
     def check_artifact(cls, path: "str | os.PathLike") -> None:
         """Raise a one-line XpackError saying why this runtime cannot load ``path`` (if it cannot)."""
-        if not cls.can_load(path):
+        if cls.locate is not Runtime.locate:
+            cls.locate(path)
+        elif not cls.can_load(path):
             raise XpackError(f"the {cls.name} runtime cannot load {path}: it runs {', '.join(cls.formats)} artifacts; pass {_PATH_KINDS}")
 
     @abc.abstractmethod

@@ -92,6 +92,14 @@ def _resample(value: Any, path: Path) -> int:
     raise XpackError(f"{path}: resample {value!r} is not a PIL filter (0-5: {', '.join(_RESAMPLE_NAMES.values())})")
 
 
+def _preprocessor_config(folder: "str | os.PathLike") -> tuple[dict, Path]:
+    """The contents and path of ``folder/preprocessor_config.json``; one clear line when it is missing."""
+    path = Path(folder) / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        raise XpackError(f"{folder} has no {PREPROCESSOR_CONFIG}; copy it from the Hugging Face checkpoint to preprocess images")
+    return read_json(path), path
+
+
 @dataclass(frozen=True)
 class Gemma3ImagePreprocessor:
     """transformers' Gemma3ImageProcessor (without pan-and-scan) in numpy + Pillow; see the module docstring."""
@@ -139,10 +147,7 @@ class Gemma3ImagePreprocessor:
     @classmethod
     def from_folder(cls, folder: "str | os.PathLike") -> "Gemma3ImagePreprocessor":
         """From ``folder/preprocessor_config.json`` (a checkpoint or an exported artifact folder)."""
-        path = Path(folder) / PREPROCESSOR_CONFIG
-        if not path.is_file():
-            raise XpackError(f"{folder} has no {PREPROCESSOR_CONFIG}; copy it from the Hugging Face checkpoint to preprocess images")
-        return cls.from_config(read_json(path), path)
+        return cls.from_config(*_preprocessor_config(folder))
 
     def __call__(self, image) -> "Any":
         """An RGB-convertible ``PIL.Image`` or an image file path -> float32 numpy array [1, 3, H, W]."""
@@ -433,10 +438,7 @@ class MllamaImagePreprocessor:
     @classmethod
     def from_folder(cls, folder: "str | os.PathLike") -> "MllamaImagePreprocessor":
         """From ``folder/preprocessor_config.json`` (a checkpoint or an exported artifact folder)."""
-        path = Path(folder) / PREPROCESSOR_CONFIG
-        if not path.is_file():
-            raise XpackError(f"{folder} has no {PREPROCESSOR_CONFIG}; copy it from the Hugging Face checkpoint to preprocess images")
-        return cls.from_config(read_json(path), path)
+        return cls.from_config(*_preprocessor_config(folder))
 
     @property
     def supported_aspect_ratios(self) -> list[tuple[int, int]]:

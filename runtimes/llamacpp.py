@@ -166,18 +166,7 @@ def _penalize_prompt(llm, prompt: list[int]) -> None:
 class LlamaCppRuntime(Runtime):
     name = "llamacpp"
     formats = ("gguf",)
-
-    @classmethod
-    def can_load(cls, path) -> bool:
-        try:
-            gguf_file_of(path)
-        except XpackError:
-            return False
-        return True
-
-    @classmethod
-    def check_artifact(cls, path) -> None:
-        gguf_file_of(path)
+    locate = staticmethod(gguf_file_of)
 
     # -- loading -----------------------------------------------------------------------------------
 

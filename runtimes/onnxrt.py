@@ -97,18 +97,7 @@ def _ids(value) -> set[int]:
 class OnnxRuntime(Runtime):
     name = "onnx"
     formats = ("onnx",)
-
-    @classmethod
-    def can_load(cls, path) -> bool:
-        try:
-            onnx_file_of(path)
-        except XpackError:
-            return False
-        return True
-
-    @classmethod
-    def check_artifact(cls, path) -> None:
-        onnx_file_of(path)
+    locate = staticmethod(onnx_file_of)
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -210,12 +199,10 @@ class OnnxRuntime(Runtime):
                           "heads": self.mllama.kv_heads, "head_dim": self.mllama.head_dim, "dtype": str(self.mllama.kv_dtype)}
         self.takes_position_ids, self.takes_embeds, self.bias_inputs, self.max_length = True, False, [], None
         self.embedder = self.vision = None
-        try:
-            from xpack.runtimes.images import MllamaImagePreprocessor
-        except ImportError:  # pragma: no cover - an older images module
-            MllamaImagePreprocessor = None
-        self.accepts_images = MllamaImagePreprocessor is not None and (folder / "preprocessor_config.json").is_file()
+        self.accepts_images = (folder / "preprocessor_config.json").is_file()
         if self.accepts_images:
+            from xpack.runtimes.images import MllamaImagePreprocessor
+
             self.preprocess = MllamaImagePreprocessor.from_folder(folder)
 
     def _read_graph(self, folder: Path) -> None:
