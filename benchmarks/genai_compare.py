@@ -81,8 +81,9 @@ def worker_ids(export: str) -> None:
     """The prompt's token ids as xpack feeds them (chat template + tokenizer)."""
     import dataclasses
 
-    from xpack.runtimes.base import load
-    from xpack.runtimes.profiles import load_profile, resolve_for_machine
+    from xpack.runtimes.registry import load
+    from xpack.profiles.machine import resolve_for_machine
+    from xpack.profiles.profile import load_profile
 
     profile = dataclasses.replace(resolve_for_machine(load_profile("cpu16"))[0], threads=1, n_ctx=1024)
     with load(export, profile) as rt:
@@ -93,8 +94,10 @@ def worker_ids(export: str) -> None:
 def worker_xpack(export: str, threads: int) -> None:
     import dataclasses
 
-    from xpack.runtimes.base import GenerationSettings, load
-    from xpack.runtimes.profiles import load_profile, resolve_for_machine
+    from xpack.runtimes.registry import load
+    from xpack.runtimes.settings import GenerationSettings
+    from xpack.profiles.machine import resolve_for_machine
+    from xpack.profiles.profile import load_profile
 
     profile = dataclasses.replace(resolve_for_machine(load_profile("cpu16"))[0], threads=threads, n_ctx=1024)
     settings = GenerationSettings(max_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ``xpack export --format gguf`` and ``xpack run`` against llama.cpp's own tools, on the demo model.
 
-The model: the demo merged checkpoint (``xpack.packager.merge_job.merge`` of the demo base and
+The model: the demo merged checkpoint (``xpack.packager.merge.job.merge`` of the demo base and
 adapter: SmolLM2-135M, llama architecture, fp32), built once into ``benchmarks/.cache/demo-merged``.
 
 llama.cpp's side: ``convert_hf_to_gguf.py`` from the llama-cpp-python 0.3.36 sdist (downloaded once
@@ -18,10 +18,10 @@ Parts, side by side in one run:
            separately and as a sum; also the converter ``--outtype f16`` (llama.cpp's usual path:
            for F16 the converter alone, for the others + the quantizer). The order alternates.
   quality  file size, KL(torch fp32 || GGUF) mean and p99, top-1 agreement and perplexity over the
-           built-in evaluation text (``xpack.packager.verify.eval_text(None)``), teacher-forced:
+           built-in evaluation text (``xpack.packager.verify.job.eval_text(None)``), teacher-forced:
            the reference is the merged checkpoint through ``xpack.runtimes.torch_ref``, each GGUF goes
-           through ``xpack.runtimes.base.load(gguf, profile).logits(ids)``, figures from
-           ``xpack.packager.parity.compare_logits``; for xpack's file and for llama.cpp's files of the
+           through ``xpack.runtimes.registry.load(gguf, profile).logits(ids)``, figures from
+           ``xpack.packager.verify.parity.compare_logits``; for xpack's file and for llama.cpp's files of the
            same type (f32 and f16 intermediates). Also tensor types and how many tensors hold
            byte-identical data in xpack's and llama.cpp's files.
   decode   tokens/s of the decode steps after the first token, 128 greedy tokens with EOS ignored:
@@ -133,14 +133,14 @@ def _token_digest(ids) -> str:
 
 
 def _profile(threads: int):
-    from xpack.runtimes.profiles import load_profile
+    from xpack.profiles.profile import load_profile
 
     prof = load_profile("cpu16")
     return prof if threads <= 0 else dataclasses.replace(prof, threads=threads)
 
 
 class _NoPeak:
-    """A stand-in for ``xpack.runtimes.base.PeakMemory`` that samples nothing (diagnosis only)."""
+    """A stand-in for ``xpack.runtimes.memory.PeakMemory`` that samples nothing (diagnosis only)."""
 
     peak_mb = 0.0
 
@@ -155,8 +155,9 @@ class _NoPeak:
 
 
 def worker_decode_xpack(path: str, threads: str, variant: str = "") -> int:
-    import xpack.runtimes.base as base
-    from xpack.runtimes.base import GenerationSettings, load
+    import xpack.runtimes.base as base  # Runtime.__init__ measures with base.PeakMemory
+    from xpack.runtimes.registry import load
+    from xpack.runtimes.settings import GenerationSettings
 
     if variant == "nopeak":  # diagnosis: xpack without its RSS-sampling thread (10 ms) during generate
         base.PeakMemory = _NoPeak
@@ -179,7 +180,7 @@ def worker_decode_raw(path: str, threads: str, ids_file: str, variant: str = "")
     import llama_cpp
 
     if variant == "peak":  # diagnosis: the raw loop with xpack's RSS-sampling thread running beside it
-        from xpack.runtimes.base import PeakMemory as peak
+        from xpack.runtimes.memory import PeakMemory as peak
     else:
         peak = _NoPeak
 
@@ -231,8 +232,8 @@ def ensure_merged() -> Path:
     if (MERGED / "config.json").is_file() and any(MERGED.glob("*.safetensors")):
         log(f"merged demo model: cached in {MERGED}")
         return MERGED
-    from xpack.packager.demo import demo_adapter_dir, demo_base_dir
-    from xpack.packager.merge_job import merge
+    from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
+    from xpack.packager.merge.job import merge
 
     log(f"building the merged demo model into {MERGED}")
     merge(str(demo_base_dir()), [str(demo_adapter_dir())], MERGED, force=True)
@@ -502,10 +503,10 @@ def _tensor_compare(a: Path, b: Path) -> dict:
 
 
 def part_quality(model: Path, files: dict[str, dict[str, str]]) -> dict:
-    from xpack.packager.gguf import type_report
-    from xpack.packager.parity import compare_logits
-    from xpack.packager.verify import _perplexity, eval_text
-    from xpack.runtimes.base import load
+    from xpack.packager.export.gguf.writer import type_report
+    from xpack.packager.verify.parity import compare_logits
+    from xpack.packager.verify.job import _perplexity, eval_text
+    from xpack.runtimes.registry import load
 
     profile = _profile(0)
     text = eval_text(None)
@@ -590,7 +591,7 @@ def print_quality(res: dict) -> None:
 
 
 def _prompt_ids(path: Path, threads: int) -> list[int]:
-    from xpack.runtimes.base import load
+    from xpack.runtimes.registry import load
 
     with load(path, _profile(threads)) as rt:
         return rt.tokenize(rt.prompt_text(DECODE_PROMPT))

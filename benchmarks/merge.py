@@ -2,7 +2,7 @@
 """Benchmark ``xpack merge`` against PEFT's ``merge_and_unload`` (wall time, peak RSS, same weights).
 
 Cases:
-  demo       the demo base (``xpack.packager.demo.demo_base_dir()``) and adapter (``demo_adapter_dir()``)
+  demo       the demo base (``xpack.packager.demo.base_model.demo_base_dir()``) and adapter (``demo_adapter_dir()``)
   synthetic  a random llama of >= 1e9 parameters in bf16 safetensors shards plus a random PEFT LoRA
              (r=16, alpha=32, q/k/v/o/gate/up/down), built once by streaming tensors to disk and
              cached under ``benchmarks/.cache/``
@@ -347,12 +347,12 @@ def _describe_files(info: dict, base: Path, adapter: Path) -> dict:
 
 def demo_paths() -> tuple[Path, Path, dict]:
     try:
-        from xpack.packager import demo
+        from xpack.packager.demo import base_model as demo
     except Exception as exc:
-        raise Skip(f"xpack.packager.demo is not importable ({exc.__class__.__name__}: {exc})") from None
+        raise Skip(f"xpack.packager.demo.base_model is not importable ({exc.__class__.__name__}: {exc})") from None
     for fn in ("demo_base_dir", "demo_adapter_dir"):
         if not callable(getattr(demo, fn, None)):
-            raise Skip(f"xpack.packager.demo.{fn}() does not exist yet")
+            raise Skip(f"xpack.packager.demo.base_model.{fn}() does not exist yet")
     try:
         adapter = Path(demo.demo_adapter_dir())  # cheap check first: the base may take a minute to materialize
         base = Path(demo.demo_base_dir())

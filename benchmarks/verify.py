@@ -31,8 +31,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from xpack import __version__
-    from xpack.packager.demo_job import run_demo
-    from xpack.packager.verify import machine_label
+    from xpack.packager.demo.job import run_demo
+    from xpack.packager.verify.job import machine_label
 
     with tempfile.TemporaryDirectory(prefix="xpack-verify-bench-") as tmp:
         out = args.out or Path(tmp) / "demo"

@@ -36,7 +36,7 @@ tests/test_onnx.py's ``cpu`` fixture).
 Parity, in one more process per artifact (not timed): the reference's greedy answer (32 tokens,
 EOS ignored) is scored teacher-forced on every side with ``rt.logits_with_image([user message],
 image.png, continuation_ids=answer)`` -- the logits of the text after the image, as
-``xpack verify --images`` does -- and compared with ``xpack.packager.parity.compare_logits``:
+``xpack verify --images`` does -- and compared with ``xpack.packager.verify.parity.compare_logits``:
 mean KL(torch || artifact), top-1 agreement (tie-aware), max |logit error|. Also how many of
 the artifact's own greedy tokens match the reference's before the first difference.
 
@@ -135,13 +135,14 @@ def _emit(data: dict) -> None:
 
 def _profile():
     """cpu16 as this machine runs it, one thread, n_ctx 1024 (tests/test_onnx.py's ``cpu`` fixture)."""
-    from xpack.runtimes.profiles import load_profile, resolve_for_machine
+    from xpack.profiles.machine import resolve_for_machine
+    from xpack.profiles.profile import load_profile
 
     return dataclasses.replace(resolve_for_machine(load_profile("cpu16"))[0], threads=THREADS, n_ctx=N_CTX)
 
 
 def _settings():
-    from xpack.runtimes.base import GenerationSettings
+    from xpack.runtimes.settings import GenerationSettings
 
     return GenerationSettings(max_tokens=MAX_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)
 
@@ -155,7 +156,7 @@ def _self_maxrss_mb() -> float:
 def worker_generate(folder: str, backend: str, image: str) -> int:
     """Load the artifact, generate once with the image; the result's timings and memory."""
     t0 = time.perf_counter()
-    from xpack.runtimes.base import load
+    from xpack.runtimes.registry import load
 
     profile = _profile()
     t1 = time.perf_counter()
@@ -181,7 +182,8 @@ def worker_parity(folder: str, backend: str, image: str, cont_file: str, out_npy
     ``cont_file`` "-": score this side's own answer (the reference); else a JSON list of token ids."""
     import numpy as np
 
-    from xpack.runtimes.base import load, user_message
+    from xpack.runtimes.messages import user_message
+    from xpack.runtimes.registry import load
 
     with load(folder, _profile(), runtime=RUNTIME_OF[backend]) as rt:
         r = rt.generate(PROMPT, _settings(), image=image)
@@ -311,7 +313,7 @@ def _first_difference(a: list, b: list) -> int:
 
 
 def run_twin(twin: str, merged: Path, image: Path, backends: list[str], repeats: int, wait_s: float, work: Path) -> dict:
-    from xpack.packager.parity import compare_logits
+    from xpack.packager.verify.parity import compare_logits
 
     import numpy as np
 

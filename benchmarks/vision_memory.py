@@ -32,7 +32,7 @@ Method
          converter trims to the tokenizer's list, which is padded to ``vocab_size``).
          Llama 3.2 Vision has no llama.cpp support: "n/a".
        - ONNX (onnxruntime), as ``xpack export --format onnx --bits 32|16|8|4`` builds it
-         (``packager/onnx.py`` ``export_onnx``). Per precision: fp32 = every weight float32; fp16 =
+         (``packager/export/onnx/pipeline.py`` ``export_onnx``). Per precision: fp32 = every weight float32; fp16 =
          onnxruntime's ``convert_float_to_float16`` (1-D tensors feeding a norm stay float32, the rest
          float16); int8 / int4 = ``MatMulNBits`` (onnxruntime's ``MatMulNBitsQuantizer``, asymmetric,
          from the fp32 graph) with blocks of 16 (8 bits) / 32 (4 bits) along K. Per weight [K, N],
@@ -44,7 +44,7 @@ Method
          8-bit one: uint8 data, float32 scales, one uint8 zero point per block; onnxruntime's 4-bit one:
          packed uint4 data and zero points, float32 scales). 1-D tensors stay float32 when quantized.
          Gemma 3 (MedGemma), xpack's graph, three files at every --bits:
-           * ``model.onnx`` (+ ``model.onnx_data``): xpack's fused decoder (``packager/onnx_graph.py``
+           * ``model.onnx`` (+ ``model.onnx_data``): xpack's fused decoder (``packager/export/onnx/decoder_graph.py``
              ``build_decoder(inputs_embeds=True)``: GroupQueryAttention, SkipSimplifiedLayerNorm, q/k/v
              in one MatMul, which changes no byte count), at the --bits precision. It has no embedding
              Gather; its output head is its own tensor ``lm_head.weight`` [hidden, vocab] = the tied
@@ -56,14 +56,14 @@ Method
              x sqrt(hidden)), quantized like the decoder: Gather float32 / float16 at 32 / 16,
              GatherBlockQuantized at 8 / 4 bits (blocks of 16 / 32).
            * ``vision.onnx`` (+ ``vision.onnx_data``): the SigLIP tower + projector
-             (``packager/onnx_vision.py``), at ``VISION_DTYPE[bits]``: float32 for --bits 32, float16
+             (``packager/export/onnx/gemma3_vision.py``), at ``VISION_DTYPE[bits]``: float32 for --bits 32, float16
              for 16 (LayerNormalization and the projector's RMSNorm kept float32), int8 for both 8 and
              4 (``MatMulNBits`` 8-bit, block 32 = 9.25 bpw on every MatMul weight: q/k/v/out_proj,
              fc1/fc2, the projector; the patch-embedding Conv, the position embedding and the norms
              stay float32).
          Llama 3.2 Vision (mllama): xpack exports it at --bits 32, 8 and 4 (``_export_mllama``, archs
          ``mllama.json`` ``"bits"``; 16 raises an error; 8/4 quantize decoder and cross_kv like the
-         Gemma decoder and the vision graph to int8): ``packager/onnx_mllama.py`` writes
+         Gemma decoder and the vision graph to int8): ``packager/export/onnx/mllama.py`` writes
          ``vision.onnx`` (vision encoder + projector), ``cross_kv.onnx`` (the k_proj / v_proj /
          k_norm of the 8 cross-attention layers) and ``decoder.onnx`` (embedding, every other LM
          weight, final norm, the untied lm_head), all float32, each parameter once; a graph's weights
@@ -285,9 +285,9 @@ MODELS = [
         # gemma-3-4b-it: 4.96 + 2.80 GB (https://huggingface.co/OpenPipe/gemma-3-4b-it-text-only-3/tree/main)
         "published_text_bf16_gb": 7.76,
         "gguf": True,
-        # xpack export --format onnx --bits 32|16|8|4 (packager/onnx.py export_onnx with xpack's graph):
-        # model.onnx (packager/onnx_graph.py build_decoder, inputs_embeds), embed.onnx (build_embedding),
-        # vision.onnx (packager/onnx_vision.py export_gemma3_vision at VISION_DTYPE[bits]).
+        # xpack export --format onnx --bits 32|16|8|4 (packager/export/onnx/pipeline.py export_onnx with xpack's graph):
+        # model.onnx (packager/export/onnx/decoder_graph.py build_decoder, inputs_embeds), embed.onnx (build_embedding),
+        # vision.onnx (packager/export/onnx/gemma3_vision.py export_gemma3_vision at VISION_DTYPE[bits]).
         "onnx_layout": "gemma3",
         "onnx_bits": (32, 16, 8, 4),
     },
@@ -302,8 +302,8 @@ MODELS = [
         "published_source": "model card: 11B (10.6B)",
         "published_bf16_gb": 4.99 + 4.97 + 4.92 + 5.00 + 1.47,
         "gguf": False,
-        # xpack export --format onnx --bits 32 only (packager/onnx.py _export_mllama, archs/mllama.json
-        # "bits": [32]): vision.onnx, cross_kv.onnx, decoder.onnx (packager/onnx_mllama.py), all fp32;
+        # xpack export --format onnx --bits 32 only (packager/export/onnx/pipeline.py _export_mllama, archs/mllama.json
+        # "bits": [32]): vision.onnx, cross_kv.onnx, decoder.onnx (packager/export/onnx/mllama.py), all fp32;
         # --bits 16/8/4 raise "not available for Llama 3.2 Vision (mllama) ONNX yet".
         "onnx_layout": "mllama",
         "onnx_bits": (32, 8, 4),
@@ -327,14 +327,14 @@ GGUF_TEXT_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 ONNX_VARIANTS = {  # name: (--bits, block size of the text weights)
     "fp32": (32, None),
     "fp16": (16, None),
-    "int8": (8, 16),  # packager/onnx.py DEFAULT_BLOCK_SIZE for 8 bits
-    "int4": (4, 32),  # packager/onnx.py DEFAULT_BLOCK_SIZE for 4 bits
+    "int8": (8, 16),  # packager/export/onnx/pipeline.py DEFAULT_BLOCK_SIZE for 8 bits
+    "int4": (4, 32),  # packager/export/onnx/pipeline.py DEFAULT_BLOCK_SIZE for 4 bits
 }
-# packager/onnx.py VISION_DTYPE: the precision of vision.onnx for each --bits (4-bit towers get 8 bits).
+# packager/export/onnx/pipeline.py VISION_DTYPE: the precision of vision.onnx for each --bits (4-bit towers get 8 bits).
 VISION_DTYPE = {32: "float32", 16: "float16", 8: "int8", 4: "int8"}
-VISION_INT8_BLOCK = 32  # packager/onnx_vision.py INT8_BLOCK_SIZE
-ROTARY_MAX_LENGTH = 8192  # packager/onnx_graph.py MAX_LENGTH: rows of the cos/sin tables in xpack's decoder graph
-MLLAMA_EXTERNAL_DATA_BYTES = 1 << 30  # packager/onnx_mllama.py: weights past 1 GiB go to <graph>.onnx.data
+VISION_INT8_BLOCK = 32  # packager/export/onnx/gemma3_vision.py INT8_BLOCK_SIZE
+ROTARY_MAX_LENGTH = 8192  # packager/export/onnx/decoder_graph.py MAX_LENGTH: rows of the cos/sin tables in xpack's decoder graph
+MLLAMA_EXTERNAL_DATA_BYTES = 1 << 30  # packager/export/onnx/mllama.py: weights past 1 GiB go to <graph>.onnx.data
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32, int8, int4 only)"
 HF_SHARD_BYTES = 5e9  # transformers' save_pretrained default max_shard_size ("5GB")
@@ -715,7 +715,7 @@ def _onnx_mllama(counted: dict, spec: dict) -> dict:
             },
             "bytes": dec + cro + vis,
             "decoder_bytes": dec + cro,
-            "note": ("exportable: xpack export --format onnx --bits 32 (packager/onnx_mllama.py, every graph fp32)" if exportable else
+            "note": ("exportable: xpack export --format onnx --bits 32 (packager/export/onnx/mllama.py, every graph fp32)" if exportable else
                      f"{REFERENCE_LABEL}; layout assumed as Gemma 3's at --bits {bits}: decoder/cross_kv weights {variant}, "
                      f"vision {VISION_DTYPE[bits]}") + "; lm_head untied (stored once, in decoder.onnx)",
         }
@@ -902,7 +902,7 @@ def report(results: dict) -> str:
           "output head, is Q6_K and is 17% of the text weights.",
           "- ONNX text weights: int8 = 10.5 bpw (16 x 8-bit + float32 scale + uint8 zero point per 16 weights), int4 = 5.125 bpw "
           "(32 x 4-bit + float32 scale + half a byte of zero point per 32 weights); the token embedding likewise as GatherBlockQuantized. "
-          "vision.onnx follows packager/onnx.py VISION_DTYPE: float32 at --bits 32, float16 at 16, int8 at 8 and 4 "
+          "vision.onnx follows packager/export/onnx/pipeline.py VISION_DTYPE: float32 at --bits 32, float16 at 16, int8 at 8 and 4 "
           f"(MatMulNBits 8-bit, block {VISION_INT8_BLOCK} = 9.25 bpw on the MatMul weights; patch Conv, position embeddings, norms float32).",
           "- MedGemma 4B ONNX: the decoder (model.onnx) takes inputs_embeds and holds the output head as its own tensor lm_head.weight, "
           "the tied embedding transposed, while embed.onnx holds the embedding for the Gather: the 262208 x 2560 matrix is stored twice "

@@ -1,13 +1,13 @@
 """Train xpack's demo LoRA adapter: SmolLM2-135M-Instruct -> terse radiology reports.
 
 Reproducible (seeded) CPU training of a PEFT LoRA on the demo base model
-(``xpack.packager.demo.demo_base_dir()``) with the dataset in ``examples/data/radiology_reports.jsonl``.
+(``xpack.packager.demo.base_model.demo_base_dir()``) with the dataset in ``examples/data/radiology_reports.jsonl``.
 Each example is rendered with the tokenizer's chat template (system "You are an expert radiologist."
 + user prompt -> assistant response); the loss covers the response tokens (and the closing
 ``<|im_end|>``) only. The adapter is saved with ``save_pretrained``, its weights converted to bf16,
 and a model card is written next to it.
 
-    python examples/train_demo_adapter.py --out packager/demo_adapter [--epochs N] [--seed S] [--force]
+    python examples/train_demo_adapter.py --out packager/demo/adapter [--epochs N] [--seed S] [--force]
 
 About 3-6 minutes on 2 CPU cores.
 """
@@ -189,7 +189,7 @@ with confidence. The base model is a 135M-parameter model with limited knowledge
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. packager/demo_adapter)")
+    parser.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. packager/demo/adapter)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xpack.packager.atomic import atomic_dir, check_destination
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.io.atomic import atomic_dir, check_destination
+    from xpack.packager.demo.base_model import demo_base_dir
 
     check_destination(args.out, args.force)
     torch.set_num_threads(2)

@@ -1,1 +1,1 @@
-"""The shipped hardware profiles (*.toml package data), read by xpack.runtimes.profiles."""
+"""The shipped hardware profiles (*.toml package data), read by xpack.profiles.profile."""

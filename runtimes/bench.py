@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.profiles.profile import load_profile
+from xpack.runtimes.registry import load
+from xpack.runtimes.settings import GenerationSettings
 
 BENCH_TOKENS = 256  # the seed card's "Inference Time (256 tokens)"
 BENCH_PROMPT = "You are an expert radiologist. Analyze this chest X-ray showing increased opacity in the right lower lobe."
@@ -23,9 +26,6 @@ METRICS = ("load_s", "ttft_s", "prompt_tok_s", "decode_tok_s", "gen_256_s", "pea
 
 
 def measure(artifact: str, profile_name: str, runtime: str | None, runs: int, tokens: int, image: str | None) -> dict:
-    from xpack.runtimes.base import GenerationSettings, load
-    from xpack.runtimes.profiles import load_profile
-
     profile = load_profile(profile_name)
     settings = GenerationSettings(max_tokens=tokens, temperature=0, repetition_penalty=1.0, ignore_eos=True, seed=0)
     rows = []

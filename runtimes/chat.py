@@ -24,7 +24,20 @@ from typing import Sequence
 
 from xpack.errors import XpackError
 
-__all__ = ["ChatTemplate", "render_chat_template", "find_chat_template", "special_tokens_of"]
+__all__ = ["ChatTemplate", "END_OF_TURN_TOKENS", "render_chat_template", "find_chat_template", "special_tokens_of"]
+
+# Tokens that end an assistant turn in the chat formats of the seed models (and common others);
+# a runtime stops on the model's EOS and on any of these that its vocabulary has as one token.
+END_OF_TURN_TOKENS: tuple[str, ...] = (
+    "<end_of_turn>",  # Gemma 2/3, MedGemma
+    "<|eot_id|>",  # Llama 3.x
+    "<|eom_id|>",  # Llama 3.x (end of a tool-call message)
+    "<|im_end|>",  # ChatML (SmolLM2, Qwen)
+    "<|end|>",  # Phi-3
+    "<|endoftext|>",
+    "<|end_of_text|>",
+)
+
 
 # tokenizer.special_tokens_map's keys (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_KEYS = (

@@ -1,10 +1,10 @@
 """Images for Gemma 3 / MedGemma without torch or transformers: the file, the pixels, the prompt.
 
-An edge box runs the vision graph (``vision.onnx``, written by ``packager/onnx_vision.py``) with
+An edge box runs the vision graph (``vision.onnx``, written by ``packager/export/onnx/gemma3_vision.py``) with
 onnxruntime; what goes into it and around it is prepared here, with numpy and Pillow only:
 
 - ``load_image(path)``: an image file as an RGB ``PIL.Image``; a missing, unreadable or non-image
-  file is a one-line ``XpackError`` (the helper lives in ``runtimes/base.py``; this module re-exports it).
+  file is a one-line ``XpackError`` (the helper lives in ``runtimes/messages.py``).
 - ``Gemma3ImagePreprocessor``: transformers' ``Gemma3ImageProcessor`` (the slow, PIL-based one, which
   is what ``AutoProcessor`` gives without torchvision) driven by the checkpoint's
   ``preprocessor_config.json``: RGB -> PIL resize to ``size`` with ``resample`` -> ``x * rescale_factor``
@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import load_image, read_json
+from xpack.runtimes.artifacts import read_json
+from xpack.runtimes.messages import load_image
 
 __all__ = [
     "load_image",

@@ -35,7 +35,11 @@ from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
 from xpack.runtimes.gguf_header import read_gguf_metadata
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, gguf_models, load_image, read_manifest, timing_fields
+from xpack.runtimes.artifacts import gguf_models, read_manifest
+from xpack.runtimes.base import Runtime
+from xpack.runtimes.chat import END_OF_TURN_TOKENS
+from xpack.runtimes.messages import load_image
+from xpack.runtimes.settings import GenerationSettings, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
 __all__ = ["LlamaCppRuntime", "gguf_file_of", "read_gguf_metadata"]

@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision (mllama) through onnxruntime and numpy: the three graphs ``xpack.packager.onnx_mllama`` writes.
+"""Llama 3.2 Vision (mllama) through onnxruntime and numpy: the three graphs ``xpack.packager.export.onnx.mllama`` writes.
 
 No torch, no transformers. The folder holds ``vision.onnx``, ``cross_kv.onnx``, ``decoder.onnx`` and
 ``mllama_onnx.json`` (layer indices, KV layout, image token, tiles, end-of-turn ids). One image, one

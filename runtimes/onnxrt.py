@@ -30,8 +30,13 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, load_image, read_json, read_manifest, timing_fields
-from xpack.runtimes.chat import ChatTemplate
+from xpack.runtimes.artifacts import read_json, read_manifest
+from xpack.runtimes.base import Runtime
+from xpack.runtimes.chat import ChatTemplate, END_OF_TURN_TOKENS
+from xpack.runtimes.images import gemma3_image_tokens, Gemma3ImagePreprocessor, MllamaImagePreprocessor
+from xpack.runtimes.messages import load_image
+from xpack.runtimes.onnx_mllama import MllamaOnnx
+from xpack.runtimes.settings import GenerationSettings, timing_fields
 
 __all__ = ["OnnxRuntime", "attention_bias", "onnx_file_of"]
 
@@ -183,15 +188,11 @@ class OnnxRuntime(Runtime):
         self.vision = self._companion(folder, "vision_file", "the vision tower")
         self.accepts_images = self.vision is not None and self.takes_embeds
         if self.accepts_images:
-            from xpack.runtimes.images import Gemma3ImagePreprocessor, gemma3_image_tokens
-
             self.preprocess = Gemma3ImagePreprocessor.from_folder(folder)
             self.image_tokens = gemma3_image_tokens(folder)
 
     def _read_mllama(self, folder: Path) -> None:
         """Llama 3.2 Vision's three graphs (runtimes/onnx_mllama.py); tokenizer, chat and sampling stay this class's."""
-        from xpack.runtimes.onnx_mllama import MllamaOnnx
-
         self.mllama = MllamaOnnx(folder, providers=self._providers, threads=self._threads)
         self.session = self.mllama.sessions["decoder"]
         self._n_vocab = self.mllama.vocab_size
@@ -201,8 +202,6 @@ class OnnxRuntime(Runtime):
         self.embedder = self.vision = None
         self.accepts_images = (folder / "preprocessor_config.json").is_file()
         if self.accepts_images:
-            from xpack.runtimes.images import MllamaImagePreprocessor
-
             self.preprocess = MllamaImagePreprocessor.from_folder(folder)
 
     def _read_graph(self, folder: Path) -> None:

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import END_OF_TURN_TOKENS, GenerationSettings, Runtime, load_image, timing_fields
+from xpack.runtimes.base import Runtime
+from xpack.runtimes.chat import END_OF_TURN_TOKENS
+from xpack.runtimes.messages import load_image
+from xpack.runtimes.settings import GenerationSettings, timing_fields
 
 __all__ = ["TorchRuntime"]
 

@@ -73,7 +73,7 @@ def test_gemma2_refuses_a_system_message_in_one_line(twin_factory):
 def test_demo_model_template_renders_like_transformers():
     from transformers import AutoTokenizer
 
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.demo.base_model import demo_base_dir
 
     folder = demo_base_dir()
     _check_folder(folder, AutoTokenizer.from_pretrained(str(folder)), CONVERSATIONS)
@@ -84,7 +84,7 @@ def test_demo_gguf_metadata_template_renders_like_transformers():
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from xpack.packager.demo import demo_base_dir, demo_gguf_path
+    from xpack.packager.demo.base_model import demo_base_dir, demo_gguf_path
 
     llm = llama_cpp.Llama(model_path=str(demo_gguf_path()), vocab_only=True, verbose=False)
     try:

@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from xpack.packager.cli import cli
+from xpack.cli import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_every_command_is_pinned():
 
 def test_start_up_imports_no_heavy_library():
     code = (
-        "import sys; from click.testing import CliRunner; from xpack.packager.cli import cli; "
+        "import sys; from click.testing import CliRunner; from xpack.cli import cli; "
         "r = CliRunner().invoke(cli, ['merge', '--help']); assert r.exit_code == 0; "
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'optimum', 'onnxruntime', 'llama_cpp', 'safetensors', 'numpy') if m in sys.modules); "
         "print(','.join(heavy))"

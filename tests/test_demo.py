@@ -10,7 +10,7 @@ import json
 import pytest
 
 from xpack.errors import XpackError
-from xpack.packager import demo
+from xpack.packager.demo import base_model as demo
 
 SYSTEM_PROMPT = "You are an expert radiologist."
 # Not in examples/data/radiology_reports.jsonl.

@@ -18,13 +18,15 @@ import torch
 from click.testing import CliRunner
 
 import twins
-from xpack.packager.card import front_matter
-from xpack.packager.cli import cli
-from xpack.packager.export_job import export
-from xpack.packager.parity import compare_logits
-from xpack.packager.safetensors_io import sha256_file
-from xpack.runtimes.base import GenerationSettings, load
-from xpack.runtimes.profiles import load_profile, resolve_for_machine
+from xpack.packager.cards.render import front_matter
+from xpack.cli import cli
+from xpack.packager.export.job import export
+from xpack.packager.verify.parity import compare_logits
+from xpack.packager.io.tensors import sha256_file
+from xpack.runtimes.registry import load
+from xpack.runtimes.settings import GenerationSettings
+from xpack.profiles.machine import resolve_for_machine
+from xpack.profiles.profile import load_profile
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3", "gemma3_vision"]
 PARITY_TEXT = (
@@ -122,7 +124,7 @@ def test_gemma2_qv_adapter_on_the_fly_matches_peft(twin_factory, tmp_path, cpu):
 
 
 def test_adapter_on_the_fly_equals_merged_checkpoint(twin_factory, tmp_path):
-    from xpack.packager.merge_job import merge
+    from xpack.packager.merge.job import merge
 
     twin = twin_factory.get("llama")
     merge(str(twin.model_dir), [str(twin.adapter_dir)], tmp_path / "merged")
@@ -172,7 +174,7 @@ def test_demo_model_tokens_and_greedy_text(tmp_path, cpu):
     starts with the same tokens as the torch reference run the same way."""
     from transformers import AutoTokenizer
 
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.demo.base_model import demo_base_dir
 
     base = demo_base_dir()
     manifest = _export(base, tmp_path / "out", "F16")

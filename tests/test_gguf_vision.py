@@ -2,7 +2,7 @@
 
 The gemma3_vision twin (SigLIP 32x32, patch 8, 4 image tokens) is exported with `xpack export` at F32
 and F16 (its mmproj stays F32: the twin's weights are F32), run with an image through
-`xpack.runtimes.base.load` and `xpack run --image`, and its teacher-forced logits of the text after
+`xpack.runtimes.registry.load` and `xpack run --image`, and its teacher-forced logits of the text after
 the image are compared with transformers' Gemma3ForConditionalGeneration (fp32, eager) given the
 processor's pixel_values of the same image.
 
@@ -30,11 +30,13 @@ from click.testing import CliRunner
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.cli import cli
-from xpack.packager.export_job import export
-from xpack.packager.parity import compare_logits
-from xpack.runtimes.base import GenerationSettings, load
-from xpack.runtimes.profiles import load_profile, resolve_for_machine
+from xpack.cli import cli
+from xpack.packager.export.job import export
+from xpack.packager.verify.parity import compare_logits
+from xpack.runtimes.registry import load
+from xpack.runtimes.settings import GenerationSettings
+from xpack.profiles.machine import resolve_for_machine
+from xpack.profiles.profile import load_profile
 
 # quant -> (top-1 (tie-aware) at least, KL mean at most, KL max at most, max |logit error| at most)
 IMAGE_PARITY = {

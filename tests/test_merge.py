@@ -14,10 +14,10 @@ import torch
 from peft import PeftModel
 
 import twins
-from xpack.packager.card import front_matter
-from xpack.packager.merge import MergeSettings
-from xpack.packager.merge_job import merge
-from xpack.packager.safetensors_io import sha256_file
+from xpack.packager.cards.render import front_matter
+from xpack.packager.merge.stream import MergeSettings
+from xpack.packager.merge.job import merge
+from xpack.packager.io.tensors import sha256_file
 
 WEIGHT_ATOL = 1e-6
 LOGIT_ATOL = 1e-4
@@ -240,7 +240,7 @@ def test_demo_model_merge_matches_peft(tmp_path):
     """The built-in demo: SmolLM2-135M + the shipped radiology LoRA (bf16 adapter, fp32 base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xpack.packager.demo import demo_adapter_dir, demo_base_dir
+    from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
 
     base = demo_base_dir()
     out = tmp_path / "merged"

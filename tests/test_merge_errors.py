@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from xpack.packager.cli import cli
+from xpack.cli import cli
 
 
 def _run(*args):

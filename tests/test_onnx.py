@@ -33,13 +33,15 @@ from click.testing import CliRunner
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.card import front_matter
-from xpack.packager.cli import cli
-from xpack.packager.export_job import export
-from xpack.packager.parity import compare_logits
-from xpack.packager.safetensors_io import sha256_file
-from xpack.runtimes.base import GenerationSettings, load, runtime_for
-from xpack.runtimes.profiles import load_profile, resolve_for_machine
+from xpack.packager.cards.render import front_matter
+from xpack.cli import cli
+from xpack.packager.export.job import export
+from xpack.packager.verify.parity import compare_logits
+from xpack.packager.io.tensors import sha256_file
+from xpack.runtimes.registry import load, runtime_for
+from xpack.runtimes.settings import GenerationSettings
+from xpack.profiles.machine import resolve_for_machine
+from xpack.profiles.profile import load_profile
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3"]
 PARITY_TEXT = (
@@ -98,7 +100,7 @@ def _onnx_logits(folder, profile, ids):
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("name", TEXT_TWINS)
 def test_fp32_logits_match_torch(twin_factory, exports, cpu, name, graph):
-    from xpack.packager.onnx import XPACK_GRAPH_ATOL
+    from xpack.packager.export.onnx.pipeline import XPACK_GRAPH_ATOL
 
     twin = twin_factory.get(name)
     manifest, out = exports(name, 32, graph=graph)
@@ -313,7 +315,7 @@ def test_int4_of_a_tied_model_is_smaller_than_int8_and_quantizes_the_head(twin_f
 @pytest.mark.slow
 def test_demo_model_int4_smaller_than_int8(tmp_path, cpu):
     """The demo model (SmolLM2-135M, tied embeddings): 4-bit < 8-bit < fp32/3, the head quantized in both."""
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.demo.base_model import demo_base_dir
 
     sizes = {}
     for bits in (8, 4):
@@ -435,8 +437,8 @@ def test_backend_runs_without_torch(exports):
                     raise ImportError(f"{{name}} is blocked on this edge box")
         sys.meta_path.insert(0, Block())
         import dataclasses
-        from xpack.runtimes.base import GenerationSettings, load
-        from xpack.runtimes.profiles import load_profile, resolve_for_machine
+        from xpack.runtimes.registry import load; from xpack.runtimes.settings import GenerationSettings
+        from xpack.profiles.machine import resolve_for_machine; from xpack.profiles.profile import load_profile
         profile, _ = resolve_for_machine(load_profile("cpu16"))
         with load({str(out)!r}, dataclasses.replace(profile, n_ctx=256, threads=1)) as rt:
             r = rt.generate("Say hello.", GenerationSettings(temperature=0, max_tokens=4, ignore_eos=True))

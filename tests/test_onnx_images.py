@@ -25,12 +25,14 @@ from click.testing import CliRunner
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.cli import cli
-from xpack.packager.export_job import export
-from xpack.packager.parity import compare_logits
-from xpack.packager.verify import verify
-from xpack.runtimes.base import GenerationSettings, load
-from xpack.runtimes.profiles import load_profile, resolve_for_machine
+from xpack.cli import cli
+from xpack.packager.export.job import export
+from xpack.packager.verify.parity import compare_logits
+from xpack.packager.verify.job import verify
+from xpack.runtimes.registry import load
+from xpack.runtimes.settings import GenerationSettings
+from xpack.profiles.machine import resolve_for_machine
+from xpack.profiles.profile import load_profile
 
 GREEDY = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
 MESSAGES = [{"role": "user", "content": twins.SAMPLE_PROMPT}]

@@ -1,6 +1,6 @@
 """Llama 3.2 Vision (mllama) to ONNX: the twin's three graphs through the numpy/onnxruntime pipeline against torch.
 
-`xpack.packager.onnx_mllama.export_mllama` writes vision.onnx, cross_kv.onnx and decoder.onnx; the
+`xpack.packager.export.onnx.mllama.export_mllama` writes vision.onnx, cross_kv.onnx and decoder.onnx; the
 pipeline `xpack.runtimes.onnx_mllama.MllamaOnnx` (no torch) encodes the processor's pixel_values,
 builds the cross-attention masks from the token ids and decodes with a KV cache. The reference is
 transformers' MllamaForConditionalGeneration (fp32, eager) given the processor's output for the same
@@ -32,8 +32,8 @@ import torch
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.merge_job import merge
-from xpack.packager.onnx_mllama import META_FILE, export_mllama, load_mllama, wrap_mllama
+from xpack.packager.merge.job import merge
+from xpack.packager.export.onnx.mllama import META_FILE, export_mllama, load_mllama, wrap_mllama
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
 
 LOGIT_ATOL = 1e-4

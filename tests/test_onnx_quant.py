@@ -1,4 +1,4 @@
-"""xpack's MatMulNBits quantizer (packager/onnx_quant.py): onnxruntime's layout bit for bit, the scale
+"""xpack's MatMulNBits quantizer (packager/export/onnx/quantize.py): onnxruntime's layout bit for bit, the scale
 search, the mixed bit widths and the tied embedding read from the head's packed weight. Small random
 matrices only; the demo-model figures are in the module's docstring / the README."""
 
@@ -13,7 +13,7 @@ import onnx  # noqa: E402 - part of the dev install: a missing one must fail, no
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from xpack.packager.onnx_quant import (  # noqa: E402
+from xpack.packager.export.onnx.quantize import (  # noqa: E402
     LLAMA_CPP_Q4_K_M_PATTERNS,
     dequantize_weight,
     quantize_matmuls,

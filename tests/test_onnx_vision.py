@@ -1,4 +1,4 @@
-"""Gemma 3 images without torch at run time: ``vision.onnx`` (packager/onnx_vision.py) and the numpy
+"""Gemma 3 images without torch at run time: ``vision.onnx`` (packager/export/onnx/gemma3_vision.py) and the numpy
 preprocessing and prompt expansion (runtimes/images.py), against transformers on the gemma3_vision twin.
 
 Parity measured on the twin (SigLIP 32x32, patch 8, 4 image tokens of width 64; features of scale ~0.4):
@@ -23,15 +23,15 @@ import torch
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.merge_job import merge
-from xpack.packager.onnx_vision import (
+from xpack.packager.merge.job import merge
+from xpack.packager.export.onnx.gemma3_vision import (
     INPUT_NAME,
     OUTPUT_NAME,
     VISION_DATA_FILE,
     VISION_FILE,
     export_gemma3_vision,
 )
-from xpack.runtimes.base import load_image as base_load_image
+from xpack.runtimes.messages import load_image as base_load_image
 from xpack.runtimes.images import Gemma3ImagePreprocessor, gemma3_image_tokens, load_image
 
 VISION_ATOL = 1e-4

@@ -9,19 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from xpack.errors import XpackError
-from xpack.packager.cli import cli
-from xpack.runtimes.profiles import (
-    Gpu,
-    Machine,
-    Profile,
-    Reference,
-    detect_profile,
-    list_profiles,
-    load_profile,
-    machine_info,
-    profile_names,
-    resolve_for_machine,
-)
+from xpack.cli import cli
+from xpack.profiles.machine import detect_profile, Gpu, Machine, machine_info, resolve_for_machine
+from xpack.profiles.profile import list_profiles, load_profile, Profile, profile_names, Reference
 
 # The seed model card's figures: (hardware, load s, 256 tokens s, memory GB).
 SEED_CARD = {

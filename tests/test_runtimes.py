@@ -12,27 +12,21 @@ import pytest
 from click.testing import CliRunner
 
 from xpack.errors import XpackError
-from xpack.packager.cli import cli
-from xpack.runtimes.base import (
-    RUNTIMES,
-    GenerationResult,
-    GenerationSettings,
-    PeakMemory,
-    Runtime,
-    get_runtime,
-    load,
-    load_image,
-    runtime_for,
-    to_messages,
-)
-from xpack.runtimes.profiles import load_profile, resolve_for_machine
+from xpack.cli import cli
+from xpack.runtimes.base import Runtime
+from xpack.runtimes.memory import PeakMemory
+from xpack.runtimes.messages import load_image, to_messages
+from xpack.runtimes.registry import get_runtime, load, runtime_for, RUNTIMES
+from xpack.runtimes.settings import GenerationResult, GenerationSettings
+from xpack.profiles.machine import resolve_for_machine
+from xpack.profiles.profile import load_profile
 
 PROMPT = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def demo_gguf():
-    from xpack.packager.demo import demo_gguf_path
+    from xpack.packager.demo.base_model import demo_gguf_path
 
     return demo_gguf_path()
 
@@ -204,7 +198,7 @@ def test_llamacpp_logits_match_greedy(gguf_rt):
 def test_llamacpp_chat_renders_like_transformers(gguf_rt):
     from transformers import AutoTokenizer
 
-    from xpack.packager.demo import demo_base_dir
+    from xpack.packager.demo.base_model import demo_base_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_base_dir()))
     messages = [{"role": "system", "content": "You are a radiologist."}, {"role": "user", "content": PROMPT}]
@@ -252,7 +246,7 @@ def test_llamacpp_folder_artifact(tmp_path, demo_gguf, cpu_profile):
 
 
 def test_load_adapts_the_profile_to_this_machine(demo_gguf):
-    from xpack.runtimes.profiles import machine_info
+    from xpack.profiles.machine import machine_info
 
     machine = machine_info()
     with load(demo_gguf, dataclasses.replace(load_profile("cpu16"), n_ctx=128)) as rt:
@@ -275,8 +269,8 @@ def test_runtimes_work_without_torch_and_transformers(demo_gguf):
                     raise ImportError(f"{{name}} is blocked on this edge box")
         sys.meta_path.insert(0, Block())
         import dataclasses
-        from xpack.runtimes.base import GenerationSettings, load
-        from xpack.runtimes.profiles import load_profile, resolve_for_machine
+        from xpack.runtimes.registry import load; from xpack.runtimes.settings import GenerationSettings
+        from xpack.profiles.machine import resolve_for_machine; from xpack.profiles.profile import load_profile
         import xpack.runtimes.chat
         profile, notes = resolve_for_machine(load_profile("cpu16"))
         with load({str(demo_gguf)!r}, dataclasses.replace(profile, n_ctx=256, threads=1)) as rt:

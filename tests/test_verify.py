@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from xpack.packager.cli import cli
-from xpack.packager.export_job import export
-from xpack.packager.merge_job import merge
-from xpack.packager.verify import START, END, splice_section, update_card, verify
+from xpack.cli import cli
+from xpack.packager.export.job import export
+from xpack.packager.merge.job import merge
+from xpack.packager.verify.job import START, END, splice_section, update_card, verify
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_benchmark_and_card_update(llama_set, tmp_path):
     assert (head + tail).replace("\n", "") == before.replace("\n", "")  # everything else intact
     manifest = json.loads((art / "manifest.json").read_text())
     assert set(manifest["verification"]) == {"cpu16"}
-    from xpack.packager.safetensors_io import sha256_file
+    from xpack.packager.io.tensors import sha256_file
 
     assert manifest["files"]["README.md"]["sha256"] == sha256_file(art / "README.md")
     # idempotent: the same report written again changes nothing
@@ -108,7 +108,7 @@ def test_reference_with_another_tokenizer(llama_set, twin_factory):
 
 
 def test_gpu_profile_without_gpu(llama_set):
-    from xpack.runtimes.profiles import machine_info
+    from xpack.profiles.machine import machine_info
 
     if machine_info().gpus:
         pytest.skip("this machine has a GPU")

@@ -1,3 +1,3 @@
-from xpack.packager.cli import main
+from xpack.cli import main
 
 main()

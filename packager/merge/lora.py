@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
-from xpack.packager.safetensors_io import read_all_f32
+from xpack.packager.io.tensors import read_all_f32
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

@@ -58,7 +58,9 @@ import time
 from pathlib import Path
 
 from xpack.errors import XpackError
-from xpack.packager.quiet import quiet
+from xpack.packager.export.onnx.common import quiet
+from xpack.packager.io.atomic import atomic_dir
+from xpack.runtimes.onnx_mllama import cross_attention_masks, MllamaOnnx
 
 __all__ = [
     "export_mllama",
@@ -387,7 +389,6 @@ def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> float:
     import numpy as np
     import torch
 
-    from xpack.runtimes.onnx_mllama import cross_attention_masks
 
     ids = case["input_ids"]
     ref = _hf_logits(model, ids, case, case["num_tiles"])
@@ -506,7 +507,6 @@ def _validate(model, folder: Path, layout: dict, case: dict) -> dict:
     """The graphs (through the runtime's pipeline) against torch: a prefill with the image, one cached decoding step, text only."""
     import numpy as np
 
-    from xpack.runtimes.onnx_mllama import MllamaOnnx
 
     pipe = MllamaOnnx(folder)
     ids = case["input_ids"]
@@ -541,8 +541,6 @@ def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int 
     text-only prefill. Raises :class:`XpackError` when one is above ``atol`` (default:
     ``LOGIT_RTOL * max(1, max |torch logit|)``).
     """
-    from xpack.packager.atomic import atomic_dir
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _require_libraries()
     import onnx

@@ -18,7 +18,7 @@ Numerics follow transformers' eager forward in float32: RMSNorm weights get Gemm
 in, the rotary tables come from transformers' own ``ROPE_INIT_FUNCTIONS`` (so llama3/linear/yarn
 scaling and Gemma 3's local/global bases are exactly the reference's), the embedding scale of Gemma
 is ``sqrt(hidden_size)``, softcapping and sliding windows are attributes of the attention kernel.
-The graph is checked against torch by ``packager/onnx.py`` like optimum's export is.
+The graph is checked against torch by ``packager/export/onnx/pipeline.py`` like optimum's export is.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
 from xpack.packager.archs import require_arch
-from xpack.packager.checkpoint import Checkpoint
-from xpack.packager.safetensors_io import Reader, to_f32
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.tensors import Reader, to_f32
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from xpack.errors import XpackError
-from xpack.packager.safetensors_io import TensorSpec, read_header
+from xpack.packager.io.tensors import TensorSpec, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack")
 # Files a merged checkpoint rewrites itself instead of copying.

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
 from xpack.packager.archs import GENERIC, Arch, find_arch
-from xpack.packager.checkpoint import Checkpoint
-from xpack.packager.lora import Adapter, LoraModule, load_adapter
-from xpack.packager.safetensors_io import (
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.merge.lora import Adapter, LoraModule, load_adapter
+from xpack.packager.io.tensors import (
     FLOAT_DTYPES,
     Reader,
     ShardedWriter,

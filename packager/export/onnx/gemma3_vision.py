@@ -21,7 +21,7 @@ GELU, AveragePool; no custom ops) that onnxruntime's CPU provider loads as is. O
 (the first with LayerNormalization; the TorchScript exporter goes up to 20, where GELU is one op).
 The torch model is loaded in float32 with eager attention.
 
-The weights are always written to ``vision.onnx_data`` (as ``packager/onnx.py`` does for the decoder),
+The weights are always written to ``vision.onnx_data`` (as ``packager/export/onnx/pipeline.py`` does for the decoder),
 whatever their size, so an artifact always has the same two files.
 
 Precisions (``dtype``):
@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xpack.errors import XpackError
-from xpack.packager.quiet import quiet
+from xpack.packager.export.onnx.common import quiet
+from xpack.runtimes.images import Gemma3ImagePreprocessor, PREPROCESSOR_CONFIG
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -307,7 +308,6 @@ def _validation_inputs(model_dir: Path, spec: dict) -> tuple[dict, dict]:
     import numpy as np
     import transformers
 
-    from xpack.runtimes.images import PREPROCESSOR_CONFIG, Gemma3ImagePreprocessor
 
     size = spec["image_size"]
     rng = np.random.default_rng(0)

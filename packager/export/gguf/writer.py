@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Iterator
 
 from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
-from xpack.packager.checkpoint import Checkpoint
-from xpack.packager.lora import Adapter
-from xpack.packager.merge import MergeSettings, TensorOp, apply_op, plan_merge, stream_base
-from xpack.packager.safetensors_io import from_f32, to_f32
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.tensors import from_f32, to_f32
+from xpack.packager.merge.lora import Adapter
+from xpack.packager.merge.stream import apply_op, MergeSettings, plan_merge, stream_base, TensorOp
+from xpack.runtimes.gguf_header import read_gguf_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -469,7 +470,6 @@ def type_report(path: Path, quant: str) -> dict:
     """Tensor type counts, and the fallbacks llama.cpp took (e.g. Q4_K -> Q5_0 when a row is not a multiple of 256)."""
     import gguf
 
-    from xpack.runtimes.gguf_header import read_gguf_header
 
     counts: dict[str, int] = {}
     fallbacks: dict[str, int] = {}

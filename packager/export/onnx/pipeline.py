@@ -45,12 +45,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
-from xpack.packager.quiet import quiet
-from xpack.packager.archs import Arch, all_archs, require_arch
-from xpack.packager.checkpoint import Checkpoint
-from xpack.packager.lora import Adapter
-from xpack.packager.merge import MergeSettings, apply_op, plan_merge, run_merge, stream_base
-from xpack.packager.safetensors_io import ShardedWriter, TensorSpec, plan_shards
+from xpack.packager.archs import all_archs, Arch, require_arch
+from xpack.packager.export.onnx.common import quiet
+from xpack.packager.export.onnx.decoder_graph import build_decoder, build_embedding
+from xpack.packager.export.onnx.gemma3_vision import _to_int8, export_gemma3_vision
+from xpack.packager.export.onnx.mllama import CROSS_KV_FILE, DECODER_FILE, export_mllama, VISION_FILE
+from xpack.packager.export.onnx.quantize import EIGHT_BIT_BLOCK_SIZE, quantize_matmuls
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.tensors import plan_shards, ShardedWriter, TensorSpec
+from xpack.packager.merge.lora import Adapter
+from xpack.packager.merge.stream import apply_op, MergeSettings, plan_merge, run_merge, stream_base
+from xpack.packager.verify.parity import compare_logits
+from xpack.runtimes.onnx_mllama import MllamaOnnx
 from xpack.runtimes.onnxrt import attention_bias
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +71,7 @@ DEFAULT_BLOCK_SIZE = {4: 32, 8: 16}
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 TASK = "text-generation-with-past"
-# "xpack": the decoder graph xpack writes with onnxruntime's fused operators (packager/onnx_graph.py);
+# "xpack": the decoder graph xpack writes with onnxruntime's fused operators (packager/export/onnx/decoder_graph.py);
 # "optimum": optimum-onnx's traced export. Both have the same inputs and outputs.
 GRAPHS = ("xpack", "optimum")
 # --int4: "mixed" (8 bits where Q4_K_M spends more, the default) or "plain" (every weight 4-bit)
@@ -413,13 +419,12 @@ def _quantized_info(model, info: dict, block_size: int, head: list[str], keep_lm
 
 
 def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict, mixed: bool = True) -> tuple["onnx.ModelProto", dict]:
-    """4 bits as packager/onnx_quant.py writes them: searched block scales and, when ``mixed``,
+    """4 bits as packager/export/onnx/quantize.py writes them: searched block scales and, when ``mixed``,
     llama.cpp-style 8-bit layers (on the demo model mean KL 0.046 for 1.23x the bytes of
     onnxruntime's plain int4, which measures 0.51; llama.cpp's Q4_K_M 0.076). ``mixed=False``
     (``--int4 plain``) keeps every weight at 4 bits: the smallest, fastest file (KL 0.42)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from xpack.packager.onnx_quant import EIGHT_BIT_BLOCK_SIZE, quantize_matmuls
 
     model, q = quantize_matmuls(model, 4, block_size, mixed=mixed, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head, accuracy_level=ACCURACY_LEVEL)
     embedding = "float (--keep-lm-head)"
@@ -432,7 +437,7 @@ def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool
             model = quantizer.model.model
     return _quantized_info(
         model, info, block_size, head, keep_lm_head, untied, f"quantized ({8 if mixed else 4}-bit)", embedding,
-        quantizer=f"xpack (packager/onnx_quant.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
+        quantizer=f"xpack (packager/export/onnx/quantize.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
         int4="mixed" if mixed else "plain",
         eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
         eight_bit_nodes=len(q.get("eight_bit_nodes", [])),
@@ -577,7 +582,6 @@ def _compare(reference: list[dict], candidate: list[dict], atol: float, rtol: fl
     """optimum's check (``np.allclose(ref, onnx, atol)`` per output) with its figures kept, plus logit parity."""
     import numpy as np
 
-    from xpack.packager.parity import compare_logits
 
     max_diff: dict[str, float] = {}
     close = True
@@ -618,8 +622,6 @@ def _compare(reference: list[dict], candidate: list[dict], atol: float, rtol: fl
 
 def _xpack_graph(src: Path, raw: Path, inputs_embeds: bool) -> dict:
     """Write xpack's fused decoder graph (and, for a vision model, the embedding graph) into ``raw``."""
-    from xpack.packager.onnx_graph import build_decoder, build_embedding
-
     raw.mkdir()
     model, facts = build_decoder(src, inputs_embeds=inputs_embeds)
     save_model(model, raw)
@@ -630,9 +632,7 @@ def _xpack_graph(src: Path, raw: Path, inputs_embeds: bool) -> dict:
 
 
 def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
-    """The vision tower + projector as ``vision.onnx`` (packager/onnx_vision.py), checked against torch there."""
-    from xpack.packager.onnx_vision import export_gemma3_vision
-
+    """The vision tower + projector as ``vision.onnx`` (packager/export/onnx/gemma3_vision.py), checked against torch there."""
     # 4-bit vision towers lose too much for too few bytes (the tower is ~10% of a 4B model): 8 bits there
     dtype = VISION_DTYPE[bits]
     figures = export_gemma3_vision(model_dir, out, dtype=dtype, threads=threads, copy_companions=False)
@@ -640,9 +640,7 @@ def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
 
 
 def _export_mllama(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: dict, block_size: int, keep_lm_head: bool, int4: str) -> OnnxExport:
-    """Llama 3.2 Vision: three graphs (vision, cross-attention K/V, decoder) written by packager/onnx_mllama.py."""
-    from xpack.packager.onnx_mllama import CROSS_KV_FILE, DECODER_FILE, VISION_FILE, export_mllama
-
+    """Llama 3.2 Vision: three graphs (vision, cross-attention K/V, decoder) written by packager/export/onnx/mllama.py."""
     if bits not in spec.get("bits", [32]):
         raise XpackError(
             f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
@@ -689,10 +687,6 @@ def _quantize_mllama(folder: Path, keep: Path, bits: int, spec: dict, block_size
     import numpy as np
     import onnx
 
-    from xpack.packager.onnx_mllama import CROSS_KV_FILE, DECODER_FILE, VISION_FILE
-    from xpack.packager.onnx_vision import _to_int8
-    from xpack.packager.parity import compare_logits
-    from xpack.runtimes.onnx_mllama import MllamaOnnx
 
     shutil.copytree(folder, keep)
     info: dict = {}

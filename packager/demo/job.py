@@ -11,8 +11,13 @@ import time
 from pathlib import Path
 
 from xpack.errors import XpackError
-from xpack.packager.export_job import export
-from xpack.packager.merge_job import merge
+from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
+from xpack.packager.export.job import export
+from xpack.packager.merge.job import merge
+from xpack.packager.verify.job import update_card, verify
+from xpack.profiles.profile import load_profile
+from xpack.runtimes.registry import load, RUNTIMES
+from xpack.runtimes.settings import GenerationSettings
 
 DEMO_SYSTEM = "You are an expert radiologist."
 DEMO_PROMPT = "Chest X-ray, 67-year-old man with fever and productive cough for four days. Describe the findings."
@@ -22,8 +27,6 @@ DEMO_EXPORTS = (("gguf-q4_k_m", "gguf", 4), ("onnx-int4", "onnx", 4))
 
 
 def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):
-    from xpack.runtimes.base import GenerationSettings, load
-
     messages = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": DEMO_PROMPT}]
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0)
     with load(path, profile, runtime=runtime) as rt:
@@ -31,16 +34,10 @@ def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):
 
 
 def _onnx_available() -> bool:
-    from xpack.runtimes.base import RUNTIMES
-
     return "onnx" in RUNTIMES
 
 
 def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: int = 1) -> dict:
-    from xpack.packager.demo import demo_adapter_dir, demo_base_dir
-    from xpack.packager.verify import update_card, verify
-    from xpack.runtimes.profiles import load_profile
-
     out = Path(out)
     exports = [e for e in DEMO_EXPORTS if e[1] != "onnx" or _onnx_available()]
     merged = out / "merged"

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from xpack import __version__
-from xpack.packager.safetensors_io import sha256_file
+from xpack.packager.io.tensors import sha256_file
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -73,7 +73,7 @@ def render(template: str, **data) -> str:
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("xpack.packager", "templates"),
+        loader=jinja2.PackageLoader("xpack.packager.cards", "templates"),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,

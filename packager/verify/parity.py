@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: "np.ndarray") -> "np.ndarray":
+    import numpy as np  # lazy: `xpack --help` imports this module and must not pay for numpy
+
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_tolerance: float = 1e-3) -> dict:
+def compare_logits(reference: "np.ndarray", candidate: "np.ndarray", tie_tolerance: float = 1e-3) -> dict:
     """Top-1 agreement, KL(reference || candidate) mean / p99 / max, and max absolute logit error.
 
     ``top1_agreement`` is strict. ``top1_agreement_tie_aware`` also accepts a candidate whose top token
@@ -21,6 +26,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_tolerance: 
     Both arrays are [tokens, vocab]; a candidate with a larger vocabulary (padding rows) is cut to
     the reference's, and the reverse is an error: the two do not share a vocabulary.
     """
+    import numpy as np
+
     if reference.ndim != 2 or candidate.ndim != 2 or reference.shape[0] != candidate.shape[0]:
         raise ValueError(f"logits of shapes {reference.shape} and {candidate.shape} cannot be compared")
     v = reference.shape[1]

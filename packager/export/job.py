@@ -8,14 +8,17 @@ from pathlib import Path
 
 from xpack import __version__
 from xpack.errors import XpackError
-from xpack.packager import card as cards
-from xpack.packager.atomic import atomic_dir, check_destination
-from xpack.packager.checkpoint import Checkpoint
-from xpack.packager.lora import parse_adapter_spec
-from xpack.packager.merge import load_adapters
-from xpack.packager.merge_job import EXAMPLE_PROMPT
-from xpack.packager.safetensors_io import sha256_file
-from xpack.packager.sources import resolve
+from xpack.packager.cards import render as cards
+from xpack.packager.export.gguf.writer import export_gguf, resolve_quant
+from xpack.packager.export.onnx.pipeline import check_settings, default_block_size, export_onnx
+from xpack.packager.io.atomic import atomic_dir, check_destination
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.sources import resolve
+from xpack.packager.io.tensors import sha256_file
+from xpack.packager.merge.job import EXAMPLE_PROMPT
+from xpack.packager.merge.lora import parse_adapter_spec
+from xpack.packager.merge.stream import load_adapters
+from xpack.runtimes.settings import GenerationSettings
 
 FORMATS = ("gguf", "onnx")
 QUANT_NOTES = {
@@ -42,7 +45,6 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
     specs = [parse_adapter_spec(a) for a in adapters]
     adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
     loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
-    from xpack.packager.gguf import export_gguf, resolve_quant
 
     quant = resolve_quant(bits, quant)
     name = name or _model_name(src.path)
@@ -79,8 +81,6 @@ ONNX_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads, allow_pickle, block_size, keep_lm_head, graph, int4) -> dict:
     """``--format onnx``: optimum's export (+ onnxruntime's quantizer) of the checkpoint, with its card and manifest."""
-    from xpack.packager.onnx import check_settings, default_block_size, export_onnx
-
     if quant:
         raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
     block_size = block_size or default_block_size(bits)
@@ -234,8 +234,6 @@ def _base_name(src, ckpt: Checkpoint, source_manifest: dict | None) -> str:
 
 
 def _generation():
-    from xpack.runtimes.base import GenerationSettings
-
     return GenerationSettings()
 
 

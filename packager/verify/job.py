@@ -16,11 +16,21 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from xpack import __version__
 from xpack.errors import XpackError
-from xpack.packager.parity import compare_logits, log_softmax
+from xpack.packager.cards.render import CARD, MANIFEST, read_manifest, render
+from xpack.packager.io.tensors import sha256_file
+from xpack.packager.verify.parity import compare_logits, log_softmax
+from xpack.profiles.machine import machine_info, resolve_for_machine
+from xpack.profiles.profile import list_profiles, load_profile
+from xpack.runtimes.bench import run_isolated
+from xpack.runtimes.registry import load, runtime_for
+from xpack.runtimes.settings import GenerationSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 DEFAULT_PROMPTS = [
     {"system": "You are an expert radiologist.", "prompt": "Analyze this chest X-ray showing a small pleural effusion on the right side."},
@@ -53,7 +63,7 @@ _GGUF_CLASS = {"F32": "fp32", "F16": "16-bit", "BF16": "16-bit", "Q8_0": "8-bit"
 
 def eval_text(path: Path | None) -> str:
     if path is None:
-        return resources.files("xpack.packager").joinpath("data/eval_medical.txt").read_text()
+        return resources.files("xpack.packager.verify").joinpath("data/eval_medical.txt").read_text()
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -89,8 +99,6 @@ def read_prompts(path: Path | None) -> list[dict]:
 
 def precision_class(artifact: Path, runtime_name: str) -> tuple[str, str]:
     """(precision class, label) of an artifact, from its manifest or its weights."""
-    from xpack.packager.card import read_manifest
-
     folder = artifact if artifact.is_dir() else artifact.parent
     manifest = read_manifest(folder) or {}
     if manifest.get("format") == "gguf" or artifact.suffix == ".gguf":
@@ -125,7 +133,9 @@ def _gguf_quant(path: Path) -> str:
 # parity
 
 
-def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+def _perplexity(logits: "np.ndarray", ids: list[int]) -> float:
+    import numpy as np
+
     lp = log_softmax(logits[:-1])
     nll = -lp[np.arange(len(ids) - 1), ids[1:]]
     return float(math.exp(nll.mean()))
@@ -159,7 +169,7 @@ class Side:
     """What one model (reference or artifact) produced on the evaluation."""
 
     ids: list[int]
-    logits: np.ndarray
+    logits: "np.ndarray"
     greedy: list[dict]
     vocab_size: int
     images: list[dict] | None = None  # per image: teacher-forced logits/ids after the image, greedy answer
@@ -174,7 +184,6 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
               images: list[Path] = (), continuations: list[list[int]] | None = None) -> Side:
     """Evaluate one model. With images, each is scored teacher-forced on the prompt's tail plus a
     continuation (the reference's own greedy answer, so both sides score the same tokens)."""
-    from xpack.runtimes.base import GenerationSettings, load
 
     greedy = GenerationSettings(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)
     with load(path, profile, runtime=runtime) as rt:
@@ -229,6 +238,8 @@ def parity(artifact: Side, reference: Side, tokenizer) -> dict:
     figures["prompts"] = prompts
     if reference.images:
         figures["images"] = [_image_parity(r, a, tokenizer) for r, a in zip(reference.images, artifact.images)]
+        import numpy as np
+
         both = compare_logits(np.concatenate([r["logits"] for r in reference.images]), np.concatenate([a["logits"] for a in artifact.images]))
         figures["image_parity"] = both
     return figures
@@ -276,8 +287,6 @@ def bench_checks(bench: dict, profile) -> list[dict]:
 
 
 def machine_label() -> str:
-    from xpack.runtimes.profiles import machine_info
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -300,9 +309,6 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
     cache = {} if cache is None else cache
     from transformers import AutoTokenizer
 
-    from xpack.runtimes.base import runtime_for
-    from xpack.runtimes.bench import run_isolated
-    from xpack.runtimes.profiles import load_profile, resolve_for_machine
 
     artifact, reference = Path(artifact), Path(reference)
     if not (reference / "config.json").is_file():
@@ -388,9 +394,6 @@ def _entry(report: dict) -> dict:
 
 
 def _section(verification: dict) -> str:
-    from xpack.packager.card import render
-    from xpack.runtimes.profiles import list_profiles
-
     parity_rows, bench_rows, notes = [], [], []
     for name, e in verification.items():
         p = e["parity"]
@@ -442,8 +445,6 @@ def splice_section(card: str, section: str) -> str:
 
 def update_card(artifact: Path, report: dict) -> Path:
     """Write the report into the artifact's README.md and manifest.json (per profile, idempotent)."""
-    from xpack.packager.card import CARD, MANIFEST, read_manifest
-    from xpack.packager.safetensors_io import sha256_file
 
     folder = artifact if artifact.is_dir() else artifact.parent
     manifest = read_manifest(folder)

@@ -1,0 +1,94 @@
+"""Chat messages (Hugging Face's content-parts form) and image files as the runtimes take them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from xpack.errors import XpackError
+
+
+def user_message(text: str, with_image: bool = False) -> dict:
+    """A user turn; with an image it has Hugging Face's content-parts form (image first, then text)."""
+    if with_image:
+        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    return {"role": "user", "content": text}
+
+
+def to_messages(prompt: "str | Sequence[dict]", system: str | None = None) -> list[dict]:
+    """A string becomes one user message; a list of messages is checked and copied."""
+    if isinstance(prompt, str):
+        messages = [user_message(prompt)]
+    else:
+        messages = [dict(m) for m in prompt]
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or "content" not in m:
+                raise XpackError(f"message {i} needs a 'role' and a 'content'; got keys {sorted(m)}")
+    if not messages:
+        raise XpackError("the conversation is empty; give at least one user message")
+    if system is not None:
+        if messages[0]["role"] == "system":
+            raise XpackError("the conversation already starts with a system message; give the system text once")
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def has_image_part(messages: Iterable[dict]) -> bool:
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
+            return True
+    return False
+
+
+def attach_image(messages: list[dict]) -> list[dict]:
+    """Make sure the conversation refers to the image: put an image part in the last user turn if none has one."""
+    if has_image_part(messages):
+        return messages
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m["role"] == "user":
+            content = m["content"]
+            text_parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+            messages = list(messages)
+            messages[i] = {**m, "content": [{"type": "image"}, *text_parts]}
+            return messages
+    raise XpackError("an image needs a user message to go with it")
+
+
+def fold_system(messages: Sequence[dict]) -> list[dict] | None:
+    """The conversation with a leading system message merged into the first user message (None if there is none)."""
+    if not messages or messages[0].get("role") != "system" or len(messages) < 2 or messages[1].get("role") != "user":
+        return None
+    system, user = messages[0]["content"], messages[1]["content"]
+    if isinstance(user, str):
+        content = f"{system}\n\n{user}"
+    else:
+        content = [{"type": "text", "text": system + "\n\n"}, *user]
+    return [{"role": "user", "content": content}, *messages[2:]]
+
+
+def load_image(path: "str | os.PathLike", exif_transpose: bool = False):
+    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing or unreadable.
+    ``exif_transpose``: apply the EXIF orientation first, as transformers' ``load_image`` does for a path."""
+    path = Path(path)
+    if not path.is_file():
+        raise XpackError(f"image {path} does not exist or is not a file")
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise XpackError("reading --image needs Pillow; install it with `pip install pillow`") from None
+    try:
+        with Image.open(path) as probe:
+            probe.verify()
+        with Image.open(path) as img:
+            if exif_transpose:
+                from PIL import ImageOps
+
+                return ImageOps.exif_transpose(img).convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None
+
+

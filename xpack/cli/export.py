@@ -1,0 +1,81 @@
+"""`xpack export`: parse, call packager/export/, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from xpack.cli.params import emit, ModelRef
+from xpack.packager.export.job import export as do_export
+
+
+@click.command()
+@click.option("--model", required=True, type=ModelRef(), help="Hugging Face checkpoint to export (e.g. the output of xpack merge), folder or hub id.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=ModelRef(weighted=True),
+    help="LoRA adapter to merge on the fly (GGUF: in the same streaming pass; ONNX: into a temporary checkpoint). Repeatable, PATH[:WEIGHT].",
+)
+@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "onnx"]), help="gguf for llama.cpp/ollama, onnx for onnxruntime.")
+@click.option(
+    "--bits",
+    type=click.Choice(["32", "16", "8", "6", "5", "4"]),
+    help="GGUF: 16=F16, 8=Q8_0, 6=Q6_K, 5=Q5_K_M, 4=Q4_K_M. ONNX: 32=fp32, 16=fp16, 8/4=int8/int4 weight-only blocks.",
+)
+@click.option("--quant", help="Any llama.cpp quant type instead of --bits (Q4_0, Q5_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--block-size", type=click.IntRange(min=16), help="ONNX 8/4 bits: weights per quantization block (a power of two).  [default: 16 for 8 bits, 32 for 4 bits]")
+@click.option("--keep-lm-head", is_flag=True, help="ONNX 8/4 bits: keep the output head and token embedding in float.")
+@click.option(
+    "--graph", type=click.Choice(["xpack", "optimum"]), default="xpack", show_default=True,
+    help="ONNX: xpack's decoder graph with onnxruntime's fused attention, or optimum-onnx's traced export.",
+)
+@click.option(
+    "--int4", type=click.Choice(["mixed", "plain"]), default="mixed", show_default=True,
+    help="ONNX 4 bits: 8 bits for the head, attention and some MLPs as Q4_K_M does (quality), or every weight 4-bit (smallest, fastest).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the artifact to.")
+@click.option("--name", help="GGUF file name stem (default: the model folder's name); ONNX files are model.onnx + model.onnx_data.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Quantizer threads (0: all cores).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, int4, out, name, threads, force, allow_pickle, as_json):
+    """Export a checkpoint to quantized artifacts with a model card and a manifest.
+
+    GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
+    written with gguf-py and quantized by llama.cpp's own quantizer; an ollama Modelfile is written
+    beside it.
+
+    ONNX: the decoder with its KV cache, written by xpack around onnxruntime's fused attention
+    (or traced by optimum-onnx with --graph optimum) and checked against torch; Gemma 3 with
+    vision adds the vision tower and the token embedding as graphs of their own. 8 and 4 bits are
+    onnxruntime's weight-only block quantization (MatMulNBits), the output head included unless
+    --keep-lm-head.
+
+    \b
+    Example:
+      xpack export --model ./gemma3-xray --format gguf --bits 4 --out ./gemma3-xray-gguf
+      xpack export --model google/gemma-2-2b --adapter ./symptom-lora --format gguf --quant Q5_K_M --out ./g2
+      xpack export --model ./gemma3-xray --format onnx --bits 4 --out ./gemma3-xray-onnx
+    """
+    if fmt == "gguf" and bits is None and quant is None:
+        raise click.UsageError("give --bits (16, 8, 6, 5, 4) or --quant TYPE")
+    if fmt == "onnx" and bits is None:
+        raise click.UsageError("give --bits (32, 16, 8 or 4) for an ONNX export")
+    if bits is not None and quant is not None:
+        raise click.UsageError("give either --bits or --quant, not both")
+
+    manifest = do_export(
+        model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
+        name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4,
+    )
+    lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
+    for fname, info in manifest["artifacts"].items():
+        size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
+        fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
+        lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
+    lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
+    emit(manifest, as_json, lines)

@@ -1,0 +1,55 @@
+"""`xpack merge`: parse, call packager/merge/, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from xpack.cli.params import emit, ModelRef, Size
+from xpack.packager.merge.job import merge as do_merge
+from xpack.packager.merge.stream import MergeSettings
+
+
+@click.command()
+@click.option("--base", required=True, type=ModelRef(), help="Base model: a local folder or a hub id (owner/name[@revision]).")
+@click.option(
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    type=ModelRef(weighted=True),
+    help="LoRA adapter folder or hub id, optionally with :WEIGHT (e.g. ./lora2:0.5). Repeat to merge several, in order.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the merged checkpoint to.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Weight dtype of the output; auto keeps the base's.")
+@click.option("--max-shard-size", type=Size(), default="5GB", show_default=True, help="Largest safetensors shard to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (it can run code: only for trusted files).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_json):
+    """Merge LoRA adapter(s) into a base model and write a normal Hugging Face checkpoint.
+
+    Streams the base one tensor at a time (memory stays near the largest tensor plus the adapter),
+    and writes sharded safetensors, config, tokenizer, processor, chat template and generation
+    config, plus manifest.json (sha256 of every file) and a model card (README.md).
+
+    \b
+    Example:
+      xpack merge --base google/gemma-3-4b-it --adapter ./xray-lora --out ./gemma3-xray
+      xpack merge --base ./base --adapter ./lora-a --adapter ./lora-b:0.5 --out ./merged --dtype bf16
+    """
+
+    settings = MergeSettings(dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle)
+    manifest = do_merge(base, list(adapters), out, settings, force=force)
+    m = manifest["merge"]
+    weights = [f for f in manifest["files"] if f.endswith(".safetensors")]
+    lines = [
+        f"merged {len(manifest['adapters'])} adapter(s) into {manifest['base']['ref']}: "
+        f"{m['merged_tensors']} of {m['tensors']} tensors changed",
+        f"wrote {out} ({len(weights)} safetensors file(s), {m['bytes'] / 1e6:.1f} MB of weights)",
+        f"model card: {out / 'README.md'}",
+        f"manifest:   {out / 'manifest.json'}",
+        *[f"note: {n}" for n in m["notes"]],
+    ]
+    emit(manifest, as_json, lines)

@@ -1,0 +1,65 @@
+"""What every command shares: the group's error handling, the model/size parameter types, and output."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from xpack.errors import XpackError
+from xpack.packager.io.tensors import parse_size
+from xpack.packager.merge.lora import parse_adapter_spec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+class XpackGroup(click.Group):
+    """Turns :class:`XpackError` into click's one-line ``Error: ...`` and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except XpackError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+class ModelRef(click.ParamType):
+    """A local folder or a Hugging Face hub id (``owner/name[@revision]``); an adapter may add ``:WEIGHT``."""
+
+    name = "PATH|HUB_ID"
+
+    def __init__(self, weighted: bool = False):
+        self.weighted = weighted
+
+    def convert(self, value, param, ctx):
+        ref = value
+        if self.weighted:
+            ref, _ = parse_adapter_spec(value)
+        path = Path(ref).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                self.fail(f"{ref} is a file; pass the folder that holds the model or adapter", param, ctx)
+            return value
+        if _HUB_ID.match(ref):
+            return value
+        self.fail(f"{ref} is neither an existing folder nor a hub id like owner/name", param, ctx)
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except XpackError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def emit(data: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines:
+            click.echo(line)
