@@ -1,4 +1,5 @@
-"""Reading an artifact folder: its JSON files, its manifest and its GGUF models."""
+"""What an artifact folder holds and how it is read: the one home of its file names, its JSON files,
+its manifest and its GGUF models. The packager writes these names; the runtimes read them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,27 @@ import json
 from pathlib import Path
 
 from xpack.errors import XpackError
+
+# Every artifact folder (merge, export): sha256 of every file and how it was made; the model card.
+MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
+# GGUF exports: the ollama Modelfile beside the .gguf file(s).
+MODELFILE = "Modelfile"
+# ONNX exports of a decoder (+ Gemma 3's vision tower and token embedding), each graph with its weights beside it.
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx_data"
+EMBED_FILE = "embed.onnx"
+EMBED_DATA_FILE = "embed.onnx_data"
+VISION_FILE = "vision.onnx"
+VISION_DATA_FILE = "vision.onnx_data"
+# ONNX exports of Llama 3.2 Vision (mllama): three graphs and the file that says how they fit together.
+MLLAMA_CROSS_KV_FILE = "cross_kv.onnx"
+MLLAMA_DECODER_FILE = "decoder.onnx"
+MLLAMA_META_FILE = "mllama_onnx.json"
+MLLAMA_FORMAT = "xpack-mllama-onnx"
+# Image preprocessing settings, copied from the checkpoint into vision artifacts.
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
 
 # What `xpack run --artifact` and `xpack verify` take, for error messages.
 PATH_KINDS = (
@@ -30,5 +52,6 @@ def read_json(path: Path) -> dict:
 
 
 def read_manifest(folder: Path) -> dict:
-    return read_json(folder / "manifest.json")
+    """The artifact's manifest.json ({} when it has none); a broken one is a one-line error."""
+    return read_json(folder / MANIFEST_FILE)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.artifacts import PATH_KINDS
 from xpack.runtimes.memory import PeakMemory
 from xpack.runtimes.messages import attach_image, fold_system, load_image, to_messages
 from xpack.runtimes.settings import GenerationResult, GenerationSettings, TokenCallback
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Runtime(abc.ABC):
     """Loads one artifact on one hardware profile; renders chats, tokenizes, generates, scores.
 
-    Subclasses implement ``locate`` (or ``can_load``), ``_load``, ``render_chat``, ``tokenize``, ``_generate``,
+    Subclasses implement ``locate``, ``_load``, ``render_chat``, ``tokenize``, ``_generate``,
     ``logits``, ``vocab_size`` and ``close``; the base class times the load, builds the
     conversation, checks image input, measures peak memory and fills in the result.
     """
@@ -54,27 +53,19 @@ class Runtime(abc.ABC):
     # -- to implement ------------------------------------------------------------------------------
 
     @staticmethod
+    @abc.abstractmethod
     def locate(path: "str | os.PathLike") -> Path:
-        """The artifact's main file under ``path``, or a one-line XpackError saying why there is none.
-        Runtimes of one-file formats set this; the default refuses everything."""
-        raise XpackError(f"no artifact file at {path}")
+        """The artifact's main file or folder under ``path``, or a one-line XpackError saying why this
+        runtime cannot run it (cheap: looks at names, not weights)."""
 
     @classmethod
-    def can_load(cls, path: "str | os.PathLike") -> bool:
-        """Whether this runtime can run the artifact at ``path`` (cheap: looks at names, not weights)."""
+    def can_run(cls, path: "str | os.PathLike") -> bool:
+        """Whether ``locate`` finds an artifact of this runtime at ``path``."""
         try:
             cls.locate(path)
         except XpackError:
             return False
         return True
-
-    @classmethod
-    def check_artifact(cls, path: "str | os.PathLike") -> None:
-        """Raise a one-line XpackError saying why this runtime cannot load ``path`` (if it cannot)."""
-        if cls.locate is not Runtime.locate:
-            cls.locate(path)
-        elif not cls.can_load(path):
-            raise XpackError(f"the {cls.name} runtime cannot load {path}: it runs {', '.join(cls.formats)} artifacts; pass {PATH_KINDS}")
 
     @abc.abstractmethod
     def _load(self) -> None:
@@ -111,9 +102,14 @@ class Runtime(abc.ABC):
         """Peak GPU memory of the last generation, None without a GPU."""
         return None
 
-    def image_refusal(self) -> str:
+    def logits_with_image(self, prompt: "str | Sequence[dict]", image, continuation_ids: Sequence[int] | None = None) -> tuple["numpy.ndarray", list[int]]:
+        """Teacher-forced logits of the chat ``prompt`` with ``image`` (and ``continuation_ids`` after it):
+        float32 [tokens, vocab] and the token ids they score. Vision runtimes override this."""
+        raise XpackError(self.image_refusal())
+
+    def image_refusal(self, flag: str = "--image") -> str:
         """Why this loaded artifact cannot take an image (one line)."""
-        return f"--image given but artifact {self.artifact} is text-only; drop --image or run a vision model's artifact"
+        return f"{flag} given but artifact {self.artifact} is text-only; drop {flag} or run a vision model's artifact"
 
     # -- shared ------------------------------------------------------------------------------------
 

@@ -245,10 +245,10 @@ class LlamaCppRuntime(Runtime):
             f"{self.gguf_path.name}; keep one, or name it as mmproj_file in manifest.json"
         )
 
-    def image_refusal(self) -> str:
+    def image_refusal(self, flag: str = "--image") -> str:
         if self._mmproj_problem:
             return self._mmproj_problem
-        return f"--image given but artifact {self.artifact} is text-only (a GGUF without an mmproj vision projector); drop --image"
+        return f"{flag} given but artifact {self.artifact} is text-only (a GGUF without an mmproj vision projector); drop {flag}"
 
     def _token_text(self, token_id: int) -> str | None:
         try:

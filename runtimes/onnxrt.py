@@ -395,8 +395,8 @@ class OnnxRuntime(Runtime):
 
     # -- images ------------------------------------------------------------------------------------
 
-    def image_refusal(self) -> str:
-        return f"--image given but artifact {self.artifact} is text-only (no vision.onnx); drop --image or export a vision model with xpack"
+    def image_refusal(self, flag: str = "--image") -> str:
+        return f"{flag} given but artifact {self.artifact} is text-only (no vision.onnx); drop {flag} or export a vision model with xpack"
 
     def _image_prompt(self, text: str, picture):
         """Token ids, embeddings (image features at the image tokens), image spans and encode seconds of a rendered prompt with one image."""

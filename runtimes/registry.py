@@ -109,7 +109,7 @@ def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = No
     cls = get_runtime(name)
     if not path.exists():
         raise XpackError(f"{path} does not exist; pass {PATH_KINDS}")
-    cls.check_artifact(path)
+    cls.locate(path)
     profile, notes = resolve_for_machine(profile)
     rt = cls(path, profile)
     rt.notes.extend(notes)

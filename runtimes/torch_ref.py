@@ -76,10 +76,12 @@ class TorchRuntime(Runtime):
     name = "torch"
     formats = ("torch",)
 
-    @classmethod
-    def can_load(cls, path) -> bool:
+    @staticmethod
+    def locate(path) -> Path:
         path = Path(path)
-        return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+        if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+            raise XpackError(f"the torch runtime cannot load {path}: it runs Hugging Face checkpoint folders (config.json + *.safetensors)")
+        return path
 
     def _load(self) -> None:
         try:
@@ -99,9 +101,7 @@ class TorchRuntime(Runtime):
         if profile.threads:
             torch.set_num_threads(profile.threads)
 
-        folder = self.artifact
-        if not self.can_load(folder):
-            raise XpackError(f"{folder} is not a Hugging Face checkpoint folder (config.json + *.safetensors)")
+        folder = self.locate(self.artifact)
         config = _read_config(folder)
         architectures = config.get("architectures") or []
         self.architecture = architectures[0] if architectures else config.get("model_type", "?")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from xpack import __version__
 from xpack.packager.io.tensors import sha256_file
+from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE
 
-MANIFEST = "manifest.json"
-CARD = "README.md"
 
 DEFAULT_INTENDED_USE = (
     "The intended use is that of the adapter merged here; its own documentation did not state one. "
@@ -88,7 +87,7 @@ def yaml_block(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000).strip()
 
 
-def file_table(folder: Path, hashes: dict[str, str] | None = None, skip=(CARD, MANIFEST)) -> list[dict]:
+def file_table(folder: Path, hashes: dict[str, str] | None = None, skip=(CARD_FILE, MANIFEST_FILE)) -> list[dict]:
     """Every file of an artifact folder with its size and sha256 (reusing hashes already computed)."""
     hashes = hashes or {}
     rows = []
@@ -105,17 +104,7 @@ def write_manifest(folder: Path, data: dict, hashes: dict[str, str] | None = Non
         "xpack_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **data,
-        "files": {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in file_table(folder, hashes, skip=(MANIFEST,))},
+        "files": {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in file_table(folder, hashes, skip=(MANIFEST_FILE,))},
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
-
-
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

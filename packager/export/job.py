@@ -13,6 +13,7 @@ from xpack.packager.export.gguf.writer import export_gguf, resolve_quant
 from xpack.packager.export.onnx.pipeline import check_settings, default_block_size, export_onnx
 from xpack.packager.io.atomic import atomic_dir, check_destination
 from xpack.packager.io.checkpoint import Checkpoint
+from xpack.runtimes.artifacts import CARD_FILE, read_manifest
 from xpack.packager.io.sources import resolve
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import EXAMPLE_PROMPT
@@ -52,7 +53,7 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
         result = export_gguf(src.path, loaded, tmp, quant, name, threads)
         hashes = {f: sha256_file(tmp / f) for f in result.files}
         ckpt = Checkpoint(src.path)
-        source_manifest = cards.read_manifest(src.path)
+        source_manifest = read_manifest(src.path)
         gguf_file = next(f for f, i in result.files.items() if i["role"] == "text")
         mmproj = next((f for f, i in result.files.items() if i["role"] == "mmproj"), None)
         _write_modelfile(tmp, gguf_file, ckpt)
@@ -96,7 +97,7 @@ def _export_onnx(model: str, out: Path, *, bits, quant, adapters, force, threads
         weights = [f for f in (result.onnx_file, result.data_file, result.embed_file, result.embed_data_file, *result.vision.get("files", ())) if f and (tmp / f).is_file()]
         hashes = {f: sha256_file(tmp / f) for f in weights}
         ckpt = Checkpoint(src.path)
-        source_manifest = cards.read_manifest(src.path)
+        source_manifest = read_manifest(src.path)
         _write_onnx_card(tmp, out.name, src, ckpt, source_manifest, [s.ref for s in adapter_srcs], result, label, hashes)
         data = {
             "kind": "export",
@@ -190,7 +191,7 @@ def _write_onnx_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, re
         gen=_generation(),
         notes=result.notes,
     )
-    (tmp / cards.CARD).write_text(text)
+    (tmp / CARD_FILE).write_text(text)
 
 
 def _vision_card_facts(tmp: Path, result) -> dict:
@@ -323,4 +324,4 @@ def _write_card(tmp, out_name, src, ckpt, source_manifest, adapter_refs, result,
         gen=_generation(),
         ollama_name=re.sub(r"[^a-z0-9-]+", "-", out_name.lower()).strip("-") or "model",
     )
-    (tmp / cards.CARD).write_text(text)
+    (tmp / CARD_FILE).write_text(text)

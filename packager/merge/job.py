@@ -10,6 +10,7 @@ from xpack.packager.io.atomic import atomic_dir, check_destination
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.merge.lora import Adapter, parse_adapter_spec
 from xpack.packager.merge.stream import MergeResult, MergeSettings, load_adapters, run_merge
+from xpack.runtimes.artifacts import CARD_FILE
 from xpack.packager.io.sources import Source, resolve
 
 EXAMPLE_PROMPT = "You are an expert radiologist. Describe the findings of this chest X-ray."
@@ -139,7 +140,7 @@ def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, ad
             else "Subject to the licenses of the base model and of the adapter; check both before redistributing."
         ),
     )
-    (tmp / cards.CARD).write_text(text)
+    (tmp / CARD_FILE).write_text(text)
 
 
 def _adapter_row(src: Source, a: Adapter, arch, result: MergeResult) -> dict:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from xpack import __version__
 from xpack.errors import XpackError
-from xpack.packager.cards.render import CARD, MANIFEST, read_manifest, render
+from xpack.packager.cards.render import render
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.verify.parity import compare_logits, log_softmax
 from xpack.profiles.machine import machine_info, resolve_for_machine
 from xpack.profiles.profile import list_profiles, load_profile
+from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE, read_manifest
 from xpack.runtimes.bench import run_isolated
 from xpack.runtimes.registry import load, runtime_for
 from xpack.runtimes.settings import GenerationSettings
@@ -194,8 +195,8 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
             r = rt.generate(_messages(item), greedy, image=item.get("image"))
             answers.append({"ids": r.token_ids, "text": r.text})
         scored = []
-        if images and not hasattr(rt, "logits_with_image"):
-            raise XpackError(f"image parity is not available for {rt.name} artifacts yet; verify them without --images")
+        if images and not rt.accepts_images:
+            raise XpackError(rt.image_refusal("--images"))
         for i, image in enumerate(images):
             r = rt.generate(IMAGE_PROMPT, greedy, image=image)
             cont = continuations[i] if continuations is not None else r.token_ids
@@ -448,15 +449,15 @@ def update_card(artifact: Path, report: dict) -> Path:
 
     folder = artifact if artifact.is_dir() else artifact.parent
     manifest = read_manifest(folder)
-    if manifest is None:
+    if not manifest:
         raise XpackError(f"{folder} has no manifest.json: --update-card works on folders written by xpack export or merge")
     verification = dict(manifest.get("verification") or {})
     verification[report["profile"]["name"]] = _entry(report)
-    card_path = folder / CARD
+    card_path = folder / CARD_FILE
     card = card_path.read_text() if card_path.is_file() else f"# {folder.name}\n"
     card_path.write_text(splice_section(card, _section(verification)))
     manifest["verification"] = verification
     files = manifest.setdefault("files", {})
-    files[CARD] = {"bytes": card_path.stat().st_size, "sha256": sha256_file(card_path)}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    files[CARD_FILE] = {"bytes": card_path.stat().st_size, "sha256": sha256_file(card_path)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return card_path
