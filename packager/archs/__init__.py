@@ -1,72 +1,22 @@
-"""Architecture knowledge as data: one JSON file per architecture (like mergekit's _data/architectures).
+"""Architecture knowledge as data: one JSON table per architecture (like mergekit's _data/architectures).
 
-Each table names the architecture's model classes and types, how its tensor names moved between
-transformers versions (``key_aliases``: regex -> replacement, applied to old names to get the
-canonical ones), its embedding and output-head tensors, its vision parts and its usual LoRA targets.
-Later steps (GGUF, ONNX) add their own fields to the same tables.
+Each table (``*.json`` here) names the architecture's model classes and types, how its tensor names
+moved between transformers versions, its embedding, output head and vision parts, its usual LoRA
+targets, and a section per export step (``gguf``, ``onnx``). The tables load into the typed records
+of schema.py / gguf_spec.py / onnx_spec.py; tests/test_archs.py loads every shipped table.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
 from xpack.errors import XpackError
+from xpack.packager.archs.parse import parse
+from xpack.packager.archs.schema import GENERIC, Arch
 
-
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    description: str
-    architectures: tuple[str, ...]
-    model_types: tuple[str, ...]
-    pipeline_tag: str
-    auto_class: str
-    vision: bool
-    key_aliases: tuple[tuple[str, str], ...]
-    embed_key: str
-    lm_head_key: str
-    vision_prefixes: tuple[str, ...]
-    lora_targets: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
-    def canonical(self, name: str) -> str:
-        """A tensor or module name in the naming of current transformers."""
-        for pattern, repl in self.key_aliases:
-            name = re.sub(pattern, repl, name)
-        return name
-
-    def is_vision(self, canonical_name: str) -> bool:
-        return any(canonical_name.startswith(p) for p in self.vision_prefixes)
-
-
-GENERIC = Arch(
-    name="generic",
-    description="any other transformers model (merged by tensor name, no architecture quirks)",
-    architectures=(),
-    model_types=(),
-    pipeline_tag="text-generation",
-    auto_class="AutoModelForCausalLM",
-    vision=False,
-    key_aliases=(),
-    embed_key="model.embed_tokens.weight",
-    lm_head_key="lm_head.weight",
-    vision_prefixes=(),
-)
-
-_FIELDS = {f for f in Arch.__dataclass_fields__ if f != "extra"}
-
-
-def _from_json(data: dict) -> Arch:
-    known = {k: v for k, v in data.items() if k in _FIELDS}
-    known["architectures"] = tuple(known.get("architectures", ()))
-    known["model_types"] = tuple(known.get("model_types", ()))
-    known["key_aliases"] = tuple(tuple(p) for p in known.get("key_aliases", ()))
-    known["vision_prefixes"] = tuple(known.get("vision_prefixes", ()))
-    return Arch(**known, extra={k: v for k, v in data.items() if k not in _FIELDS})
+__all__ = ["Arch", "GENERIC", "all_archs", "find_arch", "require_arch"]
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +24,7 @@ def all_archs() -> dict[str, Arch]:
     out = {}
     for entry in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
-            arch = _from_json(json.loads(entry.read_text()))
+            arch = parse(Arch, json.loads(entry.read_text()), f"architecture table {entry.name}")
             out[arch.name] = arch
     return out
 

@@ -261,27 +261,26 @@ def _storage_type(name: str, ndim: int, intermediate: str, force: list, hf_name:
 def _tensor_plan(ops: list[TensorOp], arch: Arch, cfg: dict, intermediate: str, n_vocab_real: int) -> list[GgufTensor]:
     import gguf
 
-    g = arch.extra["gguf"]
+    g = arch.gguf
     h = _hparams(cfg)
     n_blocks = h["num_hidden_layers"]
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, g["arch"].upper()), n_blocks)
-    skip = [re.compile(p) for p in g.get("skip", [])]
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, g.arch.upper()), n_blocks)
     out = []
     for op in ops:
         canon = arch.canonical(op.out_name)
-        if any(p.search(canon) for p in skip):
+        if any(p.search(canon) for p in g.skip):
             continue
-        local = "model." + canon[len(g["text_prefix"]):] if canon.startswith(g["text_prefix"]) else canon
+        local = "model." + canon[len(g.text_prefix):] if canon.startswith(g.text_prefix) else canon
         name = name_map.get_name(local, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise XpackError(f"tensor {op.out_name} has no GGUF name for {arch.name}; the checkpoint has parts xpack's {arch.name} table does not know")
         shape = tuple(op.spec.shape)
         t = GgufTensor(name, op, shape, _storage_type(name, len(shape), intermediate, []))
-        if g.get("permute_qk") and local.endswith(("q_proj.weight", "k_proj.weight")):
+        if g.permute_qk and local.endswith(("q_proj.weight", "k_proj.weight")):
             t.permute_heads = h["num_attention_heads"] if "q_proj" in local else h["num_key_value_heads"]
-        if g.get("norm_shift") and local.endswith("norm.weight"):
-            t.shift = float(g["norm_shift"])
-        if g.get("trim_embeddings_to_vocab") and local.endswith("embed_tokens.weight") and n_vocab_real < shape[0]:
+        if g.norm_shift and local.endswith("norm.weight"):
+            t.shift = g.norm_shift
+        if g.trim_embeddings_to_vocab and local.endswith("embed_tokens.weight") and n_vocab_real < shape[0]:
             t.rows = n_vocab_real
             t.shape = (n_vocab_real, *shape[1:])
         out.append(t)
@@ -291,22 +290,21 @@ def _tensor_plan(ops: list[TensorOp], arch: Arch, cfg: dict, intermediate: str, 
 def _mmproj_plan(ops: list[TensorOp], arch: Arch, vision_cfg: dict, intermediate: str) -> list[GgufTensor]:
     import gguf
 
-    mp = arch.extra["gguf"]["mmproj"]
+    mp = arch.gguf.mmproj
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision_cfg["num_hidden_layers"])
-    skip = [re.compile(p) for p in mp.get("skip", [])]
     out = []
     for op in ops:
         canon = arch.canonical(op.out_name)
-        if not canon.startswith(tuple(mp["prefixes"])) or any(p.search(canon) for p in skip):
+        if not canon.startswith(mp.prefixes) or any(p.search(canon) for p in mp.skip):
             continue
         local = canon
-        for pattern, repl in mp["rename"]:
+        for pattern, repl in mp.rename:
             local = re.sub(pattern, repl, local)
         name = name_map.get_name(local, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise XpackError(f"vision tensor {op.out_name} has no mmproj GGUF name; xpack's {arch.name} table does not know it")
-        t = GgufTensor(name, op, tuple(op.spec.shape), _storage_type(name, len(op.spec.shape), intermediate, mp.get("force_types", []), local))
-        t.shift = next((v for suffix, v in mp.get("norm_shift", {}).items() if local.endswith(suffix)), 0.0)
+        t = GgufTensor(name, op, tuple(op.spec.shape), _storage_type(name, len(op.spec.shape), intermediate, mp.force_types, local))
+        t.shift = next((v for suffix, v in mp.norm_shift.items() if local.endswith(suffix)), 0.0)
         out.append(t)
     return out
 
@@ -364,19 +362,18 @@ def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt:
 def _text_kv(arch: Arch, cfg: dict, vocab: Vocab, model_dir: Path, name: str, file_type: int):
     import gguf
 
-    g = arch.extra["gguf"]
+    g = arch.gguf
     h = _hparams(cfg)
 
     def kv(writer):
         writer.add_name(name)
         writer.add_file_type(file_type)
-        for entry in g["hparams"]:
-            method, key = entry[0], entry[1]
-            if h.get(key) is None:
-                if len(entry) > 2:
+        for hp in g.hparam_specs:
+            if h.get(hp.key) is None:
+                if hp.optional:
                     continue
-                raise XpackError(f"config of {model_dir} has no {key}, which the GGUF header needs")
-            getattr(writer, method)(h[key])
+                raise XpackError(f"config of {model_dir} has no {hp.key}, which the GGUF header needs")
+            getattr(writer, hp.method)(h[hp.key])
         rope = h.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or rope.get("type")
         if rope_type == "linear" and rope.get("factor"):
@@ -384,7 +381,7 @@ def _text_kv(arch: Arch, cfg: dict, vocab: Vocab, model_dir: Path, name: str, fi
             writer.add_rope_scaling_factor(rope["factor"])
         elif rope_type not in (None, "default"):
             raise XpackError(f"rope scaling type {rope_type} is not supported by xpack's GGUF export yet")
-        write_vocab(writer, vocab, model_dir, g.get("add_space_prefix"))
+        write_vocab(writer, vocab, model_dir, g.add_space_prefix)
 
     return kv
 
@@ -392,7 +389,7 @@ def _text_kv(arch: Arch, cfg: dict, vocab: Vocab, model_dir: Path, name: str, fi
 def _mmproj_kv(arch: Arch, cfg: dict, vision_cfg: dict, model_dir: Path, file_type: int):
     import gguf
 
-    mp = arch.extra["gguf"]["mmproj"]
+    mp = arch.gguf.mmproj
     pre_path = model_dir / "preprocessor_config.json"
     if not pre_path.is_file():
         raise XpackError(f"{model_dir} has no preprocessor_config.json; the mmproj needs the image preprocessing settings")
@@ -402,10 +399,10 @@ def _mmproj_kv(arch: Arch, cfg: dict, vision_cfg: dict, model_dir: Path, file_ty
     def kv(writer):
         writer.add_file_type(file_type)
         writer.add_clip_has_vision_encoder(True)
-        writer.add_clip_projector_type(getattr(gguf.VisionProjectorType, mp["projector_type"].upper()))
+        writer.add_clip_projector_type(getattr(gguf.VisionProjectorType, mp.projector_type.upper()))
         writer.add_vision_projection_dim(text_hidden)
         v = {"layer_norm_eps": 1e-6, **vision_cfg}
-        for method, key in mp["hparams"]:
+        for method, key in mp.hparams:
             getattr(writer, method)(v[key])
         writer.add_vision_image_mean(pre["image_mean"])
         writer.add_vision_image_std(pre["image_std"])
@@ -510,9 +507,11 @@ def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: 
 
     ckpt = Checkpoint(model_dir)
     arch = require_arch(ckpt.config, "GGUF export")
-    g = arch.extra.get("gguf") or {}
-    if "unsupported" in g:
-        raise XpackError(g["unsupported"])
+    g = arch.gguf
+    if g is None:
+        raise XpackError(f"GGUF export of {arch.name} is not supported by xpack (its architecture table has no gguf section)")
+    if g.unsupported:
+        raise XpackError(g.unsupported)
     ckpt.check_not_packed()
     plan = plan_merge(ckpt, adapters, MergeSettings())
     cfg = ckpt.text_config() if arch.vision else ckpt.config
@@ -521,19 +520,19 @@ def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: 
     threads = threads or os.cpu_count() or 1
     result = GgufExport(arch=arch.name, vocab={"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)})
     ftype_inter = quant_types()["F32" if inter == "F32" else inter]
-    tensors = _tensor_plan(plan.ops, arch, cfg, inter, vocab.n_real if g.get("trim_embeddings_to_vocab") else 10**12)
-    if g.get("trim_embeddings_to_vocab"):
+    tensors = _tensor_plan(plan.ops, arch, cfg, inter, vocab.n_real if g.trim_embeddings_to_vocab else 10**12)
+    if g.trim_embeddings_to_vocab:
         vocab.tokens, vocab.types = vocab.tokens[: vocab.n_real], vocab.types[: vocab.n_real]
         if vocab.scores:
             vocab.scores = vocab.scores[: vocab.n_real]
     final = tmp_out / f"{name}-{quant}.gguf"
     with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-gguf-") as work:
         raw = final if quant == inter or (quant == "F32" and inter == "F32") else Path(work) / f"{name}-{inter}.gguf"
-        _write_gguf(raw, g["arch"], _text_kv(arch, cfg, vocab, model_dir, name, ftype_inter), tensors, ckpt)
+        _write_gguf(raw, g.arch, _text_kv(arch, cfg, vocab, model_dir, name, ftype_inter), tensors, ckpt)
         if raw != final:
             quantize(raw, final, quant, threads)
     result.files[final.name] = {"role": "text", "quant": quant, **type_report(final, quant)}
-    if arch.vision and "mmproj" in g:
+    if arch.vision and g.mmproj is not None:
         vision_cfg = ckpt.config["vision_config"]
         mm_type = "F32" if quant == "F32" else "F16"  # as llama.cpp's converter: the projector stays F16 in quantized builds
         mm_tensors = _mmproj_plan(plan.ops, arch, vision_cfg, mm_type)

@@ -1,0 +1,60 @@
+"""The typed record of one architecture table (``packager/archs/*.json``); each export step's
+section is a dataclass of its own (``gguf``: gguf_spec.py, ``onnx``: onnx_spec.py)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from xpack.packager.archs.gguf_spec import GgufSpec
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: its model classes and types, how its tensor names moved between transformers
+    versions (``key_aliases``: regex -> replacement applied to old names), its embedding, output head
+    and vision parts, its usual LoRA targets, and what each export step needs (``gguf``, ``onnx``)."""
+
+    name: str
+    description: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    pipeline_tag: str
+    auto_class: str
+    vision: bool
+    key_aliases: tuple[tuple[str, str], ...]
+    embed_key: str
+    lm_head_key: str
+    vision_prefixes: tuple[str, ...]
+    lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    gguf: GgufSpec | None = None
+    onnx: dict[str, Any] | None = None
+
+    def canonical(self, name: str) -> str:
+        """A tensor or module name in the naming of current transformers."""
+        for pattern, repl in self.key_aliases:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    def is_vision(self, canonical_name: str) -> bool:
+        return any(canonical_name.startswith(p) for p in self.vision_prefixes)
+
+    @property
+    def extra(self) -> dict:
+        """The ``onnx`` section as raw JSON (read by packager/export/onnx/)."""
+        return {"onnx": self.onnx} if self.onnx is not None else {}
+
+
+GENERIC = Arch(
+    name="generic",
+    description="any other transformers model (merged by tensor name, no architecture quirks)",
+    architectures=(),
+    model_types=(),
+    pipeline_tag="text-generation",
+    auto_class="AutoModelForCausalLM",
+    vision=False,
+    key_aliases=(),
+    embed_key="model.embed_tokens.weight",
+    lm_head_key="lm_head.weight",
+    vision_prefixes=(),
+)

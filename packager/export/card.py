@@ -1,0 +1,142 @@
+"""The model cards of ``xpack export`` (GGUF and ONNX): what the templates in packager/cards/ are filled with."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from xpack import __version__
+from xpack.packager.cards import render as cards
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.sources import Source
+from xpack.packager.merge.job import EXAMPLE_PROMPT
+from xpack.runtimes.artifacts import CARD_FILE, PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, read_json
+from xpack.runtimes.settings import GenerationSettings
+
+QUANT_NOTES = {
+    "F32": "32-bit float, lossless", "F16": "16-bit float", "BF16": "bfloat16", "Q8_0": "8-bit, blocks of 32",
+    "Q6_K": "6-bit K-quant", "Q5_K_M": "5-bit K-quant, medium", "Q4_K_M": "4-bit K-quant, medium",
+}
+
+
+def write_gguf_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str],
+                    result, quant: str, hashes: dict[str, str], gguf_file: str, mmproj: str | None) -> None:
+    base_name = _base_name(src, ckpt, source_manifest)
+    fm = _front_matter(src, base_name, "gguf", bool(mmproj), ["gguf", "llama.cpp", "xpack", quant.lower()])
+    files = [
+        {"name": f, "role": i["role"], "quant": i["quant"], "size": _size((tmp / f).stat().st_size), "sha256": hashes[f]}
+        for f, i in result.files.items()
+    ]
+    text_info = result.files[gguf_file]
+    pre = read_json(src.path / PREPROCESSOR_CONFIG) if mmproj else {}
+    vision_cfg = ckpt.config.get("vision_config") or {}
+    text = cards.render(
+        "gguf_card.md.j2",
+        **_common_fields(out_name, src, ckpt, source_manifest, adapter_refs, base_name, fm),
+        files=files,
+        quant=quant,
+        quant_note=QUANT_NOTES.get(quant, "llama.cpp quant type"),
+        tensor_types=", ".join(f"{k} x{v}" for k, v in sorted(text_info["tensor_types"].items())),
+        fallbacks=", ".join(f"{k} x{v}" for k, v in sorted(text_info["fallbacks"].items())),
+        vocab=result.vocab,
+        mmproj=mmproj,
+        image_size=vision_cfg.get("image_size"),
+        image_mean=pre.get("image_mean"),
+        image_std=pre.get("image_std"),
+        gguf_file=gguf_file,
+        ollama_name=re.sub(r"[^a-z0-9-]+", "-", out_name.lower()).strip("-") or "model",
+    )
+    (tmp / CARD_FILE).write_text(text)
+
+
+def write_onnx_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str],
+                    result, label: str, hashes: dict[str, str]) -> None:
+    base_name = _base_name(src, ckpt, source_manifest)
+    fm = _front_matter(src, base_name, "onnxruntime", bool(result.vision), ["onnx", "onnxruntime", "xpack", label])
+    files = [{"name": f, "size": _size((tmp / f).stat().st_size), "sha256": h} for f, h in hashes.items()]
+    total = sum((tmp / f).stat().st_size for f in hashes)
+    art = result.validation.get("artifact") or {}
+    text = cards.render(
+        "onnx_card.md.j2",
+        **_common_fields(out_name, src, ckpt, source_manifest, adapter_refs, base_name, fm),
+        files=files,
+        total_size=_size(total),
+        label=label,
+        q=result.quantization,
+        io=result.io,
+        opset=result.opset,
+        export_check=result.validation["export"],
+        artifact_check=result.validation["export"] if art.get("same_as") else art,
+        exported_class=result.exported_class,
+        vision_text_only=not result.vision and bool(ckpt.config.get("vision_config")),
+        vision=_vision_card_facts(tmp, result),
+        graph=result.graph,
+        graph_facts=result.graph_facts,
+        notes=result.notes,
+    )
+    (tmp / CARD_FILE).write_text(text)
+
+
+def _common_fields(out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str], base_name: str, fm: dict) -> dict:
+    """What every export card says: the title, where it came from, how to prompt it."""
+    return {
+        "front_matter": cards.yaml_block(fm),
+        "title": out_name,
+        "out_name": out_name,
+        "base_name": base_name,
+        "adapters": adapter_refs,
+        "xpack_version": __version__,
+        "source": src.ref,
+        "source_manifest": bool(source_manifest),
+        "source_base": (source_manifest or {}).get("base", {}).get("ref"),
+        "architecture": "/".join(ckpt.architectures) or ckpt.model_type,
+        "example_prompt": EXAMPLE_PROMPT,
+        "gen": GenerationSettings(),
+    }
+
+
+def _vision_card_facts(tmp: Path, result) -> dict:
+    """What a vision export's card says about images: the files, the preprocessing, the image tokens."""
+    if not result.vision:
+        return {}
+    pre, proc = read_json(tmp / PREPROCESSOR_CONFIG), read_json(tmp / PROCESSOR_CONFIG)
+    size = pre.get("size") or {}
+    checks = [v["max_abs_diff"] for v in (result.vision.get("validation") or {}).values() if isinstance(v, dict) and "max_abs_diff" in v]
+    return {
+        "vision_file": result.vision.get("onnx_file"),
+        "cross_kv_file": result.vision.get("cross_kv_file"),
+        "embed_file": result.embed_file,
+        "precision": result.vision.get("precision"),
+        "size": f"{size.get('height')}x{size.get('width')}" if size.get("height") else None,
+        "max_tiles": pre.get("max_image_tiles"),
+        "mean": pre.get("image_mean"),
+        "std": pre.get("image_std"),
+        "resample": {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(pre.get("resample"), pre.get("resample")),
+        "tokens_per_image": proc.get("image_seq_length"),
+        "validation": {"max_abs_diff": max(checks)} if checks else {},
+    }
+
+
+def _base_name(src, ckpt: Checkpoint, source_manifest: dict) -> str:
+    if source_manifest and source_manifest.get("base"):
+        b = source_manifest["base"]
+        return b.get("repo_id") or b.get("ref") or src.ref
+    return src.repo_id or ckpt.config.get("_name_or_path") or src.path.name
+
+
+def _front_matter(src, base_name: str, library: str, vision: bool, tags: list[str]) -> dict:
+    """The card's YAML front matter; the license is the source card's when it names one."""
+    src_card = src.path / CARD_FILE
+    license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license") if src_card.is_file() else None
+    return {
+        "base_model": base_name,
+        "quantized_by": f"xpack {__version__}",
+        "library_name": library,
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
+        "tags": tags,
+        "license": license_ or "other",
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
