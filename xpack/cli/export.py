@@ -6,19 +6,13 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import emit, ModelRef
+from xpack.cli.params import ModelRef, adapter_option, emit
 from xpack.packager.export.job import export as do_export
 
 
 @click.command()
 @click.option("--model", required=True, type=ModelRef(), help="Hugging Face checkpoint to export (e.g. the output of xpack merge), folder or hub id.")
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    type=ModelRef(weighted=True),
-    help="LoRA adapter to merge on the fly (GGUF: in the same streaming pass; ONNX: into a temporary checkpoint). Repeatable, PATH[:WEIGHT].",
-)
+@adapter_option("LoRA adapter to merge on the fly (GGUF: in the same streaming pass; ONNX: into a temporary checkpoint). Repeatable, PATH[:WEIGHT].")
 @click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "onnx"]), help="gguf for llama.cpp/ollama, onnx for onnxruntime.")
 @click.option(
     "--bits",

@@ -6,21 +6,14 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import emit, ModelRef, Size
+from xpack.cli.params import ModelRef, Size, adapter_option, emit
 from xpack.packager.merge.job import merge as do_merge
 from xpack.packager.merge.stream import MergeSettings
 
 
 @click.command()
 @click.option("--base", required=True, type=ModelRef(), help="Base model: a local folder or a hub id (owner/name[@revision]).")
-@click.option(
-    "--adapter",
-    "adapters",
-    required=True,
-    multiple=True,
-    type=ModelRef(weighted=True),
-    help="LoRA adapter folder or hub id, optionally with :WEIGHT (e.g. ./lora2:0.5). Repeat to merge several, in order.",
-)
+@adapter_option("LoRA adapter folder or hub id, optionally with :WEIGHT (e.g. ./lora2:0.5). Repeat to merge several, in order.", required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the merged checkpoint to.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Weight dtype of the output; auto keeps the base's.")
 @click.option("--max-shard-size", type=Size(), default="5GB", show_default=True, help="Largest safetensors shard to write.")

@@ -63,3 +63,8 @@ def emit(data: dict, as_json: bool, lines: list[str]) -> None:
     else:
         for line in lines:
             click.echo(line)
+
+
+def adapter_option(help: str, required: bool = False):
+    """``--adapter PATH[:WEIGHT]``, repeatable: LoRA adapters in the order they are applied."""
+    return click.option("--adapter", "adapters", required=required, multiple=True, type=ModelRef(weighted=True), help=help)
