@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from xpack.packager.demo.base_model import demo_base_dir
+from xpack.packager.io.atomic import atomic_dir, check_destination
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "radiology_reports.jsonl"
 BASE_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -203,8 +206,6 @@ def main(argv=None) -> int:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xpack.packager.io.atomic import atomic_dir, check_destination
-    from xpack.packager.demo.base_model import demo_base_dir
 
     check_destination(args.out, args.force)
     torch.set_num_threads(2)

@@ -1,1 +1,2 @@
-"""What runs artifacts on an edge box: base (interface, registry), chat, profiles, llamacpp, torch_ref. Never imports xpack.packager."""
+"""What runs artifacts on an edge box: one Runtime interface (base.py), a registry (registry.py) and one
+module per runtime (torch_ref, llamacpp, onnxrt). Never imports xpack.packager (see ARCHITECTURE.md)."""

@@ -4,7 +4,10 @@ its manifest and its GGUF models. The packager writes these names; the runtimes 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from xpack.errors import XpackError
 
@@ -54,4 +57,40 @@ def read_json(path: Path) -> dict:
 def read_manifest(folder: Path) -> dict:
     """The artifact's manifest.json ({} when it has none); a broken one is a one-line error."""
     return read_json(folder / MANIFEST_FILE)
+
+
+@dataclass(frozen=True)
+class MainFile:
+    """How a runtime finds an artifact's main file (the file itself, the one manifest.json names, or a
+    folder's single one) and names it in its one-line errors."""
+
+    suffix: str  # ".gguf"
+    manifest_key: str  # the manifest.json key naming the file: "gguf_file"
+    candidates: Callable[[Path], list[Path]]  # a folder's files of this kind
+    a_file: str  # "a .gguf file"
+    a_model: str  # "a GGUF model"
+    writer: str  # what writes such a folder: "`xpack export`"
+    none: str  # what a folder without one holds none of: "model .gguf file"
+    several: str  # "several .gguf models"
+
+    def find(self, path: "str | os.PathLike") -> Path:
+        path = Path(path)
+        if path.is_file():
+            if path.suffix.lower() != self.suffix:
+                raise XpackError(f"{path} is not {self.a_file}; pass {self.a_model} or the folder {self.writer} wrote")
+            return path
+        if not path.is_dir():
+            raise XpackError(f"{path} does not exist; pass {self.a_file} or a folder holding one")
+        named = read_manifest(path).get(self.manifest_key)
+        if isinstance(named, str) and named:
+            candidate = path / named
+            if not candidate.is_file():
+                raise XpackError(f"{path}/manifest.json names {self.manifest_key} {named}, which is missing; re-export the artifact")
+            return candidate
+        found = self.candidates(path)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise XpackError(f"{path} holds no {self.none}; pass {self.a_file} or the folder {self.writer} wrote")
+        raise XpackError(f"{path} holds {self.several} ({', '.join(p.name for p in found)}); pass one of them as --artifact")
 

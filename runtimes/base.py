@@ -122,6 +122,15 @@ class Runtime(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.artifact)!r}, profile={self.profile.name!r})"
 
+    def _checked_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """``token_ids`` as ints; one outside the vocabulary is a one-line error."""
+        ids = [int(t) for t in token_ids]
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise XpackError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
     def prompt_text(self, prompt: "str | Sequence[dict]", image=None) -> str:
         """What ``generate`` feeds the model: the chat-templated conversation (a plain string prompt
         is used as-is when the artifact has no chat template)."""

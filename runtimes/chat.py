@@ -24,7 +24,7 @@ from typing import Sequence
 
 from xpack.errors import XpackError
 
-__all__ = ["ChatTemplate", "END_OF_TURN_TOKENS", "render_chat_template", "find_chat_template", "special_tokens_of"]
+__all__ = ["ChatTemplate", "END_OF_TURN_TOKENS", "TemplateChat", "render_chat_template", "find_chat_template", "special_tokens_of"]
 
 # Tokens that end an assistant turn in the chat formats of the seed models (and common others);
 # a runtime stops on the model's EOS and on any of these that its vocabulary has as one token.
@@ -231,3 +231,23 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return render_chat_template(self.template, messages, add_generation_prompt, self.special_tokens)
+
+
+class TemplateChat:
+    """``has_chat_template`` and ``render_chat`` of a runtime that renders with a :class:`ChatTemplate`
+    (``self.chat_template``, None when the artifact has none); mixed in before ``Runtime``."""
+
+    chat_template: "ChatTemplate | None" = None
+
+    def _no_chat_template(self) -> str:
+        """The one-line error when the artifact has no chat template (runtimes say where they looked)."""
+        return f"{getattr(self, 'artifact', 'the artifact')} has no chat template; re-export it from a model with one"
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise XpackError(self._no_chat_template())
+        return self.chat_template.render(messages, add_generation_prompt)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from xpack.errors import XpackError
-from xpack.runtimes.artifacts import read_json
+from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, read_json
 from xpack.runtimes.messages import load_image
 
 __all__ = [
@@ -60,12 +60,8 @@ __all__ = [
     "gemma3_image_tokens",
     "MllamaImagePreprocessor",
     "mllama_supported_aspect_ratios",
-    "PREPROCESSOR_CONFIG",
-    "PROCESSOR_CONFIG",
 ]
 
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-PROCESSOR_CONFIG = "processor_config.json"
 _GEMMA3_PROCESSORS = ("Gemma3ImageProcessor", "Gemma3ImageProcessorFast")
 # PIL's resampling filters by the integers Hugging Face configs store (PILImageResampling == PIL.Image.Resampling).
 _RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}

@@ -25,9 +25,7 @@ import collections
 import contextlib
 import ctypes
 import os
-import shutil
 import struct
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +33,12 @@ from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
 from xpack.runtimes.gguf_header import read_gguf_metadata
-from xpack.runtimes.artifacts import gguf_models, read_manifest
+from xpack.runtimes.artifacts import gguf_models, MainFile, read_manifest
 from xpack.runtimes.base import Runtime
-from xpack.runtimes.chat import END_OF_TURN_TOKENS
+from xpack.runtimes.gpu_memory import process_gpu_mb
+from xpack.runtimes.chat import END_OF_TURN_TOKENS, TemplateChat
 from xpack.runtimes.messages import load_image
-from xpack.runtimes.settings import GenerationSettings, timing_fields
+from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields
 from xpack.runtimes.chat import ChatTemplate
 
 __all__ = ["LlamaCppRuntime", "gguf_file_of", "read_gguf_metadata"]
@@ -66,10 +65,13 @@ _LOG_ERRORS: "collections.deque[str]" = collections.deque(maxlen=8)
 _LOG_CALLBACK = None  # the ctypes callback must stay referenced while libmtmd may call it
 
 
-def _quiet_mtmd(llama_cpp, mtmd) -> None:
+def _quiet_mtmd() -> None:
+    """Route libmtmd's log through a callback that keeps only its errors (for our one-line messages)."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
 
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):  # noqa: ARG001 - the C signature
@@ -122,29 +124,15 @@ class _Chunk:
     handle: int | None = None  # the mtmd_input_chunk of an image (valid while its chunks live)
 
 
+GGUF_FILE = MainFile(
+    suffix=".gguf", manifest_key="gguf_file", candidates=gguf_models, a_file="a .gguf file", a_model="a GGUF model",
+    writer="`xpack export`", none="model .gguf file", several="several .gguf models",
+)
+
+
 def gguf_file_of(path: "str | os.PathLike") -> Path:
     """The model .gguf of an artifact: the file itself, manifest.json's ``gguf_file``, or a folder's single non-mmproj .gguf."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise XpackError(f"{path} is not a .gguf file; pass a GGUF model or the folder `xpack export` wrote")
-        return path
-    if not path.is_dir():
-        raise XpackError(f"{path} does not exist; pass a .gguf file or a folder holding one")
-    named = read_manifest(path).get("gguf_file")
-    if isinstance(named, str) and named:
-        candidate = path / named
-        if not candidate.is_file():
-            raise XpackError(f"{path}/manifest.json names gguf_file {named}, which is missing; re-export the artifact")
-        return candidate
-    models = gguf_models(path)
-    if len(models) == 1:
-        return models[0]
-    if not models:
-        raise XpackError(f"{path} holds no model .gguf file; pass a .gguf file or the folder `xpack export` wrote")
-    raise XpackError(
-        f"{path} holds several .gguf models ({', '.join(p.name for p in models)}); pass one of them as --artifact"
-    )
+    return GGUF_FILE.find(path)
 
 
 def _penalize_prompt(llm, prompt: list[int]) -> None:
@@ -167,7 +155,7 @@ def _penalize_prompt(llm, prompt: list[int]) -> None:
     llm._init_sampler = init_sampler
 
 
-class LlamaCppRuntime(Runtime):
+class LlamaCppRuntime(TemplateChat, Runtime):
     name = "llamacpp"
     formats = ("gguf",)
     locate = staticmethod(gguf_file_of)
@@ -280,14 +268,8 @@ class LlamaCppRuntime(Runtime):
 
     # -- text --------------------------------------------------------------------------------------
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self.chat_template is not None
-
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            raise XpackError(f"{self.gguf_path} has no chat template (tokenizer.chat_template); re-export it from a model with one")
-        return self.chat_template.render(messages, add_generation_prompt)
+    def _no_chat_template(self) -> str:
+        return f"{self.gguf_path} has no chat template (tokenizer.chat_template); re-export it from a model with one"
 
     def prompt_text(self, prompt: "str | Sequence[dict]", image=None) -> str:
         if image is None:
@@ -360,10 +342,6 @@ class LlamaCppRuntime(Runtime):
         stop_ids, piece = (frozenset() if settings.ignore_eos else self.stop_ids), self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         parts: list[str] = []
-        ids: list[int] = []
-        count = steps = 0
-        first = None
-        finish = "length"
         if start is None:
             start = time.perf_counter()
         if settings.repetition_penalty != 1.0:
@@ -377,23 +355,16 @@ class LlamaCppRuntime(Runtime):
             temp=settings.temperature,
             repeat_penalty=settings.repetition_penalty,
         )
+
+        def emit(token: int) -> None:
+            chunk = decode(piece(token))
+            if chunk:
+                parts.append(chunk)
+                if on_token is not None:
+                    on_token(chunk)
+
         try:
-            for token in tokens:
-                steps += 1
-                if first is None:
-                    first = time.perf_counter()
-                if token in stop_ids:
-                    finish = "stop"
-                    break
-                count += 1
-                ids.append(token)
-                chunk = decode(piece(token))
-                if chunk:
-                    parts.append(chunk)
-                    if on_token is not None:
-                        on_token(chunk)
-                if count >= limit:
-                    break
+            run = take_tokens(tokens, stop_ids, limit, emit)
         finally:
             tokens.close()
         end = time.perf_counter()
@@ -403,8 +374,8 @@ class LlamaCppRuntime(Runtime):
             if on_token is not None:
                 on_token(tail)
         return timing_fields(
-            text="".join(parts), prompt_tokens=len(prompt), completion_tokens=count, steps=steps,
-            start=start, first=first, end=end, finish_reason=finish, token_ids=ids,
+            text="".join(parts), prompt_tokens=len(prompt), completion_tokens=len(run.ids), steps=run.steps,
+            start=start, first=run.first, end=end, finish_reason=run.finish, token_ids=run.ids,
         )
 
     # -- images ------------------------------------------------------------------------------------
@@ -440,7 +411,7 @@ class LlamaCppRuntime(Runtime):
         image_size = meta.get("clip.vision.image_size")
         if not isinstance(image_size, int) or image_size <= 0:
             raise XpackError(f"{path.name} has no clip.vision.image_size; re-export the artifact")
-        _quiet_mtmd(self._llama_cpp, mtmd)
+        _quiet_mtmd()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = self.profile.device == "cuda"
         params.n_threads = self._threads
@@ -600,13 +571,6 @@ class LlamaCppRuntime(Runtime):
         scorer.eval(ids)
         return np.array(scorer.scores[: len(ids)], dtype=np.float32, copy=True)
 
-    def _checked_ids(self, token_ids: Sequence[int]) -> list[int]:
-        ids = [int(t) for t in token_ids]
-        bad = [t for t in ids if not 0 <= t < self._n_vocab]
-        if bad:
-            raise XpackError(f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})")
-        return ids
-
     def logits_with_image(self, prompt: "str | Sequence[dict]", image, continuation_ids: Sequence[int] | None = None):
         """Teacher-forced logits of the text that follows the image, for parity with the torch reference.
 
@@ -644,20 +608,7 @@ class LlamaCppRuntime(Runtime):
 
     def peak_gpu_mb(self) -> float | None:
         """GPU memory this process holds (llama.cpp allocates its buffers up front, so this is the peak)."""
-        if self.profile.device != "cuda":
-            return None
-        smi = shutil.which("nvidia-smi")
-        if not smi:
-            return None
-        try:
-            out = subprocess.run(
-                [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=10, check=False,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        used = [float(mem) for pid, _, mem in (line.partition(",") for line in out.splitlines()) if pid.strip() == str(os.getpid())]
-        return sum(used) if used else None
+        return process_gpu_mb() if self.profile.device == "cuda" else None
 
     def info(self) -> dict:
         return {

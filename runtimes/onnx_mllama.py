@@ -1,4 +1,5 @@
-"""Llama 3.2 Vision (mllama) through onnxruntime and numpy: the three graphs ``xpack.packager.export.onnx.mllama`` writes.
+"""Llama 3.2 Vision (mllama) through onnxruntime and numpy: the three graphs ``xpack.packager.export.onnx.mllama`` writes,
+as a pipeline (:class:`MllamaOnnx`, which the export checks its graphs with) and as a runtime (:class:`MllamaOnnxRuntime`).
 
 No torch, no transformers. The folder holds ``vision.onnx``, ``cross_kv.onnx``, ``decoder.onnx`` and
 ``mllama_onnx.json`` (layer indices, KV layout, image token, tiles, end-of-turn ids). One image, one
@@ -10,6 +11,10 @@ sequence (batch 1):
    every cross-attention layer, computed once per image and kept in an :class:`ImageState`.
 2. :meth:`MllamaOnnx.logits` (teacher forcing) and :meth:`MllamaOnnx.generate_greedy` (prefill, then
    one token a step with the self-attention KV cache) run ``decoder.onnx``.
+
+:class:`MllamaOnnxRuntime` is the same pipeline behind the Runtime interface (``--runtime onnx`` picks it
+for a folder holding ``mllama_onnx.json``); tokenizer, chat template, sampling and the generation loop
+are runtimes/onnx_base.py's, shared with the decoder runtime.
 
 The masks are built as transformers builds them. ``MllamaProcessor``: the text from the
 ``<|image|>`` token to the end of the sequence attends to the image's real tiles (``num_tiles`` =
@@ -28,16 +33,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
+from xpack.runtimes.artifacts import MLLAMA_FORMAT, MLLAMA_META_FILE, PREPROCESSOR_CONFIG
+from xpack.runtimes.images import MllamaImagePreprocessor
+from xpack.runtimes.onnx_base import OnnxRuntimeBase, open_session, Prompt, session_options
 
-__all__ = ["MllamaOnnx", "ImageState", "META_FILE", "cross_attention_masks"]
+__all__ = ["MllamaOnnx", "MllamaOnnxRuntime", "ImageState", "cross_attention_masks"]
 
-META_FILE = "mllama_onnx.json"
-FORMAT = "xpack-mllama-onnx"
 GRAPHS = ("vision", "cross_kv", "decoder")
 _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
@@ -80,14 +87,14 @@ def cross_attention_masks(token_ids: Sequence[int], image_token_id: int, num_til
 
 
 def _read_meta(folder: Path) -> dict:
-    path = folder / META_FILE
+    path = folder / MLLAMA_META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise XpackError(f"{folder} has no {META_FILE}; pass a folder written by the mllama ONNX export") from None
+        raise XpackError(f"{folder} has no {MLLAMA_META_FILE}; pass a folder written by the mllama ONNX export") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise XpackError(f"{path} is unreadable ({exc}); re-export the model") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != MLLAMA_FORMAT:
         raise XpackError(f"{path} is not an mllama ONNX export (format {meta.get('format')!r}); re-export the model")
     return meta
 
@@ -95,31 +102,24 @@ def _read_meta(folder: Path) -> dict:
 class MllamaOnnx:
     """The three mllama graphs of ``folder`` in onnxruntime sessions (CPU unless ``providers`` says otherwise)."""
 
-    def __init__(self, folder: "str | os.PathLike", *, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, folder: "str | os.PathLike", *, providers: Sequence | None = None, threads: int | None = None):
         try:
             import numpy as np
-            import onnxruntime as ort
+
+            options = session_options(threads)  # the first import of onnxruntime
         except ImportError as exc:
             raise XpackError(f"the mllama ONNX runtime needs onnxruntime and numpy ({exc}); install them with `pip install 'xpack[onnx]'`") from None
         self._np = np
         self.folder = Path(folder)
         meta = _read_meta(self.folder)
         self.meta = meta
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         providers = list(providers or ["CPUExecutionProvider"])
         self.sessions = {}
         for graph in GRAPHS:
             path = self.folder / meta["files"][graph]
             if not path.is_file():
                 raise XpackError(f"{path} is missing; re-export the model")
-            try:
-                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise XpackError(f"onnxruntime could not load {path} ({str(exc).splitlines()[0]})") from None
+            self.sessions[graph] = open_session(path, options, providers)
         self.self_layers = [int(i) for i in meta["self_attention_layers"]]
         self.cross_layers = [int(i) for i in meta["cross_attention_layers"]]
         self.kv_heads = int(meta["num_key_value_heads"])
@@ -160,7 +160,8 @@ class MllamaOnnx:
         kv = {o.name: v for o, v in zip(cross.get_outputs(), values)}
         return ImageState(cross_kv=kv, num_tiles=num_tiles, max_tiles=self.max_tiles, tokens_per_tile=self.tokens_per_tile, cross_attention_states=states)
 
-    def _no_image(self) -> dict:
+    def no_image(self) -> dict:
+        """The cross keys/values of no image: one all-zero vision token, which makes every cross-attention layer the identity."""
         zero = self._np.zeros((1, self.kv_heads, 1, self.head_dim), dtype=self.kv_dtype)
         return {f"cross_key_values.{i}.{kv}": zero for i in self.cross_layers for kv in ("key", "value")}
 
@@ -176,7 +177,8 @@ class MllamaOnnx:
 
     # -- decoder -----------------------------------------------------------------------------------
 
-    def _run(self, ids, past: dict, cross_kv: dict, cross_mask, row_mask, start: int):
+    def run(self, ids, past: dict, cross_kv: dict, cross_mask, row_mask, start: int):
+        """``decoder.onnx`` on ``ids`` after ``start`` cached positions: (logits [S, vocab], the cache to pass next)."""
         np = self._np
         seq = len(ids)
         feed = {
@@ -195,7 +197,7 @@ class MllamaOnnx:
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names, outputs) if n.startswith("present.")}
         return logits[0], present
 
-    def _empty_past(self) -> dict:
+    def empty_past(self) -> dict:
         empty = self._np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return {f"past_key_values.{i}.{kv}": empty for i in self.self_layers for kv in ("key", "value")}
 
@@ -209,8 +211,8 @@ class MllamaOnnx:
         """Teacher-forced logits [S, vocab] (float32) of ``token_ids`` (one prefill), with the image if given."""
         ids = self._check_ids(token_ids)
         cross_mask, row_mask = self.masks(ids, image_state)
-        cross_kv = image_state.cross_kv if image_state is not None else self._no_image()
-        logits, _ = self._run(ids, self._empty_past(), cross_kv, cross_mask, row_mask, 0)
+        cross_kv = image_state.cross_kv if image_state is not None else self.no_image()
+        logits, _ = self.run(ids, self.empty_past(), cross_kv, cross_mask, row_mask, 0)
         return logits.astype(self._np.float32)
 
     def generate_greedy(self, token_ids: Sequence[int], image_state: ImageState | None = None, max_tokens: int = 16, stop_ids=None) -> list[int]:
@@ -223,8 +225,8 @@ class MllamaOnnx:
         ids = self._check_ids(token_ids)
         stops = self.stop_ids if stop_ids is None else {int(i) for i in stop_ids}
         cross_mask, row_mask = self.masks(ids, image_state)
-        cross_kv = image_state.cross_kv if image_state is not None else self._no_image()
-        logits, past = self._run(ids, self._empty_past(), cross_kv, cross_mask, row_mask, 0)
+        cross_kv = image_state.cross_kv if image_state is not None else self.no_image()
+        logits, past = self.run(ids, self.empty_past(), cross_kv, cross_mask, row_mask, 0)
         step_cross, step_row = cross_mask[:, :, -1:], row_mask[:, :, -1:]
         out: list[int] = []
         position = len(ids)
@@ -233,6 +235,73 @@ class MllamaOnnx:
             out.append(token)
             if token in stops or len(out) >= max_tokens:
                 break
-            logits, past = self._run([token], past, cross_kv, step_cross, step_row, position)
+            logits, past = self.run([token], past, cross_kv, step_cross, step_row, position)
             position += 1
         return out
+
+
+class MllamaOnnxRuntime(OnnxRuntimeBase):
+    """A Llama 3.2 Vision ONNX folder (``mllama_onnx.json`` + three graphs) behind the Runtime interface."""
+
+    takes_position_ids = True
+    takes_embeds = False
+
+    def _load_graphs(self, folder: Path) -> None:
+        self.graphs = MllamaOnnx(folder, providers=self._providers, threads=self._threads)
+        self.session = self.graphs.sessions["decoder"]
+        self._n_vocab = self.graphs.vocab_size
+        self.kv_layout = {"layers": len(self.graphs.self_layers), "cross_layers": len(self.graphs.cross_layers),
+                          "heads": self.graphs.kv_heads, "head_dim": self.graphs.head_dim, "dtype": str(self.graphs.kv_dtype)}
+        self.accepts_images = (folder / PREPROCESSOR_CONFIG).is_file()
+        if self.accepts_images:
+            self.preprocess = MllamaImagePreprocessor.from_folder(folder)
+
+    def close(self) -> None:
+        super().close()
+        self.graphs = None
+
+    def logits(self, token_ids: Sequence[int]):
+        """Teacher-forced logits: one pass over ``token_ids`` without an image, float32 [n, vocab]."""
+        ids = self._logits_ids(token_ids)
+        return self._np.ascontiguousarray(self.graphs.logits(ids), dtype=self._np.float32)
+
+    def _encode(self, picture) -> tuple[ImageState, float]:
+        """The image's tiles through the vision and cross-attention K/V graphs, once; and the seconds that took."""
+        arrays = self.preprocess(picture)
+        start = time.perf_counter()
+        state = self.graphs.encode_image(arrays["pixel_values"], arrays["aspect_ratio_ids"], arrays["aspect_ratio_mask"])
+        return state, time.perf_counter() - start
+
+    def logits_with_image(self, prompt, image, continuation_ids: Sequence[int] | None = None):
+        """Teacher-forced logits of the text after the (last) ``<|image|>`` token, as the other runtimes' method.
+
+        Returns ``(logits, token_ids)``: float32 [n, vocab] and the text token ids after the image."""
+        picture, extra = self._image_inputs(image, continuation_ids)
+        ids = self.tokenize(self.prompt_text(prompt, image=picture)) + extra
+        state, _ = self._encode(picture)
+        where = [i for i, t in enumerate(ids) if t == self.graphs.image_token_id]
+        if not where:
+            raise XpackError("the chat template put no <|image|> token in the prompt; it cannot take image parts")
+        start = where[-1] + 1
+        return self._np.ascontiguousarray(self.graphs.logits(ids, state)[start:], dtype=self._np.float32), ids[start:]
+
+    def _prompt(self, text: str, image) -> Prompt:
+        ids = self.tokenize(text)
+        if image is None:
+            return Prompt(ids, None, None)
+        state, encode_s = self._encode(image)
+        return Prompt(ids, encode_s, state)
+
+    def _stepper(self, ids: list[int], limit: int, state: ImageState | None):
+        np, graphs = self._np, self.graphs
+        cross_mask, row_mask = graphs.masks(ids, state)
+        cross_kv = state.cross_kv if state is not None else graphs.no_image()
+        logits, past = graphs.run(ids, graphs.empty_past(), cross_kv, cross_mask, row_mask, 0)
+        last_cross, last_row = cross_mask[:, :, -1:], row_mask[:, :, -1:]  # generated tokens reuse the last prompt row
+        cache = [past]
+
+        def step(token: int, cursor: int):
+            out, cache[0] = graphs.run([token], cache[0], cross_kv, last_cross, last_row, cursor)
+            return out[-1].astype(np.float32, copy=True)
+
+        return logits[-1].astype(np.float32, copy=True), step

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from xpack.errors import XpackError
 
@@ -122,3 +123,30 @@ def timing_fields(
     }
 
 
+@dataclass
+class TokenRun:
+    """What a generation's token loop counted: the kept ids, the tokens sampled (a final end-of-turn one
+    included), the clock when the first was sampled, and why it stopped."""
+
+    ids: list[int] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    first: float | None = None
+    finish: str = "length"  # "stop" (an end-of-turn token) or "length" (``limit`` ids kept)
+
+
+def take_tokens(tokens: Iterable[int], stop_ids: Collection[int], limit: int, on_id: Callable[[int], None], run: TokenRun | None = None) -> TokenRun:
+    """Draw sampled ids from ``tokens`` until one of ``stop_ids`` (not kept) or ``limit`` kept ids; ``on_id``
+    sees each kept id once it is in ``run.ids`` (pass ``run`` when the sampler reads those ids)."""
+    run = run if run is not None else TokenRun()
+    for token in tokens:
+        run.steps += 1
+        if run.first is None:
+            run.first = time.perf_counter()
+        if token in stop_ids:
+            run.finish = "stop"
+            break
+        run.ids.append(token)
+        on_id(token)
+        if len(run.ids) >= limit:
+            break
+    return run

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from xpack.errors import XpackError
+from xpack.packager.demo.base_model import demo_base_dir, demo_gguf_path
 from xpack.runtimes.chat import ChatTemplate, find_chat_template, render_chat_template, special_tokens_of
 
 TWINS = ["llama", "gemma2", "gemma3", "gemma3_vision", "mllama"]
@@ -54,7 +55,7 @@ def _check_folder(folder, templater, conversations):
 
 @pytest.mark.parametrize("name", TWINS)
 def test_twin_templates_render_like_transformers(twin_factory, name):
-    import twins
+    import twins  # imports torch: this module's other tests run without it
 
     twin = twin_factory.get(name)
     tokenizer = twins.load_tokenizer(twin)
@@ -73,8 +74,6 @@ def test_gemma2_refuses_a_system_message_in_one_line(twin_factory):
 def test_demo_model_template_renders_like_transformers():
     from transformers import AutoTokenizer
 
-    from xpack.packager.demo.base_model import demo_base_dir
-
     folder = demo_base_dir()
     _check_folder(folder, AutoTokenizer.from_pretrained(str(folder)), CONVERSATIONS)
 
@@ -83,8 +82,6 @@ def test_demo_gguf_metadata_template_renders_like_transformers():
     """The GGUF's own tokenizer.chat_template + bos/eos from its metadata give transformers' text."""
     import llama_cpp
     from transformers import AutoTokenizer
-
-    from xpack.packager.demo.base_model import demo_base_dir, demo_gguf_path
 
     llm = llama_cpp.Llama(model_path=str(demo_gguf_path()), vocab_only=True, verbose=False)
     try:

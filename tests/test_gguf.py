@@ -20,13 +20,16 @@ from click.testing import CliRunner
 import twins
 from xpack.packager.cards.render import front_matter
 from xpack.cli import cli
+from xpack.packager.export.gguf.modelfile import stop_tokens
 from xpack.packager.export.job import export
+from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.verify.parity import compare_logits
 from xpack.packager.io.tensors import sha256_file
+from xpack.packager.merge.job import merge
+from xpack.packager.demo.base_model import demo_base_dir
+from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
-from xpack.profiles.machine import resolve_for_machine
-from xpack.profiles.profile import load_profile
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3", "gemma3_vision"]
 PARITY_TEXT = (
@@ -34,12 +37,6 @@ PARITY_TEXT = (
     "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
 )
 THRESHOLDS = {"F32": (1.0, 5e-3), "F16": (0.95, 5e-2)}
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    profile, _ = resolve_for_machine(load_profile("cpu16"))
-    return profile
 
 
 def _reference_logits(twin, model_dir, ids):
@@ -88,7 +85,7 @@ def test_gguf_logits_match_torch(twin_factory, exports, cpu, name, quant):
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3"])
-def test_quantized_files_load_and_generate(twin_factory, tmp_path, cpu, name, quant):
+def test_quantized_gguf_loads_and_generates(twin_factory, tmp_path, cpu, name, quant):
     twin = twin_factory.get(name)
     manifest = _export(twin.model_dir, tmp_path / "out", quant)
     info = manifest["artifacts"][manifest["gguf_file"]]
@@ -124,8 +121,6 @@ def test_gemma2_qv_adapter_on_the_fly_matches_peft(twin_factory, tmp_path, cpu):
 
 
 def test_adapter_on_the_fly_equals_merged_checkpoint(twin_factory, tmp_path):
-    from xpack.packager.merge.job import merge
-
     twin = twin_factory.get("llama")
     merge(str(twin.model_dir), [str(twin.adapter_dir)], tmp_path / "merged")
     a = _export(tmp_path / "merged", tmp_path / "from-merged", "F16")
@@ -173,8 +168,6 @@ def test_demo_model_tokens_and_greedy_text(tmp_path, cpu):
     """The demo model: llama.cpp token ids equal HF's, and `xpack run --temperature 0` on the F16 export
     starts with the same tokens as the torch reference run the same way."""
     from transformers import AutoTokenizer
-
-    from xpack.packager.demo.base_model import demo_base_dir
 
     base = demo_base_dir()
     manifest = _export(base, tmp_path / "out", "F16")
@@ -265,3 +258,11 @@ def test_export_unsupported_architecture(tmp_path):
     r = _cli_export("--model", tmp_path / "gpt2", "--format", "gguf", "--bits", "8", "--out", tmp_path / "out")
     assert r.exit_code == 1 and "does not support architecture GPT2LMHeadModel" in r.output and "gemma2" in r.output
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "xpack-tmp" in p.name]
+
+
+def test_modelfile_stops_on_every_end_of_turn_token_the_tokenizer_has(twin_factory):
+    """The ollama Modelfile's stop list is the runtimes' END_OF_TURN_TOKENS (one home), not a subset."""
+    stops = stop_tokens(Checkpoint(twin_factory.get("mllama").model_dir))  # a Llama 3 tokenizer
+    assert stops == ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]
+    assert set(stops) <= set(END_OF_TURN_TOKENS)
+    assert stop_tokens(Checkpoint(twin_factory.get("gemma3").model_dir)) == ["<end_of_turn>"]

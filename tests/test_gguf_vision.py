@@ -33,10 +33,9 @@ from xpack.errors import XpackError
 from xpack.cli import cli
 from xpack.packager.export.job import export
 from xpack.packager.verify.parity import compare_logits
+from xpack.runtimes import llamacpp
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
-from xpack.profiles.machine import resolve_for_machine
-from xpack.profiles.profile import load_profile
 
 # quant -> (top-1 (tie-aware) at least, KL mean at most, KL max at most, max |logit error| at most)
 IMAGE_PARITY = {
@@ -46,15 +45,6 @@ IMAGE_PARITY = {
 IMAGE_TOKENS = twins.GEMMA3_MM_TOKENS  # 4: (32 / 8)^2 patches average-pooled by 2 x 2
 PROMPT = twins.SAMPLE_PROMPT
 GREEDY = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    """cpu16 as this machine runs it, with one thread and a small context (see test_runtimes.py)."""
-    import dataclasses
-
-    profile, _ = resolve_for_machine(load_profile("cpu16"))
-    return dataclasses.replace(profile, n_ctx=512, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +200,6 @@ def test_generation_sees_the_image(vision_export, cpu, images):
 def test_non_square_images_need_the_processors_resize(vision_export, cpu, images, reference, monkeypatch):
     """Why the runtime resizes Gemma 3 images itself: llama.cpp would letterbox a 40x32 image
     (aspect ratio kept, black bars), where transformers stretches it to 32x32."""
-    import xpack.runtimes.llamacpp as llamacpp
-
     _, out = vision_export("F32")
     ref_logits, _, _ = reference(images["wide"])
     monkeypatch.setattr(llamacpp, "_prepare_image", lambda image, projector, size: image.convert("RGB"))

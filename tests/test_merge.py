@@ -15,6 +15,7 @@ from peft import PeftModel
 
 import twins
 from xpack.packager.cards.render import front_matter
+from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
 from xpack.packager.merge.stream import MergeSettings
 from xpack.packager.merge.job import merge
 from xpack.packager.io.tensors import sha256_file
@@ -239,8 +240,6 @@ def test_quantization_config_is_dropped(twin_factory, tmp_path):
 def test_demo_model_merge_matches_peft(tmp_path):
     """The built-in demo: SmolLM2-135M + the shipped radiology LoRA (bf16 adapter, fp32 base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
 
     base = demo_base_dir()
     out = tmp_path / "merged"

@@ -31,8 +31,6 @@ from xpack.packager.verify.parity import compare_logits
 from xpack.packager.verify.job import verify
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
-from xpack.profiles.machine import resolve_for_machine
-from xpack.profiles.profile import load_profile
 
 GREEDY = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
 MESSAGES = [{"role": "user", "content": twins.SAMPLE_PROMPT}]
@@ -40,12 +38,6 @@ FP32_ERR = 1e-4
 INT8_KL, INT8_TOP1 = 1e-3, 0.8
 MLLAMA_INT4_KL = 1e-2  # measured 2.6e-4 against the fp32 graphs
 VISION_LORA = r".*\.(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    profile, _ = resolve_for_machine(load_profile("cpu16"))
-    return dataclasses.replace(profile, n_ctx=512, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ from click.testing import CliRunner
 
 from xpack.cli import cli
 from xpack.packager.export.job import export
+from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
 from xpack.packager.verify.job import START, END, splice_section, update_card, verify
+from xpack.profiles.machine import machine_info
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,6 @@ def test_benchmark_and_card_update(llama_set, tmp_path):
     assert (head + tail).replace("\n", "") == before.replace("\n", "")  # everything else intact
     manifest = json.loads((art / "manifest.json").read_text())
     assert set(manifest["verification"]) == {"cpu16"}
-    from xpack.packager.io.tensors import sha256_file
-
     assert manifest["files"]["README.md"]["sha256"] == sha256_file(art / "README.md")
     # idempotent: the same report written again changes nothing
     update_card(art, report)
@@ -108,8 +108,6 @@ def test_reference_with_another_tokenizer(llama_set, twin_factory):
 
 
 def test_gpu_profile_without_gpu(llama_set):
-    from xpack.profiles.machine import machine_info
-
     if machine_info().gpus:
         pytest.skip("this machine has a GPU")
     r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "t4", "--no-benchmark")

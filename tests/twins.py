@@ -11,9 +11,12 @@ Nothing is downloaded: tokenizers are trained here, on the small corpus below (b
 the ``tokenizers`` library for the Llama-family twins, a SentencePiece BPE model with byte fallback
 for the Gemma-family twins). Everything is deterministic given the seeds.
 
+The twins are the rows of ``TWINS`` (name -> TwinSpec: transformers class, tokenizer, config and
+processor builders, default LoRA); each architecture's settings are a table of plain values.
+
 Public API::
 
-    TWIN_NAMES
+    TWIN_NAMES, TWINS
     Twin                                   # frozen dataclass describing a built twin
     build_base(name, out_dir, *, seed=0, dtype=torch.float32, max_shard_size=None) -> Path
     build_adapter(name, base_dir, out_dir, *, seed=1, adapter_dtype=torch.float32, **lora_overrides) -> Path
@@ -37,7 +40,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -47,6 +50,7 @@ import torch  # noqa: E402
 
 __all__ = [
     "TWIN_NAMES",
+    "TWINS",
     "VISION_TWINS",
     "Twin",
     "build_base",
@@ -63,9 +67,6 @@ __all__ = [
     "twin_name_of",
     "CORPUS",
 ]
-
-TWIN_NAMES = ("llama", "gemma2", "gemma3", "gemma3_vision", "mllama")
-VISION_TWINS = frozenset({"gemma3_vision", "mllama"})
 
 # --------------------------------------------------------------------------------------------------
 # Training corpus for the tokenizers: plain English plus radiology-report style text (the domain the
@@ -258,81 +259,91 @@ GEMMA_TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 GEMMA3_IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
 
-@functools.lru_cache(maxsize=None)
-def _bpe_tokenizer_json(flavor: str) -> str:
-    """Train a byte-level BPE on CORPUS; returns tokenizer.json text (cached per process)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _train_byte_level_bpe(special_tokens: list[str]):
+    """A byte-level BPE trained on CORPUS, `special_tokens` first in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    if flavor == "smollm2":
-        # SmolLM2 layout: the special tokens come first (ids 0, 1, 2).
-        trainer = trainers.BpeTrainer(
-            vocab_size=_BPE_VOCAB,
-            min_frequency=1,
-            special_tokens=SMOLLM2_SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(_corpus_lines(), trainer=trainer)
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    elif flavor == "llama3":
-        # Llama 3 layout: the regular vocabulary first, then the special tokens at the end;
-        # a post-processor prepends <|begin_of_text|>.
-        trainer = trainers.BpeTrainer(
-            vocab_size=_BPE_VOCAB,
-            min_frequency=1,
-            special_tokens=[],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(_corpus_lines(), trainer=trainer)
-        tok.add_special_tokens(LLAMA3_SPECIALS)
-        bos_id = tok.token_to_id("<|begin_of_text|>")
-        tok.post_processor = processors.Sequence(
-            [
-                processors.ByteLevel(trim_offsets=False),
-                processors.TemplateProcessing(
-                    single="<|begin_of_text|> $A",
-                    pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
-                    special_tokens=[("<|begin_of_text|>", bos_id)],
-                ),
-            ]
-        )
-    else:  # pragma: no cover - internal
-        raise ValueError(flavor)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        min_frequency=1,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _smollm2_tokenizer_json() -> str:
+    """SmolLM2 layout: the special tokens come first (ids 0, 1, 2). tokenizer.json text, cached per process."""
+    from tokenizers import processors
+
+    tok = _train_byte_level_bpe(SMOLLM2_SPECIALS)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok.to_str()
 
 
-def _make_bpe_tokenizer(flavor: str):
+@functools.lru_cache(maxsize=None)
+def _llama3_tokenizer_json() -> str:
+    """Llama 3 layout: the regular vocabulary first, then the special tokens at the end; a
+    post-processor prepends <|begin_of_text|>. tokenizer.json text, cached per process."""
+    from tokenizers import processors
+
+    tok = _train_byte_level_bpe([])
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    bos_id = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", bos_id)],
+            ),
+        ]
+    )
+    return tok.to_str()
+
+
+SMOLLM2_TOKENIZER = dict(
+    bos_token="<|im_start|>",
+    eos_token="<|im_end|>",
+    unk_token="<|endoftext|>",
+    pad_token="<|im_end|>",
+    additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    chat_template=SMOLLM2_CHAT_TEMPLATE,
+    model_max_length=8192,
+    clean_up_tokenization_spaces=False,
+    model_input_names=["input_ids", "attention_mask"],
+)
+LLAMA3_TOKENIZER = dict(
+    bos_token="<|begin_of_text|>",
+    eos_token="<|eot_id|>",
+    pad_token="<|finetune_right_pad_id|>",
+    chat_template=MLLAMA_CHAT_TEMPLATE,
+    model_input_names=["input_ids", "attention_mask"],
+    model_max_length=131072,
+    clean_up_tokenization_spaces=True,
+)
+
+
+def _fast_tokenizer(tokenizer_json: str, settings: dict):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer.from_str(_bpe_tokenizer_json(flavor))
-    if flavor == "smollm2":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<|im_start|>",
-            eos_token="<|im_end|>",
-            unk_token="<|endoftext|>",
-            pad_token="<|im_end|>",
-            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-            chat_template=SMOLLM2_CHAT_TEMPLATE,
-            model_max_length=8192,
-            clean_up_tokenization_spaces=False,
-            model_input_names=["input_ids", "attention_mask"],
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        chat_template=MLLAMA_CHAT_TEMPLATE,
-        model_input_names=["input_ids", "attention_mask"],
-        model_max_length=131072,
-        clean_up_tokenization_spaces=True,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **copy.deepcopy(settings))
+
+
+def _smollm2_tokenizer():
+    return _fast_tokenizer(_smollm2_tokenizer_json(), SMOLLM2_TOKENIZER)
+
+
+def _llama3_tokenizer():
+    return _fast_tokenizer(_llama3_tokenizer_json(), LLAMA3_TOKENIZER)
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,14 +380,13 @@ def _spm_model_bytes(user_symbols: tuple[str, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _make_gemma_tokenizer(name: str):
+def _gemma_tokenizer(chat_template: str, model_max_length: int, *, image_tokens: bool = False):
+    """A Gemma tokenizer; with `image_tokens`, Gemma 3's <start_of_image>/<end_of_image>/<image_soft_token> too."""
     from transformers import GemmaTokenizerFast
 
-    vision = name == "gemma3_vision"
-    symbols = tuple(GEMMA_TURN_TOKENS + (GEMMA3_IMAGE_TOKENS if vision else []))
-    chat_template = GEMMA2_CHAT_TEMPLATE if name == "gemma2" else GEMMA3_CHAT_TEMPLATE
+    symbols = tuple(GEMMA_TURN_TOKENS + (GEMMA3_IMAGE_TOKENS if image_tokens else []))
     extra: dict[str, Any] = {}
-    if vision:
+    if image_tokens:
         extra["extra_special_tokens"] = {
             "boi_token": "<start_of_image>",
             "eoi_token": "<end_of_image>",
@@ -391,7 +401,7 @@ def _make_gemma_tokenizer(name: str):
         fast = GemmaTokenizerFast(
             vocab_file=str(model_file),
             chat_template=chat_template,
-            model_max_length=8192 if name == "gemma2" else 131072,
+            model_max_length=model_max_length,
             additional_special_tokens=list(GEMMA_TURN_TOKENS),
             **extra,
         )
@@ -403,23 +413,18 @@ def _make_gemma_tokenizer(name: str):
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
+    _save_spm_model(tokenizer, out_dir)
+
+
+def _save_spm_model(tokenizer, out_dir: Path) -> None:
     spm_bytes = getattr(tokenizer, "_twin_spm_bytes", None)
     if spm_bytes is not None:  # real Gemma checkpoints ship tokenizer.model next to tokenizer.json
         (out_dir / "tokenizer.model").write_bytes(spm_bytes)
 
 
-def _make_tokenizer(name: str):
-    if name == "llama":
-        return _make_bpe_tokenizer("smollm2")
-    if name == "mllama":
-        return _make_bpe_tokenizer("llama3")
-    if name in ("gemma2", "gemma3", "gemma3_vision"):
-        return _make_gemma_tokenizer(name)
-    raise KeyError(name)
-
-
 # --------------------------------------------------------------------------------------------------
-# Configs
+# Configs: the real checkpoints' settings, shrunk (one table each), and one builder per architecture
+# that fills in the tokenizer's ids.
 # --------------------------------------------------------------------------------------------------
 
 # Vision geometry.
@@ -429,6 +434,124 @@ GEMMA3_MM_TOKENS = 4
 MLLAMA_IMAGE_SIZE = 16  # per tile; patch 4 -> 16 patches + class token
 MLLAMA_PATCH_SIZE = 4
 MLLAMA_MAX_TILES = 4
+
+# SmolLM2-135M-Instruct, shrunk.
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    rope_scaling=None,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=True,
+    initializer_range=0.041666666666666664,
+)
+
+# What gemma-2 and gemma-3 text models share: sliding/global layers (here 1:1), explicit head_dim
+# (not hidden/heads), query_pre_attn_scalar == head_dim, pad/eos/bos = 0/1/2 in the SentencePiece vocab.
+GEMMA_PAD, GEMMA_EOS, GEMMA_BOS = 0, 1, 2
+_GEMMA_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    head_dim=32,  # explicit and != hidden_size / heads, like the real gemma-2-2b (2304 / 8 != 256)
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    attention_bias=False,
+    query_pre_attn_scalar=32,
+    sliding_window=8,  # shorter than sample prompts so the window matters
+    layer_types=["sliding_attention", "full_attention"],
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+    pad_token_id=GEMMA_PAD,
+    eos_token_id=GEMMA_EOS,
+    bos_token_id=GEMMA_BOS,
+)
+# gemma-2-2b-it, shrunk: soft-capping of attention and final logits.
+GEMMA2 = dict(
+    _GEMMA_TEXT,
+    num_key_value_heads=2,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+)
+# gemma-3-1b-it, shrunk: dual rope bases (global / local), q/k norms, no softcapping.
+GEMMA3_TEXT = dict(
+    _GEMMA_TEXT,
+    num_key_value_heads=1,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0,
+    rope_scaling=None,
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+)
+GEMMA3_SAMPLING = dict(do_sample=True, top_k=64, top_p=0.95)
+# MedGemma 4b / gemma-3-4b-it, shrunk: SigLIP tower + avg-pool projector + the Gemma 3 text model
+# with linear rope scaling.
+GEMMA3_VISION_ROPE = {"rope_type": "linear", "factor": 8.0}
+SIGLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_channels=3,
+    image_size=GEMMA3_IMAGE_SIZE,
+    patch_size=GEMMA3_PATCH_SIZE,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    attention_dropout=0.0,
+    vision_use_head=False,
+)
+GEMMA3_VISION = dict(mm_tokens_per_image=GEMMA3_MM_TOKENS, initializer_range=0.02)
+
+# Llama-3.2-11B-Vision(-Instruct), shrunk: tiled ViT with local + gated global encoder and
+# intermediate-layer features, cross-attention decoder layers interleaved in the text stack.
+MLLAMA_VISION = dict(
+    hidden_size=32,
+    hidden_act="gelu",
+    num_hidden_layers=2,
+    num_global_layers=1,
+    num_attention_heads=2,
+    num_channels=3,
+    intermediate_size=64,
+    vision_output_dim=32 * 3,  # hidden_size x (the 2 intermediate layers + the last)
+    image_size=MLLAMA_IMAGE_SIZE,
+    patch_size=MLLAMA_PATCH_SIZE,
+    norm_eps=1e-5,
+    max_num_tiles=MLLAMA_MAX_TILES,
+    intermediate_layers_indices=[0, 1],
+)
+MLLAMA_TEXT = dict(
+    hidden_size=64,
+    hidden_act="silu",
+    num_hidden_layers=3,
+    cross_attention_layers=[1],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
+MLLAMA_SAMPLING = dict(temperature=0.6, top_p=0.9, do_sample=True)
 
 
 def _ids(tokenizer, *tokens: str) -> list[int]:
@@ -441,266 +564,195 @@ def _ids(tokenizer, *tokens: str) -> list[int]:
     return out
 
 
-def _make_config(name: str, tok):
+def _settings(table: dict, **more) -> dict:
+    """A fresh copy of a settings table (the config classes keep the lists and dicts they are given), plus `more`."""
+    return {**copy.deepcopy(table), **more}
+
+
+# Each builder takes the twin's tokenizer and returns (config, GenerationConfig kwargs).
+
+
+def _llama_config(tok):
     import transformers as tf
 
-    vocab = len(tok)
-    if name == "llama":
-        # SmolLM2-135M-Instruct, shrunk.
-        bos, eos = _ids(tok, "<|im_start|>", "<|im_end|>")
-        cfg = tf.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            hidden_act="silu",
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-            rope_scaling=None,
-            attention_bias=False,
-            mlp_bias=False,
-            tie_word_embeddings=True,
-            initializer_range=0.041666666666666664,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        gen = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-        return tf.LlamaForCausalLM, cfg, gen
-
-    if name == "gemma2":
-        # gemma-2-2b-it, shrunk: alternating sliding/global attention, soft-capping,
-        # query_pre_attn_scalar == head_dim, explicit head_dim (not hidden/heads).
-        pad, eos, bos, eot = 0, 1, 2, _ids(tok, "<end_of_turn>")[0]
-        cfg = tf.Gemma2Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,  # explicit and != hidden_size / heads, like the real 2b (2304 / 8 != 256)
-            hidden_activation="gelu_pytorch_tanh",
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            attention_bias=False,
-            query_pre_attn_scalar=32,
-            sliding_window=8,  # shorter than sample prompts so the window matters
-            layer_types=["sliding_attention", "full_attention"],
-            final_logit_softcapping=30.0,
-            attn_logit_softcapping=50.0,
-            tie_word_embeddings=True,
-            initializer_range=0.02,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            bos_token_id=bos,
-        )
-        gen = dict(bos_token_id=bos, eos_token_id=[eos, eot], pad_token_id=pad, cache_implementation="hybrid")
-        return tf.Gemma2ForCausalLM, cfg, gen
-
-    if name == "gemma3":
-        # gemma-3-1b-it, shrunk: 5:1 local/global pattern (here 1:1), dual rope bases,
-        # q/k norms, no softcapping, query_pre_attn_scalar == head_dim.
-        pad, eos, bos, eot = 0, 1, 2, _ids(tok, "<end_of_turn>")[0]
-        cfg = tf.Gemma3TextConfig(**_gemma3_text_kwargs(vocab, rope_scaling=None))
-        gen = dict(bos_token_id=bos, eos_token_id=[eos, eot], pad_token_id=pad, do_sample=True, top_k=64, top_p=0.95)
-        return tf.Gemma3ForCausalLM, cfg, gen
-
-    if name == "gemma3_vision":
-        # MedGemma 4b / gemma-3-4b-it, shrunk: SigLIP tower + avg-pool projector + Gemma3 text.
-        pad, eos, bos, eot = 0, 1, 2, _ids(tok, "<end_of_turn>")[0]
-        boi, eoi, img = _ids(tok, *GEMMA3_IMAGE_TOKENS)
-        text = tf.Gemma3TextConfig(**_gemma3_text_kwargs(vocab, rope_scaling={"rope_type": "linear", "factor": 8.0}))
-        vision = tf.SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_channels=3,
-            image_size=GEMMA3_IMAGE_SIZE,
-            patch_size=GEMMA3_PATCH_SIZE,
-            hidden_act="gelu_pytorch_tanh",
-            layer_norm_eps=1e-6,
-            attention_dropout=0.0,
-            vision_use_head=False,
-        )
-        cfg = tf.Gemma3Config(
-            text_config=text,
-            vision_config=vision,
-            mm_tokens_per_image=GEMMA3_MM_TOKENS,
-            boi_token_index=boi,
-            eoi_token_index=eoi,
-            image_token_index=img,
-            initializer_range=0.02,
-            pad_token_id=pad,
-            bos_token_id=bos,
-            eos_token_id=[eos, eot],
-        )
-        gen = dict(bos_token_id=bos, eos_token_id=[eos, eot], pad_token_id=pad, do_sample=True, top_k=64, top_p=0.95)
-        return tf.Gemma3ForConditionalGeneration, cfg, gen
-
-    if name == "mllama":
-        # Llama-3.2-11B-Vision(-Instruct), shrunk: tiled ViT with local + gated global encoder and
-        # intermediate-layer features, cross-attention decoder layers interleaved in the text stack.
-        bos, eot_text, pad, eom, eot, img = _ids(
-            tok, "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eom_id|>", "<|eot_id|>", "<|image|>"
-        )
-        from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
-
-        intermediate_layers = [0, 1]
-        vision_hidden = 32
-        vision = MllamaVisionConfig(
-            hidden_size=vision_hidden,
-            hidden_act="gelu",
-            num_hidden_layers=2,
-            num_global_layers=1,
-            num_attention_heads=2,
-            num_channels=3,
-            intermediate_size=64,
-            vision_output_dim=vision_hidden * (len(intermediate_layers) + 1),
-            image_size=MLLAMA_IMAGE_SIZE,
-            patch_size=MLLAMA_PATCH_SIZE,
-            norm_eps=1e-5,
-            max_num_tiles=MLLAMA_MAX_TILES,
-            intermediate_layers_indices=intermediate_layers,
-        )
-        text = MllamaTextConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            hidden_act="silu",
-            num_hidden_layers=3,
-            cross_attention_layers=[1],
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            rms_norm_eps=1e-5,
-            max_position_embeddings=131072,
-            tie_word_embeddings=False,
-            bos_token_id=bos,
-            eos_token_id=eot_text,
-            pad_token_id=pad,
-        )
-        cfg = tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=img)
-        gen = dict(bos_token_id=bos, eos_token_id=[eot_text, eom, eot], pad_token_id=pad, temperature=0.6, top_p=0.9, do_sample=True)
-        return tf.MllamaForConditionalGeneration, cfg, gen
-
-    raise KeyError(f"unknown twin {name!r}; expected one of {TWIN_NAMES}")
+    bos, eos = _ids(tok, "<|im_start|>", "<|im_end|>")
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    return tf.LlamaConfig(**_settings(LLAMA, vocab_size=len(tok), **ids)), ids
 
 
-def _gemma3_text_kwargs(vocab: int, rope_scaling) -> dict:
-    return dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        rope_local_base_freq=10_000.0,
-        rope_scaling=rope_scaling,
-        attention_bias=False,
-        query_pre_attn_scalar=32,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        final_logit_softcapping=None,
-        attn_logit_softcapping=None,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
+def _gemma_generation(tok, **sampling) -> dict:
+    """Gemma stops at <eos> and at <end_of_turn>."""
+    eot = _ids(tok, "<end_of_turn>")[0]
+    return dict(bos_token_id=GEMMA_BOS, eos_token_id=[GEMMA_EOS, eot], pad_token_id=GEMMA_PAD, **sampling)
+
+
+def _gemma2_config(tok):
+    import transformers as tf
+
+    cfg = tf.Gemma2Config(**_settings(GEMMA2, vocab_size=len(tok)))
+    return cfg, _gemma_generation(tok, cache_implementation="hybrid")
+
+
+def _gemma3_config(tok):
+    import transformers as tf
+
+    return tf.Gemma3TextConfig(**_settings(GEMMA3_TEXT, vocab_size=len(tok))), _gemma_generation(tok, **GEMMA3_SAMPLING)
+
+
+def _gemma3_vision_config(tok):
+    import transformers as tf
+
+    boi, eoi, img = _ids(tok, *GEMMA3_IMAGE_TOKENS)
+    gen = _gemma_generation(tok, **GEMMA3_SAMPLING)
+    cfg = tf.Gemma3Config(
+        text_config=tf.Gemma3TextConfig(**_settings(GEMMA3_TEXT, vocab_size=len(tok), rope_scaling=dict(GEMMA3_VISION_ROPE))),
+        vision_config=tf.SiglipVisionConfig(**_settings(SIGLIP)),
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=img,
+        pad_token_id=GEMMA_PAD,
+        bos_token_id=GEMMA_BOS,
+        eos_token_id=list(gen["eos_token_id"]),
+        **GEMMA3_VISION,
+    )
+    return cfg, gen
+
+
+def _mllama_config(tok):
+    import transformers as tf
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+
+    bos, eot_text, pad, eom, eot, img = _ids(
+        tok, "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eom_id|>", "<|eot_id|>", "<|image|>"
+    )
+    text = MllamaTextConfig(**_settings(MLLAMA_TEXT, vocab_size=len(tok), bos_token_id=bos, eos_token_id=eot_text, pad_token_id=pad))
+    cfg = tf.MllamaConfig(vision_config=MllamaVisionConfig(**_settings(MLLAMA_VISION)), text_config=text, image_token_index=img)
+    return cfg, dict(bos_token_id=bos, eos_token_id=[eot_text, eom, eot], pad_token_id=pad, **MLLAMA_SAMPLING)
+
+
+# Processors of the vision twins: the real preprocessor_config.json settings at the twins' image sizes.
+_RESIZE_RESCALE_NORMALIZE = dict(
+    do_resize=True,
+    resample=2,  # BILINEAR, as in the real preprocessor_config.json files
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+)
+GEMMA3_IMAGE_PROCESSOR = dict(
+    _RESIZE_RESCALE_NORMALIZE,
+    size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE},
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    do_convert_rgb=None,
+    do_pan_and_scan=None,
+    pan_and_scan_min_crop_size=256,
+    pan_and_scan_max_num_crops=4,
+    pan_and_scan_min_ratio_to_activate=1.2,
+)
+MLLAMA_IMAGE_PROCESSOR = dict(
+    _RESIZE_RESCALE_NORMALIZE,
+    do_convert_rgb=True,
+    size={"height": MLLAMA_IMAGE_SIZE, "width": MLLAMA_IMAGE_SIZE},
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+    do_pad=True,
+    max_image_tiles=MLLAMA_MAX_TILES,
+)
+
+
+def _gemma3_processor(tok):
+    import transformers as tf
+
+    return tf.Gemma3Processor(
+        image_processor=tf.Gemma3ImageProcessor(**_settings(GEMMA3_IMAGE_PROCESSOR)),
+        tokenizer=tok,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=GEMMA3_MM_TOKENS,
     )
 
 
-def _make_processor(name: str, tok):
+def _mllama_processor(tok):
     import transformers as tf
 
-    if name == "gemma3_vision":
-        image_processor = tf.Gemma3ImageProcessor(
-            do_resize=True,
-            size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE},
-            resample=2,  # BILINEAR, as in the real preprocessor_config.json
-            do_rescale=True,
-            rescale_factor=1 / 255,
-            do_normalize=True,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-            do_convert_rgb=None,
-            do_pan_and_scan=None,
-            pan_and_scan_min_crop_size=256,
-            pan_and_scan_max_num_crops=4,
-            pan_and_scan_min_ratio_to_activate=1.2,
-        )
-        return tf.Gemma3Processor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            chat_template=GEMMA3_CHAT_TEMPLATE,
-            image_seq_length=GEMMA3_MM_TOKENS,
-        )
-    if name == "mllama":
-        image_processor = tf.MllamaImageProcessor(
-            do_convert_rgb=True,
-            do_resize=True,
-            size={"height": MLLAMA_IMAGE_SIZE, "width": MLLAMA_IMAGE_SIZE},
-            resample=2,
-            do_rescale=True,
-            rescale_factor=1 / 255,
-            do_normalize=True,
-            image_mean=[0.48145466, 0.4578275, 0.40821073],
-            image_std=[0.26862954, 0.26130258, 0.27577711],
-            do_pad=True,
-            max_image_tiles=MLLAMA_MAX_TILES,
-        )
-        return tf.MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=MLLAMA_CHAT_TEMPLATE)
-    return None
+    return tf.MllamaProcessor(
+        image_processor=tf.MllamaImageProcessor(**_settings(MLLAMA_IMAGE_PROCESSOR)), tokenizer=tok, chat_template=MLLAMA_CHAT_TEMPLATE
+    )
 
 
 # --------------------------------------------------------------------------------------------------
-# LoRA defaults
+# The twins: one row each
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    """How one twin is built: the transformers class, and one builder for each part that differs."""
+
+    model_class: str  # transformers class name; also config.json's architectures[0]
+    tokenizer: Callable[[], Any]
+    config: Callable[[Any], tuple[Any, dict]]  # tokenizer -> (config, GenerationConfig kwargs)
+    lora: dict[str, Any]  # the default LoraConfig kwargs (bias="none", task_type="CAUSAL_LM" added)
+    processor: Callable[[Any], Any] | None = None  # tokenizer -> processor, for the vision twins
+
 
 _ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
-    # SmolLM2 fine-tune: every linear of the decoder.
-    "llama": dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(_ALL_PROJ)),
-    # Mirrors the real seed fine-tune of gemma-2: attention q/v only, with dropout.
-    "gemma2": dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
-    "gemma3": dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(_ALL_PROJ)),
-    # Unsloth-style language-only regex for a vision model: the SigLIP tower is left alone.
-    "gemma3_vision": dict(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+TWINS: dict[str, TwinSpec] = {
+    "llama": TwinSpec(
+        "LlamaForCausalLM",
+        _smollm2_tokenizer,
+        _llama_config,
+        # SmolLM2 fine-tune: every linear of the decoder.
+        lora=dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(_ALL_PROJ)),
     ),
-    # Vision and language layers both adapted (ViT MLP is fc1/fc2).
-    "mllama": dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_ALL_PROJ + ["fc1", "fc2"]),
+    "gemma2": TwinSpec(
+        "Gemma2ForCausalLM",
+        functools.partial(_gemma_tokenizer, GEMMA2_CHAT_TEMPLATE, 8192),
+        _gemma2_config,
+        # Mirrors the real seed fine-tune of gemma-2: attention q/v only, with dropout.
+        lora=dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
+    ),
+    "gemma3": TwinSpec(
+        "Gemma3ForCausalLM",
+        functools.partial(_gemma_tokenizer, GEMMA3_CHAT_TEMPLATE, 131072),
+        _gemma3_config,
+        lora=dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(_ALL_PROJ)),
+    ),
+    "gemma3_vision": TwinSpec(
+        "Gemma3ForConditionalGeneration",
+        functools.partial(_gemma_tokenizer, GEMMA3_CHAT_TEMPLATE, 131072, image_tokens=True),
+        _gemma3_vision_config,
+        # Unsloth-style language-only regex for a vision model: the SigLIP tower is left alone.
+        lora=dict(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        ),
+        processor=_gemma3_processor,
+    ),
+    "mllama": TwinSpec(
+        "MllamaForConditionalGeneration",
+        _llama3_tokenizer,
+        _mllama_config,
+        # Vision and language layers both adapted (ViT MLP is fc1/fc2).
+        lora=dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=_ALL_PROJ + ["fc1", "fc2"]),
+        processor=_mllama_processor,
+    ),
 }
+TWIN_NAMES = tuple(TWINS)
+VISION_TWINS = frozenset(name for name, spec in TWINS.items() if spec.processor is not None)
+
+
+def _spec(name: str) -> TwinSpec:
+    if name not in TWINS:
+        raise KeyError(f"unknown twin {name!r}; expected one of {TWIN_NAMES}")
+    return TWINS[name]
 
 
 def default_lora_kwargs(name: str) -> dict[str, Any]:
     """The twin's default LoraConfig kwargs (a fresh copy)."""
-    if name not in _LORA_DEFAULTS:
-        raise KeyError(f"unknown twin {name!r}; expected one of {TWIN_NAMES}")
-    kw = copy.deepcopy(_LORA_DEFAULTS[name])
+    kw = copy.deepcopy(_spec(name).lora)
     kw.setdefault("bias", "none")
     kw.setdefault("task_type", "CAUSAL_LM")
     return kw
@@ -724,13 +776,7 @@ class Twin:
 def model_class(name: str) -> type:
     import transformers as tf
 
-    return {
-        "llama": tf.LlamaForCausalLM,
-        "gemma2": tf.Gemma2ForCausalLM,
-        "gemma3": tf.Gemma3ForCausalLM,
-        "gemma3_vision": tf.Gemma3ForConditionalGeneration,
-        "mllama": tf.MllamaForConditionalGeneration,
-    }[name]
+    return getattr(tf, _spec(name).model_class)
 
 
 def build_base(
@@ -752,11 +798,12 @@ def build_base(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = _make_tokenizer(name)
-    cls, cfg, gen_kwargs = _make_config(name, tok)
+    spec = _spec(name)
+    tok = spec.tokenizer()
+    cfg, gen_kwargs = spec.config(tok)
 
     torch.manual_seed(seed)
-    model = cls(cfg)
+    model = model_class(name)(cfg)
     _make_weights_trained_looking(model, seed)
     model.eval()
     if dtype != torch.float32:
@@ -769,12 +816,9 @@ def build_base(
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **save_kwargs)
 
-    processor = _make_processor(name, tok)
-    if processor is not None:
-        processor.save_pretrained(out_dir)  # also saves the tokenizer
-        spm_bytes = getattr(tok, "_twin_spm_bytes", None)
-        if spm_bytes is not None:
-            (out_dir / "tokenizer.model").write_bytes(spm_bytes)
+    if spec.processor is not None:
+        spec.processor(tok).save_pretrained(out_dir)  # also saves the tokenizer
+        _save_spm_model(tok, out_dir)
     else:
         _save_tokenizer(tok, out_dir)
     return out_dir
@@ -863,8 +907,7 @@ def build_adapter(
 
 def make_twin(name: str, root: Path, **lora_overrides) -> Twin:
     """Build base (``root/name/base``) and adapter (``root/name/adapter``) for twin `name`."""
-    if name not in TWIN_NAMES:
-        raise KeyError(f"unknown twin {name!r}; expected one of {TWIN_NAMES}")
+    _spec(name)  # an unknown name fails before anything is built
     root = Path(root) / name
     base_dir = build_base(name, root / "base")
     adapter_dir = build_adapter(name, base_dir, root / "adapter", **lora_overrides)
@@ -884,13 +927,7 @@ def make_twin(name: str, root: Path, **lora_overrides) -> Twin:
 # Loading helpers
 # --------------------------------------------------------------------------------------------------
 
-_ARCH_TO_TWIN = {
-    "LlamaForCausalLM": "llama",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3_vision",
-    "MllamaForConditionalGeneration": "mllama",
-}
+_ARCH_TO_TWIN = {spec.model_class: name for name, spec in TWINS.items()}
 
 
 def _dir_of(twin_or_dir) -> Path:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
-
 from xpack.packager.archs.gguf_spec import GgufSpec
+from xpack.packager.archs.onnx_spec import OnnxSpec
 
 @dataclass(frozen=True)
 class Arch:
@@ -28,7 +27,7 @@ class Arch:
     vision_prefixes: tuple[str, ...]
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     gguf: GgufSpec | None = None
-    onnx: dict[str, Any] | None = None
+    onnx: OnnxSpec | None = None
 
     def canonical(self, name: str) -> str:
         """A tensor or module name in the naming of current transformers."""
@@ -38,11 +37,6 @@ class Arch:
 
     def is_vision(self, canonical_name: str) -> bool:
         return any(canonical_name.startswith(p) for p in self.vision_prefixes)
-
-    @property
-    def extra(self) -> dict:
-        """The ``onnx`` section as raw JSON (read by packager/export/onnx/)."""
-        return {"onnx": self.onnx} if self.onnx is not None else {}
 
 
 GENERIC = Arch(

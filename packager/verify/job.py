@@ -134,7 +134,7 @@ def _gguf_quant(path: Path) -> str:
 # parity
 
 
-def _perplexity(logits: "np.ndarray", ids: list[int]) -> float:
+def perplexity(logits: "np.ndarray", ids: list[int]) -> float:
     import numpy as np
 
     lp = log_softmax(logits[:-1])
@@ -219,7 +219,7 @@ def parity(artifact: Side, reference: Side, tokenizer) -> dict:
             "verify against the checkpoint the artifact was exported from"
         )
     figures = compare_logits(reference.logits, artifact.logits)
-    ppl_ref, ppl_art = _perplexity(reference.logits, reference.ids), _perplexity(artifact.logits[:, : reference.logits.shape[1]], reference.ids)
+    ppl_ref, ppl_art = perplexity(reference.logits, reference.ids), perplexity(artifact.logits[:, : reference.logits.shape[1]], reference.ids)
     figures.update({"perplexity_reference": ppl_ref, "perplexity_artifact": ppl_art, "perplexity_delta": ppl_art - ppl_ref})
     prompts = []
     for ref, art in zip(reference.greedy, artifact.greedy):

@@ -7,7 +7,7 @@ generator (onnxruntime-genai's ``builder.py``) writes the same model as ~10 node
 its fused ``GroupQueryAttention`` (rotary, KV cache append, causal/sliding mask, softcap and GQA in
 one kernel) and ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm); that builder needs
 transformers 5 and its own runtime, so xpack writes the graph the same way here, from the
-architecture tables (``archs/*.json``: ``onnx.graph``), with the interface optimum's graphs have, so
+architecture tables (``archs/*.json``: ``onnx.graph``, read as archs/onnx_spec.py's GraphSpec), with the interface optimum's graphs have, so
 one runtime runs both:
 
   inputs   input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden] for a vision model's decoder),
@@ -18,18 +18,18 @@ Numerics follow transformers' eager forward in float32: RMSNorm weights get Gemm
 in, the rotary tables come from transformers' own ``ROPE_INIT_FUNCTIONS`` (so llama3/linear/yarn
 scaling and Gemma 3's local/global bases are exactly the reference's), the embedding scale of Gemma
 is ``sqrt(hidden_size)``, softcapping and sliding windows are attributes of the attention kernel.
-The graph is checked against torch by ``packager/export/onnx/pipeline.py`` like optimum's export is.
+The graph is checked against torch like optimum's export is (``packager/export/onnx/torch_check.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
 from xpack.packager.archs import require_arch
+from xpack.packager.archs.onnx_spec import GraphSpec
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import Reader, to_f32
 
@@ -42,37 +42,15 @@ OPSET = 21
 # when smaller): 8192 x head_dim/2 floats x 2 tables x (local, global) stays a few MB, where Gemma 3's
 # 131072 positions would put 256 MB of tables into every export. The runtime refuses longer contexts.
 MAX_LENGTH = 8192
-ACTIVATIONS = {"silu", "gelu_tanh"}
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """``onnx.graph`` of an architecture table: where the norms sit and which quirks the model has."""
-
-    norms: str  # "pre": input_layernorm / post_attention_layernorm (Llama); "sandwich": Gemma's four norms
-    activation: str  # "silu" or "gelu_tanh"
-    norm_shift: float = 0.0  # Gemma stores RMSNorm weights as w - 1
-    embed_scale: bool = False  # Gemma multiplies the embeddings by sqrt(hidden_size)
-    qk_norm: bool = False  # Gemma 3: RMSNorm over each head of q and k before the rotary embedding
-    attn_scale_key: str | None = None  # config key: attention scale = key ** -0.5 (Gemma's query_pre_attn_scalar)
-    attn_softcap_key: str | None = None
-    final_softcap_key: str | None = None
-    local_rope_base_key: str | None = None  # Gemma 3: sliding layers use this rotary base, unscaled
-
-    @classmethod
-    def from_table(cls, data: dict) -> "GraphSpec":
-        spec = cls(**data)
-        if spec.norms not in ("pre", "sandwich") or spec.activation not in ACTIVATIONS:
-            raise ValueError(f"bad onnx.graph table: {data}")
-        return spec
 
 
 def graph_spec_of(config: dict) -> GraphSpec:
+    """The ``onnx.graph`` section of the checkpoint's architecture table; none is a one-line error."""
     arch = require_arch(config, "ONNX export")
-    table = (arch.extra.get("onnx") or {}).get("graph")
-    if not table:
+    spec = arch.onnx
+    if spec is None or spec.graph is None:
         raise XpackError(f"xpack writes no ONNX decoder graph for {arch.name}; export with --graph optimum")
-    return GraphSpec.from_table(table)
+    return spec.graph
 
 
 class _Weights:
@@ -137,33 +115,35 @@ class _Builder:
     fp16 keep-lists and lm_head patterns of the architecture tables apply to both graphs."""
 
     def __init__(self):
-        from onnx import helper, numpy_helper
-
-        self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes: list = []
         self.inits: list = []
         self._consts: dict = {}
 
     def init(self, name: str, array) -> str:
-        self.inits.append(self.numpy_helper.from_array(array, name))
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value, dtype) -> str:
         import numpy as np
+        from onnx import helper, numpy_helper
 
         key = (repr(value), np.dtype(dtype).str)
         if key not in self._consts:
             # a Constant node, not an initializer: the export moves every initializer to the external
             # data file, and onnxruntime's shape inference must read axes and shapes from the graph
             name = f"/const/{len(self._consts)}"
-            tensor = self.numpy_helper.from_array(np.array(value, dtype=dtype), name)
-            self.nodes.append(self.helper.make_node("Constant", [], [name], name=f"{name}/Constant", value=tensor))
+            tensor = numpy_helper.from_array(np.array(value, dtype=dtype), name)
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}/Constant", value=tensor))
             self._consts[key] = name
         return self._consts[key]
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        from onnx import helper
+
         outs = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(self.helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
 
     def one(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
@@ -205,19 +185,19 @@ def build_decoder(folder: Path, *, inputs_embeds: bool = False, max_length: int 
     (transformers' token_type_ids mask), which a causal kernel cannot express, so attention runs
     with causal=0 and the runtime writes the masks (causal, sliding window, image blocks).
     """
-    import numpy as np
-    from onnx import TensorProto, helper
-
     weights = _Weights(folder)
     cfg = weights.ckpt.config.get("text_config") or weights.ckpt.config
     spec = graph_spec_of(weights.ckpt.config)
     try:
-        return _build(weights, cfg, spec, folder, inputs_embeds, max_length, np, TensorProto, helper)
+        return _build(weights, cfg, spec, folder, inputs_embeds, max_length)
     finally:
         weights.close()
 
 
-def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_embeds: bool, max_length: int, np, TensorProto, helper):
+def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_embeds: bool, max_length: int) -> tuple["onnx.ModelProto", dict]:
+    import numpy as np
+    from onnx import TensorProto, helper
+
     b = _Builder()
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])

@@ -21,7 +21,7 @@ GELU, AveragePool; no custom ops) that onnxruntime's CPU provider loads as is. O
 (the first with LayerNormalization; the TorchScript exporter goes up to 20, where GELU is one op).
 The torch model is loaded in float32 with eager attention.
 
-The weights are always written to ``vision.onnx_data`` (as ``packager/export/onnx/pipeline.py`` does for the decoder),
+The weights are always written to ``vision.onnx_data`` (as ``common.save_model`` writes the decoder's),
 whatever their size, so an artifact always has the same two files.
 
 Precisions (``dtype``):
@@ -42,7 +42,6 @@ The numpy preprocessing of the runtime is checked against the transformers proce
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -51,8 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xpack.errors import XpackError
-from xpack.packager.export.onnx.common import quiet
-from xpack.runtimes.images import Gemma3ImagePreprocessor, PREPROCESSOR_CONFIG
+from xpack.packager.export.onnx.common import (
+    ACCURACY_LEVEL, DEFAULT_OPSET, first_line, graph_io, quiet, read_config, require_libraries, save_model, VISION_COMPANIONS,
+)
+from xpack.packager.export.onnx.precision import to_fp16, VISION_INT8_BLOCK_SIZE, vision_int8
+from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG, VISION_DATA_FILE, VISION_FILE
+from xpack.runtimes.images import Gemma3ImagePreprocessor
+from xpack.runtimes.onnx_base import open_session, session_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -61,39 +65,28 @@ __all__ = [
     "export_gemma3_vision",
     "load_gemma3",
     "vision_spec",
-    "VISION_FILE",
-    "VISION_DATA_FILE",
     "INPUT_NAME",
     "OUTPUT_NAME",
-    "DEFAULT_OPSET",
     "DTYPES",
     "TOLERANCE",
-    "COMPANIONS",
 ]
 
-VISION_FILE = "vision.onnx"
-VISION_DATA_FILE = "vision.onnx_data"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 BATCH_AXIS = "num_images"
-DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range that onnxruntime runs this graph with
 DTYPES = ("float32", "float16", "int8")
 _DTYPE_ALIASES = {32: "float32", 16: "float16", 8: "int8", "fp32": "float32", "fp16": "float16", "f32": "float32", "f16": "float16", "q8": "int8"}
 # Export gate, relative to the scale of the features: |onnx - torch| <= TOLERANCE * max(1, max |torch|).
 # Measured on the gemma3_vision twin (features of scale ~0.4): float32 2e-7, float16 3e-4, int8 5e-3.
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "int8": 5e-2}
-INT8_BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4
 # Node names of the projector's RMSNorm (kept in float32 by the fp16 conversion).
 _FP16_KEEP_NODES = "/multi_modal_projector/mm_soft_emb_norm/"
 _FP16_KEEP_OPS = ("LayerNormalization", "Softmax")
-# What a runtime needs next to vision.onnx to make pixel_values and the prompt (copied when present).
-COMPANIONS = ("preprocessor_config.json", "processor_config.json")
 SCHEMES = {
     "float32": "float32 as exported",
     "float16": "float16 weights and activations, float32 inputs/outputs; LayerNormalization, Softmax and the projector RMSNorm in float32",
-    "int8": f"int8 weight-only MatMulNBits (bits=8, block {INT8_BLOCK_SIZE}, asymmetric, accuracy_level {ACCURACY_LEVEL}); Conv and norms float32",
+    "int8": f"int8 weight-only MatMulNBits (bits=8, block {VISION_INT8_BLOCK_SIZE}, asymmetric, accuracy_level {ACCURACY_LEVEL}); Conv and norms float32",
 }
 
 
@@ -101,23 +94,10 @@ SCHEMES = {
 # checkpoint
 
 
-def _read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise XpackError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint folder of a Gemma 3 vision model")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XpackError(f"{path} is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
-    if not isinstance(config, dict):
-        raise XpackError(f"{path} is not a JSON object; pass a Hugging Face checkpoint folder")
-    return config
-
-
 def vision_spec(model_dir: "str | Path") -> dict:
     """The vision graph's shapes from ``config.json``; a one-line error for anything but a Gemma 3 vision checkpoint."""
     model_dir = Path(model_dir)
-    config = _read_config(model_dir)
+    config = read_config(model_dir, "a Gemma 3 vision model")
     vision, text = config.get("vision_config"), config.get("text_config")
     if config.get("model_type") != "gemma3" or not isinstance(vision, dict):
         kind = config.get("model_type") or (config.get("architectures") or ["?"])[0]
@@ -153,8 +133,7 @@ def load_gemma3(model_dir: "str | Path"):
             str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True
         )
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise XpackError(f"transformers could not load {model_dir} for the vision export ({first})") from None
+        raise XpackError(f"transformers could not load {model_dir} for the vision export ({first_line(exc)})") from None
     if not hasattr(model, "get_image_features"):
         raise XpackError(f"{model_dir} loads as {type(model).__name__}, which has no vision tower to export")
     return model.eval()
@@ -192,8 +171,7 @@ def _torch_export(model, spec: dict, path: Path, opset: int) -> None:
                 do_constant_folding=True,
             )
     except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise XpackError(f"torch.onnx could not export the Gemma 3 vision tower ({first})") from None
+        raise XpackError(f"torch.onnx could not export the Gemma 3 vision tower ({first_line(exc)})") from None
 
 
 def _set_output_shape(model: "onnx.ModelProto", spec: dict) -> None:
@@ -230,24 +208,11 @@ def _topological_sort(model: "onnx.ModelProto") -> None:
 
 
 def _to_fp16(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
+    """float16 with the LayerNorms, Softmax and the projector's RMSNorm kept in float32, nodes in dependency order."""
     keep = [n.name for n in model.graph.node if n.name.startswith(_FP16_KEEP_NODES)]
-    ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(_FP16_KEEP_OPS))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=keep, disable_shape_infer=False)
+    model = to_fp16(model, _FP16_KEEP_OPS, keep)
     _topological_sort(model)
     return model
-
-
-def _to_int8(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=8, block_size=INT8_BLOCK_SIZE, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
-        op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),),
-    )
-    quantizer.process()
-    return quantizer.model.model
 
 
 def _save(model: "onnx.ModelProto", folder: Path) -> None:
@@ -255,34 +220,10 @@ def _save(model: "onnx.ModelProto", folder: Path) -> None:
 
     for name in (VISION_FILE, VISION_DATA_FILE):  # onnx appends to an existing data file
         (folder / name).unlink(missing_ok=True)
-    onnx.save_model(
-        model, str(folder / VISION_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=VISION_DATA_FILE, size_threshold=0, convert_attribute=False,
-    )
+    save_model(model, folder, VISION_FILE, VISION_DATA_FILE)
     onnx.checker.check_model(str(folder / VISION_FILE))
     # onnx writes the data file owner-only (0600); give it the graph file's permissions
     os.chmod(folder / VISION_DATA_FILE, (folder / VISION_FILE).stat().st_mode & 0o777)
-
-
-def _graph_io(path: Path) -> dict:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    elem = {1: "float32", 10: "float16"}
-
-    def describe(v):
-        t = v.type.tensor_type
-        return {"shape": [d.dim_param or d.dim_value for d in t.shape.dim], "dtype": elem.get(t.elem_type, str(t.elem_type))}
-
-    ops: dict[str, int] = {}
-    for n in m.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {
-        "inputs": {i.name: describe(i) for i in m.graph.input},
-        "outputs": {o.name: describe(o) for o in m.graph.output},
-        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
-        "node_types": dict(sorted(ops.items())),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +260,7 @@ def _validation_inputs(model_dir: Path, spec: dict) -> tuple[dict, dict]:
         processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True, use_fast=False)
         reference = np.asarray(processor(images=[image], return_tensors="np")["pixel_values"], dtype=np.float32)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise XpackError(f"transformers could not read {model_dir}/{PREPROCESSOR_CONFIG} ({first})") from None
+        raise XpackError(f"transformers could not read {model_dir}/{PREPROCESSOR_CONFIG} ({first_line(exc)})") from None
     inputs["image"] = reference
     figures: dict[str, Any] = {"preprocess_image_size": list(image.size)}
     try:
@@ -344,22 +284,12 @@ def _torch_outputs(model, inputs: dict) -> dict:
 
 
 def _ort_outputs(path: Path, inputs: dict, threads: int | None) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise XpackError(f"onnxruntime cannot load the exported {path.name} ({first})") from None
+    session = open_session(path, session_options(threads), ["CPUExecutionProvider"])
     return {k: session.run([OUTPUT_NAME], {INPUT_NAME: v})[0] for k, v in inputs.items()}
 
 
-def _compare(reference: dict, candidate: dict, tolerance: float, dtype: str) -> dict:
+def _check_features(reference: dict, candidate: dict, tolerance: float, dtype: str) -> dict:
+    """The graph's features against torch's, per input: figures, or a one-line error past the tolerance."""
     import numpy as np
 
     figures: dict[str, Any] = {"tolerance": tolerance, "rule": "max|onnx - torch| <= tolerance * max(1, max|torch|)"}
@@ -388,17 +318,6 @@ def _normalize_dtype(dtype: "str | int") -> str:
     if name not in DTYPES:
         raise XpackError(f"vision export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return name
-
-
-def _require_libraries() -> None:
-    missing = []
-    for module in ("torch", "transformers", "onnx", "onnxruntime", "PIL"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append("pillow" if module == "PIL" else module)
-    if missing:
-        raise XpackError(f"the vision export needs {', '.join(missing)}; install them with `pip install 'xpack[pack]'`")
 
 
 def export_gemma3_vision(
@@ -434,7 +353,7 @@ def export_gemma3_vision(
         raise XpackError(f"opset {opset} is not supported for the vision export; choose {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET})")
     tolerance = TOLERANCE[dtype] if tolerance is None else float(tolerance)
     spec = vision_spec(model_dir)
-    _require_libraries()
+    require_libraries("the vision export", ("torch", "transformers", "onnx", "onnxruntime", "PIL"))
     import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +376,7 @@ def export_gemma3_vision(
         if dtype == "float16":
             graph = _to_fp16(graph)
         elif dtype == "int8":
-            graph = _to_int8(graph)
+            graph = vision_int8(graph)
         if dtype != "float32":
             timings["convert_s"] = round(time.perf_counter() - start, 2)
         _save(graph, out_dir)
@@ -466,7 +385,7 @@ def export_gemma3_vision(
         if validate:
             start = time.perf_counter()
             try:
-                validation = {"checked": True, **_compare(reference, _ort_outputs(out_dir / VISION_FILE, inputs, threads), tolerance, dtype), **pre_figures}
+                validation = {"checked": True, **_check_features(reference, _ort_outputs(out_dir / VISION_FILE, inputs, threads), tolerance, dtype), **pre_figures}
             except XpackError:  # leave no unfaithful graph behind
                 for name in (VISION_FILE, VISION_DATA_FILE):
                     (out_dir / name).unlink(missing_ok=True)
@@ -474,11 +393,11 @@ def export_gemma3_vision(
             timings["validate_s"] = round(time.perf_counter() - start, 2)
     copied = []
     if copy_companions:
-        for name in COMPANIONS:
+        for name in VISION_COMPANIONS:
             if (model_dir / name).is_file() and model_dir.resolve() != out_dir.resolve():
                 shutil.copy2(model_dir / name, out_dir / name)
                 copied.append(name)
-    io = _graph_io(out_dir / VISION_FILE)
+    io = graph_io(out_dir / VISION_FILE)
     return {
         "file": VISION_FILE,
         "data_file": VISION_DATA_FILE,

@@ -47,43 +47,47 @@ past and vision-token axes; the decoder is traced with a non-empty past and seve
 that no size is frozen. The torch.export-based exporter (``dynamo=True``, torch's default) needs the
 ``onnxscript`` package, which is not among xpack's dependencies (``No module named 'onnxscript'``).
 Weights go inline into each .onnx, or into one ``<graph>.onnx.data`` beside it past 1 GiB.
+
+``xpack export --format onnx`` of an mllama checkpoint (:func:`export_mllama_artifact`) merges the
+adapter into the whole checkpoint first (it reaches the vision layers too), exports the graphs and,
+below 32 bits, quantizes the decoder and cross K/V graphs at ``--bits`` and the vision graph at 8 bits,
+checked against the fp32 graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from xpack.errors import XpackError
-from xpack.packager.export.onnx.common import quiet
+from xpack.packager.archs.onnx_spec import OnnxSpec
+from xpack.packager.export.onnx.common import (
+    decoder_io, DEFAULT_OPSET, first_line, OnnxExport, quiet, read_config, require_libraries, VISION_COMPANIONS,
+)
+from xpack.packager.export.onnx.mllama_modules import wrap_mllama
+from xpack.packager.export.onnx.precision import quantize_graph, SCHEMES, VISION_DTYPE, vision_int8, weight_node_types
 from xpack.packager.io.atomic import atomic_dir
+from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.merge.lora import Adapter
+from xpack.packager.merge.stream import MergeSettings, run_merge
+from xpack.packager.verify.parity import compare_logits
+from xpack.runtimes.artifacts import MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE, MLLAMA_FORMAT, MLLAMA_META_FILE, VISION_FILE
 from xpack.runtimes.onnx_mllama import cross_attention_masks, MllamaOnnx
 
-__all__ = [
-    "export_mllama",
-    "wrap_mllama",
-    "load_mllama",
-    "VISION_FILE",
-    "CROSS_KV_FILE",
-    "DECODER_FILE",
-    "META_FILE",
-]
+__all__ = ["export_mllama", "export_mllama_artifact", "load_mllama"]
 
-VISION_FILE = "vision.onnx"
-CROSS_KV_FILE = "cross_kv.onnx"
-DECODER_FILE = "decoder.onnx"
-META_FILE = "mllama_onnx.json"
-FORMAT = "xpack-mllama-onnx"
 FORMAT_VERSION = 1
 # Export gate: max |logit error| of the graphs against torch, relative to the logits' scale
 # (tolerance = LOGIT_RTOL * max(1, max |torch logit|)). Measured on the twin: <= 2.4e-7 (see the tests).
 LOGIT_RTOL = 1e-3
 # The torch wrappers against transformers, before exporting (same rule; measured on the twin: <= 1.2e-7).
 WRAPPER_RTOL = 1e-4
-DEFAULT_OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to <graph>.onnx.data (protobuf's limit is 2 GiB)
 # What the output folder gets from the checkpoint besides the graphs.
 COMPANIONS = (
@@ -94,149 +98,8 @@ COMPANIONS = (
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
+    *VISION_COMPANIONS,
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# torch wrappers (built lazily: this module imports without torch)
-
-
-_CLASSES: tuple = ()
-
-
-def _torch_modules():
-    """The three wrapper classes, defined on first use so that importing this module needs no torch."""
-    global _CLASSES
-    if _CLASSES:
-        return _CLASSES
-    import torch
-    from torch import nn
-    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb, repeat_kv
-
-    def attend(q, k, v, mask, scaling: float, groups: int):
-        """transformers' ``eager_attention_forward`` (no dropout): [B, H, S, D] x [B, KV, T, D] -> [B, S, H * D]."""
-        k = repeat_kv(k, groups)
-        v = repeat_kv(v, groups)
-        weights = torch.matmul(q, k.transpose(2, 3)) * scaling
-        weights = weights + mask
-        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
-        return out.reshape(out.shape[0], out.shape[1], -1)
-
-    class _VisionGraph(nn.Module):
-        """pixel_values, aspect_ratio_ids, aspect_ratio_mask -> cross_attention_states [B, V, hidden]."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.vision_model = model.model.vision_model
-            self.multi_modal_projector = model.model.multi_modal_projector
-            self.hidden_size = model.config.text_config.hidden_size
-
-        def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-            states = self.vision_model(
-                pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
-            ).last_hidden_state
-            # MllamaModel.forward: [B, N, T, P, Dv] -> projector -> [B * N * T, P, hidden]
-            states = self.multi_modal_projector(states).reshape(-1, states.shape[-2], self.hidden_size)
-            return states.reshape(pixel_values.shape[0], -1, self.hidden_size)
-
-    class _CrossKVGraph(nn.Module):
-        """cross_attention_states [B, V, hidden] -> (key, value) [B, kv_heads, V, head_dim] per cross-attention layer."""
-
-        def __init__(self, model):
-            super().__init__()
-            lm = model.model.language_model
-            self.layer_ids = list(lm.cross_attention_layers)
-            self.attns = nn.ModuleList([lm.layers[i].cross_attn for i in self.layer_ids])
-
-        def forward(self, cross_attention_states):
-            bsz = cross_attention_states.shape[0]
-            out = []
-            for attn in self.attns:
-                k = attn.k_proj(cross_attention_states).view(bsz, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-                v = attn.v_proj(cross_attention_states).view(bsz, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-                out += [attn.k_norm(k), v]
-            return tuple(out)
-
-    class _DecoderGraph(nn.Module):
-        """The language model with explicit KV tensors (see the module docstring for the inputs and outputs).
-
-        forward(input_ids, attention_mask, position_ids, cross_attention_mask, full_text_row_masked_out_mask,
-        past, cross) with ``past`` = (key, value) of each self-attention layer in order, flattened, and
-        ``cross`` likewise for the cross-attention layers; returns (logits, *present) flattened the same way.
-        """
-
-        def __init__(self, model):
-            super().__init__()
-            lm = model.model.language_model
-            self.lm = lm
-            self.lm_head = model.lm_head
-            self.cross_ids = list(lm.cross_attention_layers)
-            self.self_ids = [i for i in range(len(lm.layers)) if i not in self.cross_ids]
-            self.min_value = float(torch.finfo(torch.float32).min)
-
-        def forward(self, input_ids, attention_mask, position_ids, cross_attention_mask, full_text_row_masked_out_mask, past, cross):
-            lm = self.lm
-            hidden = lm.embed_tokens(input_ids)
-            seq = input_ids.shape[1]
-            past_len = past[0].shape[2]
-            total = attention_mask.shape[1]
-            # transformers' _prepare_4d_causal_attention_mask_with_cache_position: key j is hidden from
-            # query i (at cache position past + i) when j > past + i or attention_mask[j] == 0.
-            query_pos = torch.arange(seq, device=input_ids.device) + past_len
-            key_pos = torch.arange(total, device=input_ids.device)
-            allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] != 0)
-            causal = torch.where(allowed, torch.zeros((), dtype=hidden.dtype), torch.full((), self.min_value, dtype=hidden.dtype))
-            cos, sin = lm.rotary_emb(hidden, position_ids)
-            row_mask = full_text_row_masked_out_mask[:, 0]
-            present = []
-            slot = {layer: n for n, layer in enumerate(self.self_ids)}
-            cslot = {layer: n for n, layer in enumerate(self.cross_ids)}
-            for idx, layer in enumerate(lm.layers):
-                residual = hidden
-                h = layer.input_layernorm(hidden)
-                if idx in cslot:
-                    attn = layer.cross_attn
-                    bsz = h.shape[0]
-                    q = attn.q_proj(h).view(bsz, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
-                    q = attn.q_norm(q)
-                    k, v = cross[2 * cslot[idx]], cross[2 * cslot[idx] + 1]
-                    out = attn.o_proj(attend(q, k, v, cross_attention_mask, attn.scaling, attn.num_key_value_groups))
-                    hidden = residual + layer.cross_attn_attn_gate.tanh() * out
-                    residual = hidden
-                    mlp = layer.mlp(layer.post_attention_layernorm(hidden)) * row_mask
-                    hidden = residual + layer.cross_attn_mlp_gate.tanh() * mlp
-                else:
-                    attn = layer.self_attn
-                    bsz = h.shape[0]
-                    q = attn.q_proj(h).view(bsz, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
-                    k = attn.k_proj(h).view(bsz, seq, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-                    v = attn.v_proj(h).view(bsz, seq, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-                    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                    n = slot[idx]
-                    k = torch.cat([past[2 * n], k], dim=2)
-                    v = torch.cat([past[2 * n + 1], v], dim=2)
-                    present += [k, v]
-                    out = attn.o_proj(attend(q, k, v, causal, attn.scaling, attn.num_key_value_groups))
-                    hidden = residual + out
-                    residual = hidden
-                    hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = lm.norm(hidden)
-            return (self.lm_head(hidden), *present)
-
-    _CLASSES = (_VisionGraph, _CrossKVGraph, _DecoderGraph)
-    return _CLASSES
-
-
-def wrap_mllama(model) -> dict:
-    """The three export wrappers of a loaded ``MllamaForConditionalGeneration`` (eval mode, fp32), sharing its weights.
-
-    Returns ``{"vision": ..., "cross_kv": ..., "decoder": ...}`` (torch modules; see the module docstring).
-    """
-    vision, cross_kv, decoder = _torch_modules()
-    return {"vision": vision(model).eval(), "cross_kv": cross_kv(model).eval(), "decoder": decoder(model).eval()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +110,6 @@ def wrap_mllama(model) -> dict:
 def _native_stderr_silenced():
     """libtorch's tracer prints "In-place op on output of tensor.shape" to fd 2 directly (the vision tower's
     ``num_patches += 1``, harmless: those sizes are static); python-level errors still raise as usual."""
-    import os
-    import sys
-
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # pytest's capture, notebooks: nothing to silence
@@ -269,22 +129,8 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def _require_libraries() -> None:
-    missing = []
-    for module in ("torch", "transformers", "onnx", "onnxruntime", "numpy"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise XpackError(f"the mllama ONNX export needs {', '.join(missing)}; install them with `pip install 'xpack[pack]'`")
-
-
 def _read_config(model_dir: Path) -> dict:
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise XpackError(f"{model_dir}/config.json is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
+    config = read_config(model_dir, "Llama 3.2 Vision (mllama)")
     if config.get("model_type") != "mllama":
         raise XpackError(f"{model_dir} is a {config.get('model_type', 'unknown')!r} checkpoint, not Llama 3.2 Vision (mllama); use the plain ONNX export for it")
     return config
@@ -303,7 +149,7 @@ def load_mllama(model_dir: "str | Path"):
                 str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True
             )
         except (OSError, ValueError, KeyError) as exc:
-            raise XpackError(f"transformers could not load {model_dir} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise XpackError(f"transformers could not load {model_dir} ({first_line(exc)})") from None
     return model.eval()
 
 
@@ -389,7 +235,6 @@ def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> float:
     import numpy as np
     import torch
 
-
     ids = case["input_ids"]
     ref = _hf_logits(model, ids, case, case["num_tiles"])
     with torch.no_grad():
@@ -466,7 +311,7 @@ def _export_all(model, wraps: dict, layout: dict, case: dict, folder: Path, opse
         cross = tuple(wraps["cross_kv"](states))
     kv_axes = {0: "batch", 2: "vision_tokens"}
     _export_graph(
-        wraps["cross_kv"], (states,), folder / CROSS_KV_FILE, ["cross_attention_states"], names["cross"],
+        wraps["cross_kv"], (states,), folder / MLLAMA_CROSS_KV_FILE, ["cross_attention_states"], names["cross"],
         {"cross_attention_states": {0: "batch", 1: "vision_tokens"}, **{n: kv_axes for n in names["cross"]}}, opset,
         {n: ("batch", kvh, "vision_tokens", hd) for n in names["cross"]},
     )
@@ -498,7 +343,7 @@ def _export_all(model, wraps: dict, layout: dict, case: dict, folder: Path, opse
         **{n: {0: "batch", 2: "total_sequence"} for n in names["present"]},
     }
     _export_graph(
-        wraps["decoder"], decoder_args, folder / DECODER_FILE, decoder_in + names["past"] + names["cross"], ["logits"] + names["present"], axes, opset,
+        wraps["decoder"], decoder_args, folder / MLLAMA_DECODER_FILE, decoder_in + names["past"] + names["cross"], ["logits"] + names["present"], axes, opset,
         {"logits": ("batch", "sequence", layout["vocab_size"]), **{n: ("batch", kvh, "total_sequence", hd) for n in names["present"]}},
     )
 
@@ -507,15 +352,14 @@ def _validate(model, folder: Path, layout: dict, case: dict) -> dict:
     """The graphs (through the runtime's pipeline) against torch: a prefill with the image, one cached decoding step, text only."""
     import numpy as np
 
-
     pipe = MllamaOnnx(folder)
     ids = case["input_ids"]
     n = len(ids) - 1
     ref = _hf_logits(model, ids, case, case["num_tiles"])  # full forward: its last row is what a cached step must give
     image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
     cmask, rmask = pipe.masks(ids, image)
-    prefill, past = pipe._run(ids[:n], pipe._empty_past(), image.cross_kv, cmask[:, :, :n], rmask[:, :, :n], 0)
-    step, _ = pipe._run(ids[n:], past, image.cross_kv, cmask[:, :, n:], rmask[:, :, n:], n)
+    prefill, past = pipe.run(ids[:n], pipe.empty_past(), image.cross_kv, cmask[:, :, :n], rmask[:, :, :n], 0)
+    step, _ = pipe.run(ids[n:], past, image.cross_kv, cmask[:, :, n:], rmask[:, :, n:], n)
     text_ids = [t for t in ids if t != layout["image_token_id"]]
     text_ref = _hf_logits(model, text_ids, None)
     text = pipe.logits(text_ids)
@@ -542,7 +386,7 @@ def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int 
     ``LOGIT_RTOL * max(1, max |torch logit|)``).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _require_libraries()
+    require_libraries("the mllama ONNX export", ("torch", "transformers", "onnx", "onnxruntime", "numpy"))
     import onnx
     import torch
     import transformers
@@ -565,15 +409,14 @@ def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int 
         try:
             _export_all(model, wraps, layout, case, tmp, opset)
         except (RuntimeError, ValueError, TypeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise XpackError(f"torch.onnx could not export the mllama graphs ({first})") from None
+            raise XpackError(f"torch.onnx could not export the mllama graphs ({first_line(exc)})") from None
         for name in COMPANIONS:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         meta = {
-            "format": FORMAT,
+            "format": MLLAMA_FORMAT,
             "format_version": FORMAT_VERSION,
-            "files": {"vision": VISION_FILE, "cross_kv": CROSS_KV_FILE, "decoder": DECODER_FILE},
+            "files": {"vision": VISION_FILE, "cross_kv": MLLAMA_CROSS_KV_FILE, "decoder": MLLAMA_DECODER_FILE},
             **layout,
             "eos_token_ids": _eos_ids(model),
             "bos_token_id": model.config.text_config.bos_token_id,
@@ -583,7 +426,7 @@ def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int 
             "transformers": transformers.__version__,
             "source": str(model_dir),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / MLLAMA_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         figures = _validate(model, tmp, layout, case)
         tolerance = float(atol if atol is not None else LOGIT_RTOL * max(1.0, figures["logit_scale"]))
         worst = max(figures["prefill_max_abs_diff"], figures["decode_step_max_abs_diff"], figures["text_only_max_abs_diff"])
@@ -592,7 +435,7 @@ def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int 
             raise XpackError(f"the exported mllama graphs differ from torch by {worst:.3g} in the logits (tolerance {tolerance:.3g}); nothing was written")
         meta["validation"] = figures
         meta["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / MLLAMA_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 
@@ -603,3 +446,102 @@ def _eos_ids(model) -> list[int]:
             if isinstance(value, int) and value not in ids:
                 ids.append(value)
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# the artifact of `xpack export --format onnx`
+
+
+def export_mllama_artifact(
+    ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: OnnxSpec, block_size: int, keep_lm_head: bool, int4: str,
+) -> OnnxExport:
+    """The three graphs of ``ckpt`` (adapters merged first) at ``bits`` in ``tmp_out``, and the export's account."""
+    if bits not in spec.bits:
+        raise XpackError(
+            f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
+            f"use --bits {', '.join(str(b) for b in spec.bits)}"
+        )
+    result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=MLLAMA_DECODER_FILE, data_file=None, exported_class="MllamaForConditionalGeneration")
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, quiet():
+        work = Path(work_dir)
+        source = ckpt.path
+        if adapters:  # the adapter reaches the vision layers too: merge the whole checkpoint first
+            (work / "merged").mkdir()
+            result.notes += list(run_merge(ckpt, adapters, work / "merged", MergeSettings()).plan.notes)
+            source = work / "merged"
+        meta = export_mllama(source, work / "mllama")
+        if bits != 32:
+            result.quantization, result.validation["artifact"] = _quantize_graphs(work / "mllama", work / "fp32", bits, spec, block_size, keep_lm_head, int4)
+        for path in (work / "mllama").iterdir():
+            shutil.move(str(path), tmp_out / path.name)
+    for name in (f"{MLLAMA_DECODER_FILE}.data", f"{MLLAMA_DECODER_FILE}_data"):
+        if (tmp_out / name).is_file():
+            result.data_file = name
+    result.validation["export"] = _export_check(meta.get("validation") or {})
+    result.validation.setdefault("artifact", {"same_as": "export"})
+    result.vision = {"onnx_file": VISION_FILE, "cross_kv_file": MLLAMA_CROSS_KV_FILE, "precision": VISION_DTYPE[bits],
+                     "files": [VISION_FILE, f"{VISION_FILE}.data", MLLAMA_CROSS_KV_FILE, f"{MLLAMA_CROSS_KV_FILE}.data"]}
+    result.quantization = result.quantization or {"bits": 32, "scheme": SCHEMES[32], "node_types": {}}
+    result.io = decoder_io(tmp_out / MLLAMA_DECODER_FILE)
+    result.opset = int(result.io["opset"].get("ai.onnx", 0))
+    result.timings["total_s"] = round(time.perf_counter() - clock, 2)
+    return result
+
+
+def _export_check(figures: dict) -> dict:
+    """export_mllama's figures (prefill with an image, one cached step, text only) as the manifest's export check."""
+    worst = max(figures.get(k, 0.0) for k in ("prefill_max_abs_diff", "decode_step_max_abs_diff", "text_only_max_abs_diff"))
+    return {
+        "tokens": figures.get("tokens"), "atol": figures.get("atol"), "rtol": 0.0, "within_tolerance": bool(figures.get("passed")),
+        "finite": True, "max_abs_diff": {"logits": worst, "present (max over layers)": None},
+        "figures": figures, "reference": "transformers fp32 (eager attention): prefill with an image, one cached step, text only",
+    }
+
+
+def _quantize_graphs(folder: Path, keep: Path, bits: int, spec: OnnxSpec, block_size: int, keep_lm_head: bool, int4: str) -> tuple[dict, dict]:
+    """Quantize the three graphs in ``folder`` (decoder and cross K/V at ``bits``, vision at 8 bits),
+    then compare them with the fp32 graphs (kept in ``keep``; those matched torch within 1e-6)."""
+    import onnx
+
+    shutil.copytree(folder, keep)
+    info: dict = {}
+    for name in (MLLAMA_DECODER_FILE, MLLAMA_CROSS_KV_FILE, VISION_FILE):
+        model = onnx.load(str(folder / name))
+        opset = {o.domain: o.version for o in model.opset_import}.get("", None)
+        if name == VISION_FILE:
+            model, part = vision_int8(model), {"bits": 8}
+        else:
+            model, part = quantize_graph(model, bits, block_size, keep_lm_head, spec, int4)
+        for o in model.opset_import:  # the quantizer raises the opset; the traced graph's ops (ReduceMean axes) are of its own
+            if o.domain in ("", "ai.onnx") and opset is not None:
+                o.version = opset
+        for stale in folder.glob(f"{name}*"):
+            stale.unlink()
+        onnx.save_model(model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
+        info[name] = part.get("node_types") or weight_node_types(model)
+        if name == MLLAMA_DECODER_FILE:
+            decoder_part = part
+    quantization = {**decoder_part, "graphs": info, "vision": "int8 weight-only (MatMulNBits bits=8)"}
+    check = _compare_graphs(MllamaOnnx(keep, threads=1), MllamaOnnx(folder, threads=1))
+    if not check["finite"]:
+        raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
+    return quantization, check
+
+
+def _compare_graphs(reference: MllamaOnnx, candidate: MllamaOnnx) -> dict:
+    """The candidate graphs' logits against the reference graphs' on a synthetic image and a prompt around the image token."""
+    import numpy as np
+
+    shape = [int(d) for d in reference.sessions["vision"].get_inputs()[0].shape[2:]]
+    pixels = np.random.default_rng(0).standard_normal([1, 1, *shape]).astype(np.float32)
+    ratio_ids, ratio_mask = np.array([[1]], np.int64), np.array([[[1] + [0] * (shape[0] - 1)]], np.int64)
+    ids = [(7 * i + 3) % reference.vocab_size for i in range(12)] + [reference.image_token_id] + [(5 * i + 11) % reference.vocab_size for i in range(20)]
+    ids = [t if t != reference.image_token_id or i == 12 else 0 for i, t in enumerate(ids)]
+    expected = reference.logits(ids, reference.encode_image(pixels, ratio_ids, ratio_mask))
+    got = candidate.logits(ids, candidate.encode_image(pixels, ratio_ids, ratio_mask))
+    figures = compare_logits(expected, got)
+    return {
+        "tokens": len(ids), "finite": bool(np.isfinite(got).all()), "max_abs_diff": {"logits": figures.get("max_abs_logit_error")},
+        "logits": figures, "reference": "the fp32 graphs (within 1e-6 of torch), a synthetic one-tile image and 32 tokens around the image token",
+    }

@@ -59,6 +59,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from xpack.packager.export.onnx.common import ACCURACY_LEVEL
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import onnx
@@ -309,7 +311,7 @@ def quantize_matmuls(
     *,
     mixed: bool = True,
     search: bool = True,
-    accuracy_level: int | None = 4,
+    accuracy_level: int | None = ACCURACY_LEVEL,
     exclude: Iterable[str] = (),
     eight_bit_patterns: Sequence[str] = DEFAULT_EIGHT_BIT_PATTERNS,
     eight_bit_block_size: int = EIGHT_BIT_BLOCK_SIZE,

@@ -1,0 +1,257 @@
+"""A float32 ONNX graph at the precision of ``--bits``: fp16 conversion, onnxruntime's 8-bit block
+quantizer, xpack's 4-bit one (quantize.py), and the manifest's account of what became of each weight.
+
+What onnxruntime gives us and we use: its weight-only block quantizer (``MatMulNBitsQuantizer``:
+MatMul -> ``MatMulNBits``, embedding Gather -> ``GatherBlockQuantized``) for 8 bits, its operators for
+4 bits (the weights written by quantize.py: searched scales, llama.cpp-style 8-bit layers) and its
+fp16 converter (``onnxruntime.transformers.float16``, after onnxruntime's symbolic shape inference,
+which knows the contrib ops).
+
+What we do ourselves, and why:
+- Tied embeddings: the exported output head is ``MatMul(x, Transpose(embed_tokens))``, which the
+  quantizer skips (its weight is not an initializer). The head is materialized as its own
+  initializer ``lm_head.weight`` before quantizing, so that it is quantized like every other MatMul.
+- 8 bits: ``MatMulNBits`` with bits=8 (weight-only, per block along K, asymmetric) and
+  accuracy_level 4 (activations quantized per block to int8 in the kernel, as llama.cpp's Q8_0
+  does); the embedding table becomes an 8-bit ``GatherBlockQuantized`` (the quantizer does 4-bit
+  Gathers only, so that one is written here).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from xpack.packager.archs.onnx_spec import OnnxSpec
+from xpack.packager.export.onnx.common import ACCURACY_LEVEL
+from xpack.packager.export.onnx.quantize import EIGHT_BIT_BLOCK_SIZE, quantize_matmuls
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+SCHEMES = {
+    32: "fp32",
+    16: "fp16 weights and activations; numerically sensitive ops kept in fp32 (see fp16_fp32_ops / fp16_fp32_nodes)",
+    8: "int8 weight-only, block-wise asymmetric (MatMulNBits bits=8, int8 activations in the kernel); embedding GatherBlockQuantized 8-bit",
+    4: "int4 weight-only, block-wise asymmetric with searched scales (MatMulNBits bits=4, int8 activations in the kernel); 8 bits (blocks of 64) for the output head, the attention projections and the MLP of llama.cpp's use_more_bits layers, as Q4_K_M spends 6 bits there; a tied embedding reads the head's packed weight",
+}
+# The precision of a vision tower's graph at each --bits: 4-bit vision towers lose too much for too
+# few bytes (the tower is ~10% of a 4B model), so they get 8 bits.
+VISION_DTYPE = {32: "float32", 16: "float16", 8: "int8", 4: "int8"}
+VISION_INT8_BLOCK_SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime's converters
+
+
+def to_fp16(model: "onnx.ModelProto", keep_ops: Iterable[str] = (), keep_nodes: Sequence[str] = ()) -> "onnx.ModelProto":
+    """onnxruntime's fp16 conversion with float32 inputs/outputs (casts at the graph edges); the op types
+    ``keep_ops`` (besides onnxruntime's own block list) and the nodes ``keep_nodes`` stay float32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops))
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        # onnx's shape inference does not know onnxruntime's contrib ops (the fused attention and
+        # norms of xpack's graph), so their outputs would get no types and the converter no casts:
+        # onnxruntime's symbolic shape inference knows them
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=True)
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=False)
+
+
+def rtn_matmuls(model: "onnx.ModelProto", bits: int, block_size: int, exclude: Sequence[str] = ()) -> "onnx.ModelProto":
+    """onnxruntime's ``MatMulNBitsQuantizer`` (round to nearest, asymmetric, accuracy_level 4) on every
+    MatMul with a weight initializer but the nodes named in ``exclude``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+        nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),),
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def vision_int8(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """A vision graph (Gemma 3's tower, mllama's vision.onnx) at 8 bits: every MatMul with a weight in
+    blocks of 32; convolutions and norms stay float32."""
+    return rtn_matmuls(model, 8, VISION_INT8_BLOCK_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# graph surgery
+
+
+def materialize_output_head(model: "onnx.ModelProto") -> list[str]:
+    """Replace ``MatMul(x, Transpose(W))`` (a tied output head) with ``MatMul(x, W^T)``, W^T an initializer of its own."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in producer:
+            continue
+        t = producer[node.input[1]]
+        if t.op_type != "Transpose" or t.input[0] not in inits or len(inits[t.input[0]].dims) != 2:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        weight = np.ascontiguousarray(np.transpose(numpy_helper.to_array(inits[t.input[0]]), perm))
+        name = "lm_head.weight" if "lm_head.weight" not in inits else f"{node.name or 'head'}.weight"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        node.input[1] = name
+        if consumers[t.output[0]] == 1:
+            graph.node.remove(t)
+        done.append(node.name)
+    return done
+
+
+def _quantize_gather_8bit(model: "onnx.ModelProto", block_size: int) -> list[str]:
+    """Embedding Gathers -> 8-bit ``GatherBlockQuantized`` (uint8, blocks along the hidden axis, asymmetric)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        rows, cols = w.shape
+        n_blocks = -(-cols // block_size)
+        blocks = np.pad(w, ((0, 0), (0, n_blocks * block_size - cols))).reshape(rows, n_blocks, block_size)
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scale = (hi - lo) / 255.0
+        scale[scale == 0] = 1.0
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        base = node.input[0]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(q.reshape(rows, -1)[:, :cols]), f"{base}_Q8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scales"),
+            numpy_helper.from_array(zero, f"{base}_zero_points"),
+        ])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        new = helper.make_node(
+            "GatherBlockQuantized", [f"{base}_Q8", node.input[1], f"{base}_scales", f"{base}_zero_points"], list(node.output),
+            name=f"{node.name or base}_Q8", domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=8,
+        )
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, new)
+        done.append(new.name)
+    if done:
+        used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def weight_node_types(model: "onnx.ModelProto") -> dict[str, int]:
+    """How the weights are stored: nodes that read a weight initializer, by type (float MatMul/Gather, MatMulNBits, ...)."""
+    rank = {i.name: len(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def is_weight(name: str) -> bool:
+        node = producer.get(name)
+        return rank.get(name, 0) == 2 or (node is not None and node.op_type == "Transpose" and rank.get(node.input[0], 0) == 2)
+
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized") or (n.op_type == "MatMul" and is_weight(n.input[1])) or (
+            n.op_type == "Gather" and rank.get(n.input[0], 0) == 2
+        ):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# a decoder at --bits
+
+
+def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: OnnxSpec, int4: str = "mixed") -> tuple["onnx.ModelProto", dict]:
+    """The float32 decoder (or embedding) graph at ``bits``, and the manifest's account of it."""
+    info: dict = {"bits": bits, "scheme": SCHEMES[bits]}
+    if bits == 32:
+        return model, info
+    if bits == 16:
+        return _fp16(model, spec, info)
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and spec.lm_head_node.search(n.name)]
+    untied = [] if keep_lm_head else materialize_output_head(model)
+    if bits == 4:
+        return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed")
+    model = rtn_matmuls(model, bits, block_size, exclude=head if keep_lm_head else ())
+    gathers = [] if keep_lm_head else _quantize_gather_8bit(model, block_size)
+    return _quantized_info(
+        model, info, block_size, head, keep_lm_head, untied, "quantized", "float (--keep-lm-head)" if keep_lm_head else "quantized",
+        quantizer=f"onnxruntime MatMulNBitsQuantizer (RTN){' + xpack 8-bit GatherBlockQuantized' if gathers else ''}",
+    )
+
+
+def _quantized_info(model, info: dict, block_size: int, head: list[str], keep_lm_head: bool, untied: list[str], head_label: str, embedding: str, **extra) -> tuple["onnx.ModelProto", dict]:
+    """The manifest's account of a quantized graph: settings, what became of the head and the embedding, node types."""
+    head_quantized = bool(head) and not keep_lm_head and not any(n.op_type == "MatMul" and n.name in head for n in model.graph.node)
+    info.update(
+        block_size=block_size,
+        symmetric=False,
+        accuracy_level=ACCURACY_LEVEL,
+        **extra,
+        lm_head=head_label if head_quantized else "float (--keep-lm-head)" if keep_lm_head else "float",
+        lm_head_untied=bool(untied),
+        embedding=embedding,
+        node_types=weight_node_types(model),
+    )
+    return model, info
+
+
+def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict, mixed: bool = True) -> tuple["onnx.ModelProto", dict]:
+    """4 bits as packager/export/onnx/quantize.py writes them: searched block scales and, when ``mixed``,
+    llama.cpp-style 8-bit layers (on the demo model mean KL 0.046 for 1.23x the bytes of
+    onnxruntime's plain int4, which measures 0.51; llama.cpp's Q4_K_M 0.076). ``mixed=False``
+    (``--int4 plain``) keeps every weight at 4 bits: the smallest, fastest file (KL 0.42)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model, q = quantize_matmuls(model, 4, block_size, mixed=mixed, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head, accuracy_level=ACCURACY_LEVEL)
+    embedding = "float (--keep-lm-head)"
+    if not keep_lm_head:
+        embedding = "quantized (reads the output head's packed weight)" if q.get("shared_embedding") else "quantized"
+        if not q.get("shared_embedding"):  # an untied embedding: onnxruntime's 4-bit GatherBlockQuantized
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+                                             op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+            quantizer.process()
+            model = quantizer.model.model
+    return _quantized_info(
+        model, info, block_size, head, keep_lm_head, untied, f"quantized ({8 if mixed else 4}-bit)", embedding,
+        quantizer=f"xpack (packager/export/onnx/quantize.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
+        int4="mixed" if mixed else "plain",
+        eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
+        eight_bit_nodes=len(q.get("eight_bit_nodes", [])),
+        bit_widths=q.get("node_counts"),
+    )
+
+
+def _fp16(model: "onnx.ModelProto", spec: OnnxSpec, info: dict) -> tuple["onnx.ModelProto", dict]:
+    """fp16, with the op types and node-name patterns of the table's ``fp16_keep_fp32`` left in float32."""
+    keep = spec.fp16_keep_fp32
+    nodes = [n.name for n in model.graph.node if n.name and any(p.search(n.name) for p in keep.node_patterns)]
+    model = to_fp16(model, keep.op_types, nodes)
+    info.update(
+        fp16_fp32_ops=list(keep.op_types),
+        fp16_fp32_node_patterns=[p.pattern for p in keep.node_patterns],
+        fp16_fp32_nodes=len(nodes),
+        io_types="float32 (keep_io_types: logits and KV cache in fp32, cast at the graph edges)",
+    )
+    return model, info
