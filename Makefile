@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.xpack-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/merge.py
+
+# On a machine with an NVIDIA GPU: every GPU path (`pytest -m gpu`) and the a100/t4 profile benchmarks of
+# the demo artifacts, in under 10 minutes (benchmarks/gpu_check.py). Installs only into a fresh clone
+# (order-only): a later `pip install -e .` would put the CPU onnxruntime back over onnxruntime-gpu.
+gpu-check: | $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) xpack-demo .pytest_cache

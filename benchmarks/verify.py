@@ -10,7 +10,6 @@ with N benchmark runs, prints the summary table and writes benchmarks/results/ve
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -18,26 +17,24 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This folder holds benchmarks/gguf.py and benchmarks/onnx.py: keep them from shadowing the gguf and
-# onnx packages that xpack imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
+
+import _harness as H  # noqa: E402
+from xpack import __version__  # noqa: E402
+from xpack.packager.demo.job import run_demo  # noqa: E402
+from xpack.packager.verify.job import machine_label  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="benchmark runs per artifact (median and min-max)")
     ap.add_argument("--out", type=Path, help="folder for the demo's artifacts (default: a temporary folder)")
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "verify.json")
-    args = ap.parse_args()
-
-    from xpack import __version__
-    from xpack.packager.demo.job import run_demo
-    from xpack.packager.verify.job import machine_label
+    ap.add_argument("--json", type=Path, default=H.RESULTS / "verify.json")
+    args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="xpack-verify-bench-") as tmp:
-        out = args.out or Path(tmp) / "demo"
         t0 = time.perf_counter()
-        result = run_demo(out, force=True, verify_runs=args.runs)
+        result = run_demo(args.out or Path(tmp) / "demo", force=True, verify_runs=args.runs)
         wall = time.perf_counter() - t0
     for line in result["lines"]:
         print(line)
@@ -49,19 +46,14 @@ def main() -> int:
         "runs": args.runs,
         "wall_s": wall,
         "summary": result["rows"],
-        "artifacts": {k: {**v, "report": _strip(v["report"])} for k, v in result["artifacts"].items()},
+        # the card text is left out: every figure stays
+        "artifacts": {k: {**v, "report": {f: x for f, x in v["report"].items() if f != "card"}} for k, v in result["artifacts"].items()},
         "answers": result["answers"],
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    H.write_json(args.json, report)
     print(f"\nwrote {args.json} (machine: {report['machine']})", file=sys.stderr)
     return 0
 
 
-def _strip(report: dict) -> dict:
-    """The report without per-token arrays (kept: every figure)."""
-    return {k: v for k, v in report.items() if k not in ("card",)}
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(H.main(main, {}))

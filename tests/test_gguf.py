@@ -32,10 +32,7 @@ from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3", "gemma3_vision"]
-PARITY_TEXT = (
-    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiac silhouette is normal in size. "
-    "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
-)
+PARITY_TEXT = twins.PARITY_TEXT
 THRESHOLDS = {"F32": (1.0, 5e-3), "F16": (0.95, 5e-2)}
 
 

@@ -21,6 +21,7 @@ import shutil
 
 import pytest
 
+import twins
 from xpack.packager.demo.base_model import demo_gguf_path
 from xpack.packager.export.job import export
 from xpack.packager.verify.parity import compare_logits
@@ -30,10 +31,7 @@ from xpack.runtimes.settings import GenerationSettings
 
 pytestmark = pytest.mark.gpu
 
-PARITY_TEXT = (
-    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiac silhouette is normal in size. "
-    "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
-)
+PARITY_TEXT = twins.PARITY_TEXT
 PROMPT = "Describe the findings of this chest X-ray."
 GREEDY = GenerationSettings(max_tokens=16, temperature=0, repetition_penalty=1.0)
 STABLE_TWIN = "llama"  # the twin whose greedy path is far from ties (see above)

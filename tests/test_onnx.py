@@ -42,10 +42,7 @@ from xpack.runtimes.settings import GenerationSettings
 from xpack.profiles.profile import load_profile
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3"]
-PARITY_TEXT = (
-    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiac silhouette is normal in size. "
-    "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
-)
+PARITY_TEXT = twins.PARITY_TEXT
 PROMPT = "Describe the findings of this chest X-ray."
 GREEDY = GenerationSettings(max_tokens=16, temperature=0, repetition_penalty=1.0)
 FP32_MAX_ERR = 1e-4

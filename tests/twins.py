@@ -985,6 +985,11 @@ def sample_image(size: tuple[int, int] = (40, 32), seed: int = 0):
 
 
 SAMPLE_PROMPT = "Describe the findings in this chest radiograph."
+# The text the export parity tests score teacher-forced (GGUF, ONNX, GPU).
+PARITY_TEXT = (
+    "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. The cardiac silhouette is normal in size. "
+    "IMPRESSION: No acute cardiopulmonary abnormality; follow-up chest X-ray in 6 weeks if symptoms persist."
+)
 
 
 def sample_messages(name: str, text: str = SAMPLE_PROMPT) -> list[dict]:

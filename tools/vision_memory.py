@@ -107,12 +107,15 @@ Method
        conservative against GiB-sized devices). Not counted: CUDA context (~0.3-0.5 GB), allocator
        slack, llama.cpp / onnxruntime compute buffers, the tokenizer, the Python process itself.
 
+The packager's own choices (llama.cpp's ``use_more_bits``, ``VISION_DTYPE``, the block sizes, the rotary
+table length, mllama's external-data threshold) are imported from ``xpack.packager.export.onnx``, not copied.
+
 Outputs: a markdown report on stdout and in ``benchmarks/results/vision_memory.md``, every figure also
 in ``benchmarks/results/vision_memory.json``. Every table is headed "computed from published configs,
-not measured".
+not measured". A calculator, not a benchmark: nothing is timed.
 
 Usage:
-  .venv/bin/python benchmarks/vision_memory.py [--json PATH] [--md PATH] [--no-write]
+  .venv/bin/python tools/vision_memory.py [--json PATH] [--md PATH] [--no-write]
 """
 
 from __future__ import annotations
@@ -121,16 +124,18 @@ import argparse
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# Run as a script, this folder is first on sys.path and its gguf.py would shadow the gguf package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-ROOT = HERE.parent
-PROFILES_DIR = ROOT / "profiles"
-DEFAULT_JSON = HERE / "results" / "vision_memory.json"
-DEFAULT_MD = HERE / "results" / "vision_memory.md"
+from xpack.packager.export.onnx.decoder_graph import MAX_LENGTH as ROTARY_MAX_LENGTH
+from xpack.packager.export.onnx.mllama import EXTERNAL_DATA_BYTES as MLLAMA_EXTERNAL_DATA_BYTES
+from xpack.packager.export.onnx.pipeline import DEFAULT_BLOCK_SIZE
+from xpack.packager.export.onnx.precision import VISION_DTYPE, VISION_INT8_BLOCK_SIZE as VISION_INT8_BLOCK
+from xpack.packager.export.onnx.quantize import use_more_bits
+from xpack.profiles.profile import load_profile, profile_names
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "vision_memory.json"
+DEFAULT_MD = ROOT / "benchmarks" / "results" / "vision_memory.md"
 HEADING = "computed from published configs, not measured"
 GB = 1e9
 
@@ -324,17 +329,10 @@ GGML_TYPES = {
     "Q4_K": (144, 256),  # 4.5 bpw
 }
 GGUF_TEXT_QUANTS = ("F16", "Q8_0", "Q4_K_M")
-ONNX_VARIANTS = {  # name: (--bits, block size of the text weights)
-    "fp32": (32, None),
-    "fp16": (16, None),
-    "int8": (8, 16),  # packager/export/onnx/pipeline.py DEFAULT_BLOCK_SIZE for 8 bits
-    "int4": (4, 32),  # packager/export/onnx/pipeline.py DEFAULT_BLOCK_SIZE for 4 bits
-}
-# packager/export/onnx/pipeline.py VISION_DTYPE: the precision of vision.onnx for each --bits (4-bit towers get 8 bits).
-VISION_DTYPE = {32: "float32", 16: "float16", 8: "int8", 4: "int8"}
-VISION_INT8_BLOCK = 32  # packager/export/onnx/gemma3_vision.py INT8_BLOCK_SIZE
-ROTARY_MAX_LENGTH = 8192  # packager/export/onnx/decoder_graph.py MAX_LENGTH: rows of the cos/sin tables in xpack's decoder graph
-MLLAMA_EXTERNAL_DATA_BYTES = 1 << 30  # packager/export/onnx/mllama.py: weights past 1 GiB go to <graph>.onnx.data
+# name: (--bits, block size of the text weights: the packager's DEFAULT_BLOCK_SIZE). VISION_DTYPE (imported):
+# the precision of vision.onnx for each --bits; ROTARY_MAX_LENGTH: rows of the cos/sin tables in xpack's
+# decoder graph; MLLAMA_EXTERNAL_DATA_BYTES: a mllama graph's weights past it go to <graph>.onnx.data.
+ONNX_VARIANTS = {"fp32": (32, None), "fp16": (16, None), "int8": (8, DEFAULT_BLOCK_SIZE[8]), "int4": (4, DEFAULT_BLOCK_SIZE[4])}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32, int8, int4 only)"
 HF_SHARD_BYTES = 5e9  # transformers' save_pretrained default max_shard_size ("5GB")
@@ -520,14 +518,8 @@ def gguf_text_type(t: dict, quant: str, n_layer: int, tied: bool) -> str:
         return "Q6_K"  # output (or the token embedding that doubles as it): Q6_K
     if t["component"] == "embedding":
         return "Q4_K"
-    i = _layer_index(name)
-
-    def more_bits(i_layer: int, n: int) -> bool:  # llama-quant.cpp use_more_bits (C integer division)
-        return i_layer < n // 8 or i_layer >= 7 * n // 8 or (i_layer - n // 8) % 3 == 2
-
-    if name.endswith("self_attn.v_proj.weight") and more_bits(i, n_layer):
-        return "Q6_K"
-    if name.endswith("mlp.down_proj.weight") and more_bits(i, n_layer):
+    # attn_v and ffn_down get Q6_K in llama-quant.cpp's use_more_bits layers (the packager's copy of that rule)
+    if name.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight")) and use_more_bits(_layer_index(name), n_layer):
         return "Q6_K"
     return "Q4_K"
 
@@ -732,18 +724,13 @@ def onnx(counted: dict, spec: dict) -> dict:
 
 
 def load_profiles() -> list[dict]:
+    """The shipped hardware profiles, as xpack reads them."""
     out = []
-    for path in sorted(PROFILES_DIR.glob("*.toml")):
-        data = tomllib.loads(path.read_text())
-        out.append({
-            "name": data.get("name", path.stem),
-            "file": str(path.relative_to(ROOT)),
-            "device": data["device"],
-            "compute_dtype": data.get("compute_dtype", "float16" if data["device"] == "cuda" else "float32"),
-            "n_ctx": int(data.get("n_ctx", 2048)),
-            "memory_budget_gb": data.get("memory_budget_gb"),
-            "formats": list(data.get("formats", [])),
-        })
+    for name in profile_names():
+        p = load_profile(name)
+        budget = p.memory_budget_gb  # a float in the Profile; whole numbers shown as the TOML writes them
+        out.append({"name": p.name, "file": f"profiles/{name}.toml", "device": p.device, "compute_dtype": p.compute_dtype, "n_ctx": p.n_ctx,
+                    "memory_budget_gb": int(budget) if budget is not None and budget.is_integer() else budget, "formats": list(p.formats)})
     return out
 
 
@@ -842,7 +829,7 @@ def report(results: dict) -> str:
     L += [
         f"transformers {results['versions']['transformers']}, torch {results['versions']['torch']}; "
         "models instantiated on the meta device from the published config.json values in "
-        "`benchmarks/vision_memory.py` (sources named there). GB = 1e9 bytes.", "",
+        "`tools/vision_memory.py` (sources named there). GB = 1e9 bytes.", "",
     ]
 
     # configs
@@ -902,7 +889,7 @@ def report(results: dict) -> str:
           "output head, is Q6_K and is 17% of the text weights.",
           "- ONNX text weights: int8 = 10.5 bpw (16 x 8-bit + float32 scale + uint8 zero point per 16 weights), int4 = 5.125 bpw "
           "(32 x 4-bit + float32 scale + half a byte of zero point per 32 weights); the token embedding likewise as GatherBlockQuantized. "
-          "vision.onnx follows packager/export/onnx/pipeline.py VISION_DTYPE: float32 at --bits 32, float16 at 16, int8 at 8 and 4 "
+          "vision.onnx follows packager/export/onnx/precision.py VISION_DTYPE: float32 at --bits 32, float16 at 16, int8 at 8 and 4 "
           f"(MatMulNBits 8-bit, block {VISION_INT8_BLOCK} = 9.25 bpw on the MatMul weights; patch Conv, position embeddings, norms float32).",
           "- MedGemma 4B ONNX: the decoder (model.onnx) takes inputs_embeds and holds the output head as its own tensor lm_head.weight, "
           "the tied embedding transposed, while embed.onnx holds the embedding for the Gather: the 262208 x 2560 matrix is stored twice "
