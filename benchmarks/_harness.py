@@ -32,7 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version as _dist_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

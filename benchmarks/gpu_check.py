@@ -43,7 +43,8 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
 
-from _harness import CACHE, RESULTS, ROOT, child_env, error_line, log, machine_info as host_info, write_json  # noqa: E402
+from _harness import CACHE, RESULTS, ROOT, child_env, error_line, log, write_json  # noqa: E402
+from _harness import machine_info as host_info
 from xpack.errors import XpackError  # noqa: E402
 from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir  # noqa: E402
 from xpack.packager.demo.job import DEMO_EXPORTS  # noqa: E402

@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.gguf_header import read_gguf_metadata
-from xpack.runtimes.artifacts import gguf_models, MainFile, read_manifest
+from xpack.runtimes.artifacts import MainFile, gguf_models, read_manifest
 from xpack.runtimes.base import Runtime
+from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
+from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.gpu_memory import process_gpu_mb
-from xpack.runtimes.chat import END_OF_TURN_TOKENS, TemplateChat
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields
-from xpack.runtimes.chat import ChatTemplate
 
 __all__ = ["LlamaCppRuntime", "gguf_file_of", "read_gguf_metadata"]
 

@@ -20,10 +20,10 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import MainFile, read_json
 from xpack.runtimes.base import Runtime
-from xpack.runtimes.chat import ChatTemplate, END_OF_TURN_TOKENS, TemplateChat
+from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gpu_memory import process_gpu_mb
 from xpack.runtimes.messages import load_image
-from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields, TokenRun
+from xpack.runtimes.settings import GenerationSettings, TokenRun, take_tokens, timing_fields
 
 __all__ = ["OnnxRuntimeBase", "onnx_file_of", "open_session", "session_options"]
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import read_json, read_manifest
-from xpack.runtimes.images import gemma3_image_tokens, Gemma3ImagePreprocessor
+from xpack.runtimes.images import Gemma3ImagePreprocessor, gemma3_image_tokens
 from xpack.runtimes.onnx_base import OnnxRuntimeBase, Prompt
 
 __all__ = ["OnnxDecoderRuntime", "attention_bias"]

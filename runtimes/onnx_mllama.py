@@ -41,7 +41,7 @@ from typing import Sequence
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import MLLAMA_FORMAT, MLLAMA_META_FILE, PREPROCESSOR_CONFIG
 from xpack.runtimes.images import MllamaImagePreprocessor
-from xpack.runtimes.onnx_base import OnnxRuntimeBase, open_session, Prompt, session_options
+from xpack.runtimes.onnx_base import OnnxRuntimeBase, Prompt, open_session, session_options
 
 __all__ = ["MllamaOnnx", "MllamaOnnxRuntime", "ImageState", "cross_attention_masks"]
 

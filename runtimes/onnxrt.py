@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from xpack.runtimes.artifacts import MLLAMA_META_FILE
-from xpack.runtimes.onnx_base import onnx_file_of, OnnxRuntimeBase
+from xpack.runtimes.onnx_base import OnnxRuntimeBase, onnx_file_of
 from xpack.runtimes.onnx_decoder import OnnxDecoderRuntime
 from xpack.runtimes.onnx_mllama import MllamaOnnxRuntime
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
 from xpack.profiles.machine import resolve_for_machine
-from xpack.runtimes.artifacts import gguf_models, PATH_KINDS, read_manifest
+from xpack.runtimes.artifacts import PATH_KINDS, gguf_models, read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     from xpack.profiles.profile import Profile

@@ -18,15 +18,15 @@ import torch
 from click.testing import CliRunner
 
 import twins
-from xpack.packager.cards.render import front_matter
 from xpack.cli import cli
+from xpack.packager.cards.render import front_matter
+from xpack.packager.demo.base_model import demo_base_dir
 from xpack.packager.export.gguf.modelfile import stop_tokens
 from xpack.packager.export.job import export
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.verify.parity import compare_logits
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
-from xpack.packager.demo.base_model import demo_base_dir
+from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings

@@ -29,8 +29,8 @@ import torch
 from click.testing import CliRunner
 
 import twins
-from xpack.errors import XpackError
 from xpack.cli import cli
+from xpack.errors import XpackError
 from xpack.packager.export.job import export
 from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes import llamacpp

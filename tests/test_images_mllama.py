@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 import pytest
-import twins
 from PIL import Image
 
+import twins
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG
 from xpack.runtimes.images import (

@@ -16,9 +16,9 @@ from peft import PeftModel
 import twins
 from xpack.packager.cards.render import front_matter
 from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
-from xpack.packager.merge.stream import MergeSettings
-from xpack.packager.merge.job import merge
 from xpack.packager.io.tensors import sha256_file
+from xpack.packager.merge.job import merge
+from xpack.packager.merge.stream import MergeSettings
 
 WEIGHT_ATOL = 1e-6
 LOGIT_ATOL = 1e-4

@@ -29,17 +29,17 @@ import torch
 from click.testing import CliRunner
 
 import twins
+from xpack.cli import cli
 from xpack.errors import XpackError
 from xpack.packager.cards.render import front_matter
-from xpack.cli import cli
 from xpack.packager.demo.base_model import demo_base_dir
 from xpack.packager.export.job import export
 from xpack.packager.export.onnx.pipeline import XPACK_GRAPH_ATOL
-from xpack.packager.verify.parity import compare_logits
 from xpack.packager.io.tensors import sha256_file
+from xpack.packager.verify.parity import compare_logits
+from xpack.profiles.profile import load_profile
 from xpack.runtimes.registry import load, runtime_for
 from xpack.runtimes.settings import GenerationSettings
-from xpack.profiles.profile import load_profile
 
 TEXT_TWINS = ["llama", "gemma2", "gemma3"]
 PARITY_TEXT = twins.PARITY_TEXT

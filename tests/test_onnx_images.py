@@ -24,11 +24,11 @@ import torch
 from click.testing import CliRunner
 
 import twins
-from xpack.errors import XpackError
 from xpack.cli import cli
+from xpack.errors import XpackError
 from xpack.packager.export.job import export
-from xpack.packager.verify.parity import compare_logits
 from xpack.packager.verify.job import verify
+from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
 

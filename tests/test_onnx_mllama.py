@@ -30,9 +30,9 @@ import torch
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.merge.job import merge
 from xpack.packager.export.onnx.mllama import export_mllama, load_mllama
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
+from xpack.packager.merge.job import merge
 from xpack.runtimes.artifacts import MLLAMA_META_FILE
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pytest
-
 import onnx  # noqa: E402 - part of the dev install: a missing one must fail, not skip
 import onnxruntime as ort  # noqa: E402
+import pytest
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from xpack.packager.export.onnx.quantize import (  # noqa: E402

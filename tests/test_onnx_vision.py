@@ -21,15 +21,15 @@ import torch
 
 import twins
 from xpack.errors import XpackError
-from xpack.packager.merge.job import merge
 from xpack.packager.export.onnx.gemma3_vision import (
     INPUT_NAME,
     OUTPUT_NAME,
     export_gemma3_vision,
 )
+from xpack.packager.merge.job import merge
 from xpack.runtimes.artifacts import VISION_DATA_FILE, VISION_FILE
-from xpack.runtimes.messages import load_image as base_load_image
 from xpack.runtimes.images import Gemma3ImagePreprocessor, gemma3_image_tokens, load_image
+from xpack.runtimes.messages import load_image as base_load_image
 
 VISION_ATOL = 1e-4
 PIXEL_ATOL = 1e-5

@@ -8,10 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from xpack.errors import XpackError
 from xpack.cli import cli
-from xpack.profiles.machine import detect_profile, Gpu, Machine, machine_info, resolve_for_machine
-from xpack.profiles.profile import list_profiles, load_profile, Profile, profile_names, Reference
+from xpack.errors import XpackError
+from xpack.profiles.machine import Gpu, Machine, detect_profile, machine_info, resolve_for_machine
+from xpack.profiles.profile import Profile, Reference, list_profiles, load_profile, profile_names
 
 # The seed model card's figures: (hardware, load s, 256 tokens s, memory GB).
 SEED_CARD = {

@@ -8,16 +8,16 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from xpack.errors import XpackError
 from xpack.cli import cli
+from xpack.errors import XpackError
 from xpack.packager.demo.base_model import demo_base_dir, demo_gguf_path
+from xpack.profiles.machine import machine_info
+from xpack.profiles.profile import load_profile
 from xpack.runtimes.base import Runtime
 from xpack.runtimes.memory import PeakMemory
 from xpack.runtimes.messages import load_image, to_messages
-from xpack.runtimes.registry import get_runtime, load, runtime_for, RUNTIMES
+from xpack.runtimes.registry import RUNTIMES, get_runtime, load, runtime_for
 from xpack.runtimes.settings import GenerationResult, GenerationSettings
-from xpack.profiles.machine import machine_info
-from xpack.profiles.profile import load_profile
 
 PROMPT = "What is the capital of France?"
 
@@ -260,6 +260,7 @@ def one_thread_cpu(one_thread_file):
 
 def test_torch_runtime_on_the_llama_twin(twin_factory, one_thread_cpu):
     import torch
+
     import twins  # imports torch: this module's other tests run without it
 
     twin = twin_factory.get("llama")

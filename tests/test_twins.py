@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import twins  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+
+import twins  # noqa: E402
 
 ALL = pytest.mark.parametrize("name", twins.TWIN_NAMES)
 

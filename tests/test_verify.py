@@ -13,7 +13,7 @@ from xpack.cli import cli
 from xpack.packager.export.job import export
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
-from xpack.packager.verify.job import START, END, splice_section, update_card, verify
+from xpack.packager.verify.job import END, START, splice_section, update_card, verify
 from xpack.profiles.machine import machine_info
 
 

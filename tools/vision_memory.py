@@ -129,7 +129,8 @@ from pathlib import Path
 from xpack.packager.export.onnx.decoder_graph import MAX_LENGTH as ROTARY_MAX_LENGTH
 from xpack.packager.export.onnx.mllama import EXTERNAL_DATA_BYTES as MLLAMA_EXTERNAL_DATA_BYTES
 from xpack.packager.export.onnx.pipeline import DEFAULT_BLOCK_SIZE
-from xpack.packager.export.onnx.precision import VISION_DTYPE, VISION_INT8_BLOCK_SIZE as VISION_INT8_BLOCK
+from xpack.packager.export.onnx.precision import VISION_DTYPE
+from xpack.packager.export.onnx.precision import VISION_INT8_BLOCK_SIZE as VISION_INT8_BLOCK
 from xpack.packager.export.onnx.quantize import use_more_bits
 from xpack.profiles.profile import load_profile, profile_names
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
 from xpack.packager.archs.gguf_spec import GgufSpec
 from xpack.packager.archs.onnx_spec import OnnxSpec
+
 
 @dataclass(frozen=True)
 class Arch:

@@ -11,7 +11,6 @@ from xpack import __version__
 from xpack.packager.io.tensors import sha256_file
 from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE
 
-
 DEFAULT_INTENDED_USE = (
     "The intended use is that of the adapter merged here; its own documentation did not state one. "
     "Use it for research and evaluation of the fine-tuned behaviour on the target machine."

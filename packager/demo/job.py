@@ -16,7 +16,7 @@ from xpack.packager.export.job import export
 from xpack.packager.merge.job import merge
 from xpack.packager.verify.job import update_card, verify
 from xpack.profiles.profile import load_profile
-from xpack.runtimes.registry import load, RUNTIMES
+from xpack.runtimes.registry import RUNTIMES, load
 from xpack.runtimes.settings import GenerationSettings
 
 DEMO_SYSTEM = "You are an expert radiologist."

@@ -8,10 +8,10 @@ from xpack import __version__
 from xpack.packager.cards import render as cards
 from xpack.packager.io.atomic import atomic_dir, check_destination
 from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.sources import Source, resolve
 from xpack.packager.merge.lora import Adapter, parse_adapter_spec
 from xpack.packager.merge.stream import MergeResult, MergeSettings, load_adapters, run_merge
 from xpack.runtimes.artifacts import CARD_FILE
-from xpack.packager.io.sources import Source, resolve
 
 EXAMPLE_PROMPT = "You are an expert radiologist. Describe the findings of this chest X-ray."
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from xpack.errors import XpackError
 from xpack.packager.archs import GENERIC, Arch, find_arch
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.merge.lora import Adapter, LoraModule, load_adapter
 from xpack.packager.io.tensors import (
     FLOAT_DTYPES,
     Reader,
@@ -29,6 +28,7 @@ from xpack.packager.io.tensors import (
     sha256_file,
     to_f32,
 )
+from xpack.packager.merge.lora import Adapter, LoraModule, load_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

@@ -15,7 +15,6 @@ import platform
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from xpack import __version__

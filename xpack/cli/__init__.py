@@ -18,6 +18,7 @@ from xpack.cli.profiles import profiles
 from xpack.cli.run import run
 from xpack.cli.verify import verify
 
+
 @click.group(cls=XpackGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="xpack")
 def cli():

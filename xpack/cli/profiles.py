@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from xpack.cli.params import emit, XpackGroup
+from xpack.cli.params import XpackGroup, emit
 from xpack.profiles.machine import detect_profile, resolve_for_machine
 from xpack.profiles.profile import list_profiles, load_profile
 

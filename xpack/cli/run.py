@@ -11,9 +11,8 @@ import click
 from xpack.profiles.machine import resolve_for_machine
 from xpack.profiles.profile import load_profile, profile_names
 from xpack.runtimes.messages import to_messages, user_message
-from xpack.runtimes.registry import load, runtime_for, RUNTIMES
+from xpack.runtimes.registry import RUNTIMES, load, runtime_for
 from xpack.runtimes.settings import GenerationSettings
-
 
 _GEN = GenerationSettings()  # the defaults shown in `xpack run --help` (written once, in runtimes/settings.py)
 

@@ -26,7 +26,7 @@ from xpack.packager.archs import Arch, require_arch
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import from_f32, to_f32
 from xpack.packager.merge.lora import Adapter
-from xpack.packager.merge.stream import apply_op, MergeSettings, plan_merge, stream_base, TensorOp
+from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, stream_base
 from xpack.runtimes.gguf_header import read_gguf_header
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -51,9 +51,17 @@ from typing import TYPE_CHECKING, Any
 
 from xpack.errors import XpackError
 from xpack.packager.export.onnx.common import (
-    ACCURACY_LEVEL, DEFAULT_OPSET, first_line, graph_io, quiet, read_config, require_libraries, save_model, VISION_COMPANIONS,
+    ACCURACY_LEVEL,
+    DEFAULT_OPSET,
+    VISION_COMPANIONS,
+    first_line,
+    graph_io,
+    quiet,
+    read_config,
+    require_libraries,
+    save_model,
 )
-from xpack.packager.export.onnx.precision import to_fp16, VISION_INT8_BLOCK_SIZE, vision_int8
+from xpack.packager.export.onnx.precision import VISION_INT8_BLOCK_SIZE, to_fp16, vision_int8
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG, VISION_DATA_FILE, VISION_FILE
 from xpack.runtimes.images import Gemma3ImagePreprocessor
 from xpack.runtimes.onnx_base import open_session, session_options

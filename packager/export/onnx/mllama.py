@@ -68,17 +68,24 @@ from pathlib import Path
 from xpack.errors import XpackError
 from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import (
-    decoder_io, DEFAULT_OPSET, first_line, OnnxExport, quiet, read_config, require_libraries, VISION_COMPANIONS,
+    DEFAULT_OPSET,
+    VISION_COMPANIONS,
+    OnnxExport,
+    decoder_io,
+    first_line,
+    quiet,
+    read_config,
+    require_libraries,
 )
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
-from xpack.packager.export.onnx.precision import quantize_graph, SCHEMES, VISION_DTYPE, vision_int8, weight_node_types
+from xpack.packager.export.onnx.precision import SCHEMES, VISION_DTYPE, quantize_graph, vision_int8, weight_node_types
 from xpack.packager.io.atomic import atomic_dir
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
 from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.artifacts import MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE, MLLAMA_FORMAT, MLLAMA_META_FILE, VISION_FILE
-from xpack.runtimes.onnx_mllama import cross_attention_masks, MllamaOnnx
+from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
 
 __all__ = ["export_mllama", "export_mllama_artifact", "load_mllama"]
 

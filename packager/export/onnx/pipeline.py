@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xpack.errors import XpackError
-from xpack.packager.archs import all_archs, Arch, require_arch
+from xpack.packager.archs import Arch, all_archs, require_arch
 from xpack.packager.archs.onnx_spec import OnnxSpec
-from xpack.packager.export.onnx.common import decoder_io, OnnxExport, quiet, require_libraries, save_model, VISION_COMPANIONS
+from xpack.packager.export.onnx.common import VISION_COMPANIONS, OnnxExport, decoder_io, quiet, require_libraries, save_model
 from xpack.packager.export.onnx.gemma3_vision import export_gemma3_vision
 from xpack.packager.export.onnx.mllama import export_mllama_artifact
-from xpack.packager.export.onnx.precision import quantize_graph, VISION_DTYPE, weight_node_types
+from xpack.packager.export.onnx.precision import VISION_DTYPE, quantize_graph, weight_node_types
 from xpack.packager.export.onnx.raw_graph import optimum_graph, xpack_graph
 from xpack.packager.export.onnx.source import copy_companions, prepare_source
 from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, torch_steps, validation_ids

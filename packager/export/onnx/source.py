@@ -20,9 +20,9 @@ from xpack.errors import XpackError
 from xpack.packager.archs import Arch
 from xpack.packager.archs.onnx_spec import OnnxSpec, TextModelSpec
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.tensors import plan_shards, ShardedWriter, TensorSpec
+from xpack.packager.io.tensors import ShardedWriter, TensorSpec, plan_shards
 from xpack.packager.merge.lora import Adapter
-from xpack.packager.merge.stream import apply_op, MergeSettings, plan_merge, run_merge, stream_base
+from xpack.packager.merge.stream import MergeSettings, apply_op, plan_merge, run_merge, stream_base
 
 # What the output folder gets from the checkpoint besides the graph (tokenizer, chat template, generation defaults).
 COMPANIONS = (
