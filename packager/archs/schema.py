@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 
 from xpack.packager.archs.gguf_spec import GgufSpec
 from xpack.packager.archs.onnx_spec import OnnxSpec
+from xpack.packager.archs.qlora_spec import QloraSpec
 
 
 @dataclass(frozen=True)
 class Arch:
     """One architecture: its model classes and types, how its tensor names moved between transformers
     versions (``key_aliases``: regex -> replacement applied to old names), its embedding, output head
-    and vision parts, its usual LoRA targets, and what each export step needs (``gguf``, ``onnx``)."""
+    and vision parts, its usual LoRA targets, what each export step needs (``gguf``, ``onnx``), and
+    which tensors bitsandbytes quantizes when the base is loaded 4-bit for QLoRA (``qlora``)."""
 
     name: str
     description: str
@@ -30,6 +32,7 @@ class Arch:
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     gguf: GgufSpec | None = None
     onnx: OnnxSpec | None = None
+    qlora: QloraSpec | None = None
 
     def canonical(self, name: str) -> str:
         """A tensor or module name in the naming of current transformers."""

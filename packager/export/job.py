@@ -17,7 +17,7 @@ from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.sources import Source, resolve
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.lora import Adapter, parse_adapter_spec
-from xpack.packager.merge.stream import load_adapters
+from xpack.packager.merge.stream import MergeSettings, load_adapters
 from xpack.runtimes.artifacts import read_manifest
 
 FORMATS = ("gguf", "onnx")
@@ -25,11 +25,12 @@ FORMATS = ("gguf", "onnx")
 
 @dataclass
 class _Inputs:
-    """The resolved source checkpoint and adapters of one export."""
+    """The resolved source checkpoint and adapters of one export, and how the adapters merge."""
 
     src: Source
     adapter_srcs: list[Source]
     adapters: list[Adapter]
+    merge: MergeSettings
 
     @property
     def adapter_refs(self) -> list[str]:
@@ -41,16 +42,22 @@ class _Inputs:
             "source": {**self.src.describe(), "files": {p.name: sha256_file(p) for p in _source_files(ckpt)}},
             "source_manifest": {k: source_manifest.get(k) for k in ("kind", "base", "created")} if source_manifest else None,
             "adapters": [{**s.describe(), **a.summary()} for s, a in zip(self.adapter_srcs, self.adapters)],
+            "qlora": self.merge.qlora.describe() if self.merge.qlora else None,  # the adapters' merge base: null is the 16-bit weights
         }
 
 
 def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
            force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False,
-           block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack", int4: str = "mixed") -> dict:
-    """Export ``model`` (+ ``adapters`` merged on the fly) to ``out`` as GGUF or ONNX; returns the manifest."""
+           block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack", int4: str = "mixed",
+           qlora_base: str | None = None, double_quant: bool = False, qlora_blocksize: int | None = None) -> dict:
+    """Export ``model`` (+ ``adapters`` merged on the fly, into their 4-bit base with ``qlora_base``) to ``out``
+    as GGUF or ONNX; returns the manifest."""
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
+    merge = MergeSettings(allow_pickle=allow_pickle, qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=qlora_blocksize)
+    if merge.qlora and not adapters:
+        raise XpackError("--qlora-base says how to merge an --adapter, and there is none; give --adapter or drop --qlora-base")
     if fmt == "onnx":
         if quant:
             raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
@@ -63,7 +70,7 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
             raise XpackError("--block-size and --keep-lm-head are ONNX settings (llama.cpp quant types fix their own blocks); drop them or use --format onnx")
         quant = resolve_quant(bits, quant)
     check_destination(out, force)
-    inputs = _resolve_inputs(model, adapters, allow_pickle)
+    inputs = _resolve_inputs(model, adapters, merge)
     with atomic_dir(out, force) as tmp:
         if fmt == "onnx":
             data, hashes = _export_onnx(inputs, tmp, out.name, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph, int4=int4)
@@ -74,17 +81,17 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
     return manifest
 
 
-def _resolve_inputs(model: str, adapters, allow_pickle: bool) -> _Inputs:
+def _resolve_inputs(model: str, adapters, merge: MergeSettings) -> _Inputs:
     src = resolve(model, "model")
     specs = [parse_adapter_spec(a) for a in adapters]
     adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
-    loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], allow_pickle)
-    return _Inputs(src, adapter_srcs, loaded)
+    loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], merge.allow_pickle)
+    return _Inputs(src, adapter_srcs, loaded, merge)
 
 
 def _export_gguf(inputs: _Inputs, tmp: Path, out_name: str, quant: str, name: str, threads: int) -> tuple[dict, dict]:
     """``--format gguf``: the GGUF file(s), Modelfile and card in ``tmp``; returns the manifest data and file hashes."""
-    result = export_gguf(inputs.src.path, inputs.adapters, tmp, quant, name, threads)
+    result = export_gguf(inputs.src.path, inputs.adapters, tmp, quant, name, threads, inputs.merge)
     hashes = {f: sha256_file(tmp / f) for f in result.files}
     ckpt = Checkpoint(inputs.src.path)
     source_manifest = read_manifest(inputs.src.path)
@@ -113,7 +120,7 @@ ONNX_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 def _export_onnx(inputs: _Inputs, tmp: Path, out_name: str, bits: int, **settings) -> tuple[dict, dict]:
     """``--format onnx``: the graph(s) and card in ``tmp``; returns the manifest data and file hashes."""
     label = ONNX_QUANT[bits]
-    result = export_onnx(inputs.src.path, inputs.adapters, tmp, bits, **settings)
+    result = export_onnx(inputs.src.path, inputs.adapters, tmp, bits, merge=inputs.merge, **settings)
     weights = [f for f in (result.onnx_file, result.data_file, result.embed_file, result.embed_data_file, *result.vision.get("files", ())) if f and (tmp / f).is_file()]
     hashes = {f: sha256_file(tmp / f) for f in weights}
     ckpt = Checkpoint(inputs.src.path)

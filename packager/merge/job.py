@@ -68,6 +68,7 @@ def _manifest_data(base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded: lis
             "merged_tensors": result.merged_tensors,
             "bytes": result.bytes_written,
             "untied_output_head": result.plan.untied,
+            "qlora": settings.qlora.describe() if settings.qlora else None,  # the merge base: null is the 16-bit weights
             "notes": result.plan.notes,
         },
     }
@@ -128,6 +129,7 @@ def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, ad
         n_files=len(result.weight_hashes),
         adapters=[_adapter_row(s, a, arch, result) for s, a in zip(adapter_srcs, loaded)],
         notes=result.plan.notes,
+        qlora=settings.qlora,
         out_name=out_name,
         example_prompt=EXAMPLE_PROMPT,
         intended_use="\n\n".join(sections.get("intended_use", [])) or cards.DEFAULT_INTENDED_USE,

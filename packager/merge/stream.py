@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
-from xpack.packager.archs import GENERIC, Arch, find_arch
+from xpack.packager.archs import GENERIC, Arch, all_archs, find_arch
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import (
     FLOAT_DTYPES,
@@ -29,6 +29,8 @@ from xpack.packager.io.tensors import (
     to_f32,
 )
 from xpack.packager.merge.lora import Adapter, LoraModule, load_adapter
+from xpack.packager.merge.qlora import DEFAULT_BLOCKSIZE, QloraBase, dequant_quant
+from xpack.packager.merge.qlora_detect import merge_base_notes
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -42,13 +44,29 @@ _CONTAINERS = re.compile(r"^((model|language_model|text_model|base_model)\.)+")
 
 @dataclass(frozen=True)
 class MergeSettings:
+    """``qlora_base`` (nf4/fp4), ``double_quant``, ``qlora_blocksize`` (None: bitsandbytes' 64): the 4-bit base a
+    QLoRA adapter was trained on; the deltas are then added to dequant(quant(W)) of every 4-bit weight (qlora.py)."""
+
     dtype: str = "auto"
     max_shard_size: int = 5 * 10**9
     allow_pickle: bool = False
+    qlora_base: str | None = None
+    double_quant: bool = False
+    qlora_blocksize: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise XpackError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.qlora_base is None and (self.double_quant or self.qlora_blocksize is not None):
+            given = "--double-quant" if self.double_quant else "--qlora-blocksize"
+            raise XpackError(f"{given} describes the 4-bit base of --qlora-base; add --qlora-base nf4|fp4 or drop {given}")
+        _ = self.qlora  # QloraBase refuses a bad quant type or block size now, before anything is read
+
+    @property
+    def qlora(self) -> QloraBase | None:
+        if self.qlora_base is None:
+            return None
+        return QloraBase(self.qlora_base, self.double_quant, self.qlora_blocksize or DEFAULT_BLOCKSIZE)
 
 
 @dataclass
@@ -62,6 +80,7 @@ class TensorOp:
     start: "np.ndarray | None" = None  # a float32 tensor saved in the adapter that stands in for the base tensor
     replaced: bool = False  # modules_to_save: the start tensor is the result, no LoRA on top
     bias_deltas: list[tuple[Adapter, LoraModule]] = field(default_factory=list)
+    qlora: QloraBase | None = None  # a 4-bit weight of the QLoRA base: start from dequant(quant(W))
 
 
 @dataclass
@@ -182,7 +201,24 @@ def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], settings: MergeSetting
 
     plan.ops = list(ops.values())
     _note_tied_embedding_change(ckpt, arch, plan, resolver)
+    if settings.qlora is not None:
+        _mark_4bit_weights(plan, settings.qlora)
+    plan.notes += merge_base_notes(adapters, ckpt.quantization(), settings.qlora)
     return plan
+
+
+def _mark_4bit_weights(plan: MergePlan, qlora: QloraBase) -> None:
+    """Every weight bitsandbytes holds in 4 bits starts from dequant(quant(W)), adapted or not: the trained model ran on all of them."""
+    spec = plan.arch.qlora
+    if spec is None:
+        known = ", ".join(a.name for a in all_archs().values() if a.qlora)
+        raise XpackError(
+            f"--qlora-base needs to know which {plan.arch.name} tensors bitsandbytes quantizes, and xpack's tables "
+            f"do not say (they do for {known}); merge into the 16-bit weights without --qlora-base"
+        )
+    for op in plan.ops:
+        if op.start is None and op.source == op.out_name and spec.quantized(plan.arch.canonical(op.source), plan.arch.lm_head_key):
+            op.qlora = qlora
 
 
 def _derived_lm_head(ckpt, arch, adapters, resolver, ops, plan, settings) -> str | None:
@@ -243,12 +279,14 @@ def apply_op(op: TensorOp, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
     out = op.spec.dtype
     if op.start is not None:
         base, base_dtype = op.start, "F32"
-    if not op.loras and not op.bias_deltas:
+    if not op.loras and not op.bias_deltas and op.qlora is None:
         if base_dtype == out:
             return base
         return from_f32(to_f32(base, base_dtype), out)
     W = to_f32(base, base_dtype)
-    if op.start is not None and W is op.start:
+    if op.qlora is not None:
+        W = dequant_quant(W, op.qlora)  # quantized from the dtype it is stored in, as transformers loads it
+    elif op.start is not None and W is op.start:
         W = W.copy()  # never modify a tensor the adapter owns (the base's arrays are fresh reads)
     for adapter, mod in op.loras:
         delta = mod.delta(adapter.fan_in_fan_out, adapter.weight).reshape(W.shape)
@@ -312,7 +350,7 @@ def run_merge(ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, settings
     (tmp_out / "config.json").write_text(json.dumps(_merged_config(ckpt, plan, settings), indent=2) + "\n")
     for p in ckpt.companion_files():
         shutil.copy2(p, tmp_out / p.name)
-    merged = sum(1 for op in plan.ops if op.loras or op.start is not None or op.bias_deltas)
+    merged = sum(1 for op in plan.ops if op.loras or op.start is not None or op.bias_deltas or op.qlora is not None)
     return MergeResult(tmp_out, weight_hashes, input_hashes, plan, len(plan.ops), merged, written)
 
 

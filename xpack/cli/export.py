@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import ModelRef, adapter_option, emit
+from xpack.cli.params import ModelRef, adapter_option, emit, qlora_options
 from xpack.packager.export.job import export as do_export
 
 
 @click.command()
 @click.option("--model", required=True, type=ModelRef(), help="Hugging Face checkpoint to export (e.g. the output of xpack merge), folder or hub id.")
 @adapter_option("LoRA adapter to merge on the fly (GGUF: in the same streaming pass; ONNX: into a temporary checkpoint). Repeatable, PATH[:WEIGHT].")
+@qlora_options()
 @click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "onnx"]), help="gguf for llama.cpp/ollama, onnx for onnxruntime.")
 @click.option(
     "--bits",
@@ -36,7 +37,7 @@ from xpack.packager.export.job import export as do_export
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, int4, out, name, threads, force, allow_pickle, as_json):
+def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quant, block_size, keep_lm_head, graph, int4, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
     GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
@@ -65,6 +66,7 @@ def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, i
     manifest = do_export(
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
         name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4,
+        qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=blocksize,
     )
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
     for fname, info in manifest["artifacts"].items():
@@ -73,3 +75,5 @@ def export(model, adapters, fmt, bits, quant, block_size, keep_lm_head, graph, i
         lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
     lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
     emit(manifest, as_json, lines)
+    for note in manifest.get("notes") or []:  # on stderr, as `xpack merge` says them
+        click.echo(f"note: {note}", err=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import ModelRef, Size, adapter_option, emit
+from xpack.cli.params import ModelRef, Size, adapter_option, emit, qlora_options
 from xpack.packager.merge.job import merge as do_merge
 from xpack.packager.merge.stream import MergeSettings
 
@@ -17,10 +17,11 @@ from xpack.packager.merge.stream import MergeSettings
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the merged checkpoint to.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Weight dtype of the output; auto keeps the base's.")
 @click.option("--max-shard-size", type=Size(), default="5GB", show_default=True, help="Largest safetensors shard to write.")
+@qlora_options("--blocksize")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (it can run code: only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_json):
+def merge(base, adapters, out, dtype, max_shard_size, qlora_base, double_quant, blocksize, force, allow_pickle, as_json):
     """Merge LoRA adapter(s) into a base model and write a normal Hugging Face checkpoint.
 
     Streams the base one tensor at a time (memory stays near the largest tensor plus the adapter),
@@ -31,9 +32,13 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
     Example:
       xpack merge --base google/gemma-3-4b-it --adapter ./xray-lora --out ./gemma3-xray
       xpack merge --base ./base --adapter ./lora-a --adapter ./lora-b:0.5 --out ./merged --dtype bf16
+      xpack merge --base google/gemma-3-4b-it --adapter ./qlora --qlora-base nf4 --double-quant --out ./merged
     """
 
-    settings = MergeSettings(dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle)
+    settings = MergeSettings(
+        dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+        qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=blocksize,
+    )
     manifest = do_merge(base, list(adapters), out, settings, force=force)
     m = manifest["merge"]
     weights = [f for f in manifest["files"] if f.endswith(".safetensors")]
@@ -43,6 +48,7 @@ def merge(base, adapters, out, dtype, max_shard_size, force, allow_pickle, as_js
         f"wrote {out} ({len(weights)} safetensors file(s), {m['bytes'] / 1e6:.1f} MB of weights)",
         f"model card: {out / 'README.md'}",
         f"manifest:   {out / 'manifest.json'}",
-        *[f"note: {n}" for n in m["notes"]],
     ]
     emit(manifest, as_json, lines)
+    for note in m["notes"]:  # on stderr, so that --json's stdout stays one JSON document
+        click.echo(f"note: {note}", err=True)

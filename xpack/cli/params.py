@@ -68,3 +68,24 @@ def emit(data: dict, as_json: bool, lines: list[str]) -> None:
 def adapter_option(help: str, required: bool = False):
     """``--adapter PATH[:WEIGHT]``, repeatable: LoRA adapters in the order they are applied."""
     return click.option("--adapter", "adapters", required=required, multiple=True, type=ModelRef(weighted=True), help=help)
+
+
+def qlora_options(*blocksize_aliases: str):
+    """``--qlora-base``, ``--double-quant``, ``--qlora-blocksize`` (+ aliases): the 4-bit base a QLoRA adapter
+    was trained on. ``xpack merge`` also takes ``--blocksize``; ``xpack export`` does not, beside ONNX's ``--block-size``."""
+    options = [
+        click.option(
+            "--qlora-base", type=click.Choice(["nf4", "fp4"]),
+            help="The adapter was trained on a bitsandbytes 4-bit base (QLoRA): add it to dequant(quant(W)), "
+            "the weights it was trained on, not to the 16-bit weights.",
+        ),
+        click.option("--double-quant", is_flag=True, help="With --qlora-base: the base used double quantization (bnb_4bit_use_double_quant)."),
+        click.option("--qlora-blocksize", *blocksize_aliases, "blocksize", type=int, help="With --qlora-base: bitsandbytes' 4-bit block size.  [default: 64]"),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate

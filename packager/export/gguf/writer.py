@@ -501,8 +501,11 @@ def _intermediate(ckpt: Checkpoint) -> str:
     return "F32"
 
 
-def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: str, name: str, threads: int = 0) -> GgufExport:
-    """Write ``<name>-<QUANT>.gguf`` (+ ``mmproj-<name>-F16.gguf`` for vision models) into ``tmp_out``."""
+def export_gguf(
+    model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: str, name: str, threads: int = 0, merge: MergeSettings | None = None,
+) -> GgufExport:
+    """Write ``<name>-<QUANT>.gguf`` (+ ``mmproj-<name>-F16.gguf`` for vision models) into ``tmp_out``; ``adapters``
+    are merged on the way as ``merge`` says (e.g. into a QLoRA adapter's 4-bit base)."""
     import os
 
     ckpt = Checkpoint(model_dir)
@@ -513,7 +516,7 @@ def export_gguf(model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: 
     if g.unsupported:
         raise XpackError(g.unsupported)
     ckpt.check_not_packed()
-    plan = plan_merge(ckpt, adapters, MergeSettings())
+    plan = plan_merge(ckpt, adapters, merge or MergeSettings())
     cfg = ckpt.text_config() if arch.vision else ckpt.config
     vocab = build_vocab(model_dir, int(cfg["vocab_size"]))
     inter = _intermediate(ckpt)

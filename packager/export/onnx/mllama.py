@@ -461,8 +461,9 @@ def _eos_ids(model) -> list[int]:
 
 def export_mllama_artifact(
     ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: OnnxSpec, block_size: int, keep_lm_head: bool, int4: str,
+    merge: MergeSettings,
 ) -> OnnxExport:
-    """The three graphs of ``ckpt`` (adapters merged first) at ``bits`` in ``tmp_out``, and the export's account."""
+    """The three graphs of ``ckpt`` (adapters merged first, as ``merge`` says) at ``bits`` in ``tmp_out``, and the export's account."""
     if bits not in spec.bits:
         raise XpackError(
             f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
@@ -475,7 +476,7 @@ def export_mllama_artifact(
         source = ckpt.path
         if adapters:  # the adapter reaches the vision layers too: merge the whole checkpoint first
             (work / "merged").mkdir()
-            result.notes += list(run_merge(ckpt, adapters, work / "merged", MergeSettings()).plan.notes)
+            result.notes += list(run_merge(ckpt, adapters, work / "merged", merge).plan.notes)
             source = work / "merged"
         meta = export_mllama(source, work / "mllama")
         if bits != 32:

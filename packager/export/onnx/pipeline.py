@@ -101,6 +101,7 @@ class _Job:
     threads: int
     graph: str
     int4: str
+    merge: MergeSettings  # how the adapters merge (the 16-bit weights or a QLoRA adapter's 4-bit base)
 
     @property
     def vision(self) -> bool:
@@ -120,10 +121,11 @@ class _Reference:
 
 def export_onnx(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
-    keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack", int4: str = "mixed",
+    keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack", int4: str = "mixed", merge: MergeSettings | None = None,
 ) -> OnnxExport:
     """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``
-    (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph)."""
+    (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph); ``adapters`` merge as ``merge`` says."""
+    merge = merge or MergeSettings()
     block_size = block_size or default_block_size(bits)
     check_settings(bits, block_size, graph, int4)
     ckpt = Checkpoint(model_dir)
@@ -135,8 +137,8 @@ def export_onnx(
     if spec.pipeline == "mllama":
         if graph != "xpack":
             raise XpackError("optimum-onnx cannot export Llama 3.2 Vision (mllama); drop --graph optimum (xpack writes its vision, cross-attention and decoder graphs)")
-        return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4)
-    return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4), adapters)
+        return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4, merge)
+    return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4, merge), adapters)
 
 
 def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
@@ -147,9 +149,9 @@ def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
         full = job.ckpt
         if job.vision and adapters:  # the vision tower takes the adapter too: merge the whole checkpoint once
             (work / "merged").mkdir()
-            result.notes += list(run_merge(job.ckpt, adapters, work / "merged", MergeSettings()).plan.notes)
+            result.notes += list(run_merge(job.ckpt, adapters, work / "merged", job.merge).plan.notes)
             full, adapters = Checkpoint(work / "merged"), []
-        src, notes = prepare_source(full, adapters, job.arch, job.spec, work)
+        src, notes = prepare_source(full, adapters, job.arch, job.spec, work, job.merge)
         result.notes += notes
         result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
         reference = _export_fp32(job, src, work / "raw", result)

@@ -47,15 +47,17 @@ def copy_companions(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def prepare_source(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, spec: OnnxSpec, work: Path) -> tuple[Path, list[str]]:
+def prepare_source(
+    ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, spec: OnnxSpec, work: Path, merge: MergeSettings
+) -> tuple[Path, list[str]]:
     """The checkpoint folder the export reads (under ``work`` unless it is the source itself), and the merge's notes."""
     if spec.text_model is not None:
         out = work / "text-model"
-        return out, _write_text_checkpoint(ckpt, adapters, arch, spec.text_model, out)
+        return out, _write_text_checkpoint(ckpt, adapters, arch, spec.text_model, out, merge)
     if adapters:
         out = work / "merged"
         out.mkdir()
-        result = run_merge(ckpt, adapters, out, MergeSettings())
+        result = run_merge(ckpt, adapters, out, merge)
         return out, list(result.plan.notes)
     return ckpt.path, []
 
@@ -74,11 +76,13 @@ def _text_config(ckpt: Checkpoint, text: TextModelSpec, untied: bool) -> dict:
     return cfg
 
 
-def _write_text_checkpoint(ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, text: TextModelSpec, out: Path) -> list[str]:
-    """Stream the language model's tensors (adapters merged on the way) into a text-only checkpoint."""
+def _write_text_checkpoint(
+    ckpt: Checkpoint, adapters: list[Adapter], arch: Arch, text: TextModelSpec, out: Path, merge: MergeSettings
+) -> list[str]:
+    """Stream the language model's tensors (adapters merged on the way, as ``merge`` says) into a text-only checkpoint."""
     from tqdm import tqdm
 
-    plan = plan_merge(ckpt, adapters, MergeSettings())
+    plan = plan_merge(ckpt, adapters, merge)
     names: dict[int, str] = {}
     ops = []
     for op in plan.ops:
