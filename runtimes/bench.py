@@ -19,19 +19,22 @@ from xpack.errors import XpackError
 from xpack.profiles.profile import load_profile
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
+from xpack.runtimes.torch_ref import PeftOnBase
 
 BENCH_TOKENS = 256  # the seed card's "Inference Time (256 tokens)"
 BENCH_PROMPT = "You are an expert radiologist. Analyze this chest X-ray showing increased opacity in the right lower lobe."
 METRICS = ("load_s", "ttft_s", "prompt_tok_s", "decode_tok_s", "gen_256_s", "peak_rss_mb", "peak_gpu_mb", "image_encode_s")
 
 
-def measure(artifact: str, profile_name: str, runtime: str | None, runs: int, tokens: int, image: str | None) -> dict:
+def measure(artifact: str, profile_name: str, runtime: str | None, runs: int, tokens: int, image: str | None,
+            peft: PeftOnBase | None = None) -> dict:
+    """``peft``: adapters over the base ``artifact`` (the torch runtime's as-trained reference)."""
     profile = load_profile(profile_name)
     settings = GenerationSettings(max_tokens=tokens, temperature=0, repetition_penalty=1.0, ignore_eos=True, seed=0)
     rows = []
     notes: list[str] = []
     for _ in range(runs):
-        with load(artifact, profile, runtime=runtime) as rt:
+        with load(artifact, profile, runtime=runtime, **({"peft": peft} if peft else {})) as rt:
             r = rt.generate(BENCH_PROMPT, settings, image=image)
             notes = rt.notes
             rows.append(
@@ -61,13 +64,17 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run_isolated(artifact: Path, profile: str, runtime: str | None = None, runs: int = 3, tokens: int = BENCH_TOKENS,
-                 image: Path | None = None) -> dict:
+                 image: Path | None = None, peft: PeftOnBase | None = None) -> dict:
     """``measure`` in a fresh interpreter; a failure there is one clear line here."""
     cmd = [sys.executable, "-m", "xpack.runtimes.bench", "--artifact", str(artifact), "--profile", profile, "--runs", str(runs), "--tokens", str(tokens)]
     if runtime:
         cmd += ["--runtime", runtime]
     if image:
         cmd += ["--image", str(image)]
+    if peft:
+        cmd += [arg for adapter in peft.adapters for arg in ("--adapter", str(adapter))]
+        cmd += ["--quant", peft.quant_type] if peft.quant_type else []
+        cmd += ["--double-quant"] if peft.double_quant else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -83,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=BENCH_TOKENS)
     ap.add_argument("--image")
+    ap.add_argument("--adapter", action="append", help="PEFT adapter over the base --artifact (torch runtime; repeatable)")
+    ap.add_argument("--quant", choices=("nf4", "fp4"), help="with --adapter: load the base 4-bit with bitsandbytes")
+    ap.add_argument("--double-quant", action="store_true", help="with --quant: double quantization")
     args = ap.parse_args(argv)
     try:
-        result = measure(args.artifact, args.profile, args.runtime, args.runs, args.tokens, args.image)
+        peft = PeftOnBase(tuple(args.adapter), args.quant, args.double_quant) if args.adapter else None
+        result = measure(args.artifact, args.profile, args.runtime, args.runs, args.tokens, args.image, peft)
     except XpackError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

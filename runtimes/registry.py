@@ -98,8 +98,10 @@ def runtime_for(path: "str | os.PathLike", profile: "Profile | None" = None) -> 
     return _runtime_of_format(formats[0], path)
 
 
-def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = None) -> Runtime:
+def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = None, **options) -> Runtime:
     """Load the artifact at ``path`` on ``profile`` with ``runtime`` (default: the one ``runtime_for`` picks).
+
+    ``options`` go to the runtime's constructor (the torch runtime's ``peft``: adapters over a base).
 
     The profile is first adapted to this machine (``resolve_for_machine``: threads clamped to the
     cores here, an error for a GPU profile without a GPU); its notes end up in ``runtime.notes``.
@@ -111,6 +113,6 @@ def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = No
         raise XpackError(f"{path} does not exist; pass {PATH_KINDS}")
     cls.locate(path)
     profile, notes = resolve_for_machine(profile)
-    rt = cls(path, profile)
+    rt = cls(path, profile, **options)
     rt.notes.extend(notes)
     return rt

@@ -5,6 +5,14 @@ load with ``AutoModelForCausalLM``; checkpoints whose architecture ends in
 ``ForConditionalGeneration`` (Gemma 3 / MedGemma, Llama 3.2 Vision) with
 ``AutoModelForImageTextToText`` + ``AutoProcessor``, and then take an image too.
 Generation is ``model.generate`` with a synchronous streamer that timestamps the first token.
+
+With ``peft=PeftOnBase(...)`` the folder is a base model and the runtime is the model as trained:
+PEFT's ``PeftModel`` with the adapters unmerged on top of the base, the base either as stored or, for
+a QLoRA adapter, loaded 4-bit by bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``) with float32
+compute, as training ran it (issue #15). ``xpack verify --reference-base`` uses it as the reference.
+It is an option of this runtime, not a runtime of its own: it shares the tokenizer, chat template,
+generation and logits of the merged checkpoint's reference, so the two references differ only in the
+model, and ``runtimes/bench.py`` can benchmark it in a process of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +30,34 @@ from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
 
-__all__ = ["TorchRuntime"]
+__all__ = ["PeftOnBase", "TorchRuntime"]
+
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit types (BitsAndBytesConfig.bnb_4bit_quant_type)
+
+
+@dataclass(frozen=True)
+class PeftOnBase:
+    """PEFT adapters, unmerged, over a base: bitsandbytes 4-bit (``quant_type``) or as stored (None)."""
+
+    adapters: tuple[str, ...]
+    quant_type: str | None = None
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if not self.adapters:
+            raise XpackError("the as-trained reference needs at least one adapter")
+        if self.quant_type not in (None, *QUANT_TYPES):
+            raise XpackError(f"unknown 4-bit type {self.quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
+        if self.double_quant and self.quant_type is None:
+            raise XpackError("double quantization describes a 4-bit base; give the 4-bit type (nf4 or fp4) too")
+
+    def describe(self, base) -> str:
+        """One line naming the model, e.g. for a card: which adapters over which base, computed how."""
+        adapters = ", ".join(map(str, self.adapters))
+        if self.quant_type is None:
+            return f"PeftModel({adapters}) unmerged on the 16-bit base {base}"
+        double = " double-quant" if self.double_quant else ""
+        return f"PeftModel({adapters}) on the bitsandbytes {self.quant_type}{double} 4-bit base {base}, fp32 compute"
 
 
 def _read_config(folder: Path) -> dict:
@@ -29,6 +65,18 @@ def _read_config(folder: Path) -> dict:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise XpackError(f"{folder}/config.json is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
+
+
+def _switch_off_bf16_cpu_path(model) -> None:
+    """bitsandbytes 0.50.2's Linear4bit, in eval mode on a CPU with AVX512-BF16, repacks its weight and computes
+    in bfloat16 with a bfloat16 absmax; training ran (and the reference runs) the float32 path."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 class _Streamer:
@@ -76,6 +124,10 @@ class TorchRuntime(Runtime):
     name = "torch"
     formats = ("torch",)
 
+    def __init__(self, artifact, profile, peft: PeftOnBase | None = None):
+        self.peft = peft
+        super().__init__(artifact, profile)
+
     @staticmethod
     def locate(path) -> Path:
         path = Path(path)
@@ -109,6 +161,8 @@ class TorchRuntime(Runtime):
         kwargs = {"dtype": self.dtype, "local_files_only": True}
         if config.get("model_type") == "gemma2":  # soft-capping is honoured by the eager path only
             kwargs["attn_implementation"] = "eager"
+        if self.peft is not None and self.peft.quant_type is not None:
+            kwargs.update(self._four_bit_options())
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -124,12 +178,49 @@ class TorchRuntime(Runtime):
             raise XpackError(f"transformers could not load {folder} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.model.to(self.device)
+        if "quantization_config" not in kwargs:  # a 4-bit model is placed by device_map and cannot be moved
+            self.model.to(self.device)
+        if self.peft is not None:
+            self.model = self._with_adapters(self.model, folder)
         self.model.eval()
         self.accepts_images = self.is_vision
         self.stop_ids = self._end_of_turn_ids()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _four_bit_options(self) -> dict:
+        """from_pretrained's options for the 4-bit base as QLoRA training loads it: float32 compute and
+        float32 non-quantized parts (fp16 ones turn real Gemma 3's logits into NaN, issue #15)."""
+        torch = self._torch
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise XpackError(
+                f"the {self.peft.quant_type} 4-bit reference needs bitsandbytes, which is not installed; pip install 'xpack[pack]'"
+            ) from None
+        from transformers import BitsAndBytesConfig
+
+        self.dtype = torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.peft.quant_type,
+                                    bnb_4bit_use_double_quant=self.peft.double_quant, bnb_4bit_compute_dtype=torch.float32)
+        return {"quantization_config": config, "device_map": self.device.type, "dtype": torch.float32}
+
+    def _with_adapters(self, model, folder: Path):
+        """PeftModel over ``model`` with every adapter active (their deltas add up, as in a merge of several)."""
+        from peft import PeftModel
+
+        names = [f"adapter{i}" for i in range(len(self.peft.adapters))]
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(self.peft.adapters[0]), adapter_name=names[0])
+            for name, adapter in zip(names[1:], self.peft.adapters[1:]):
+                peft_model.load_adapter(str(adapter), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise XpackError(f"PEFT could not put the adapters {', '.join(map(str, self.peft.adapters))} on {folder} ({first})") from None
+        if len(names) > 1:
+            peft_model.base_model.set_adapter(names)
+        _switch_off_bf16_cpu_path(peft_model)
+        return peft_model
 
     def _end_of_turn_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -306,6 +397,7 @@ class TorchRuntime(Runtime):
 
     def info(self) -> dict:
         return {
+            "model": self.peft.describe(self.artifact) if self.peft else f"the checkpoint {self.artifact}",
             "architecture": self.architecture,
             "vision": self.is_vision,
             "device": str(self.device),

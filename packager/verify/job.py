@@ -1,7 +1,7 @@
 """``xpack verify``: does the artifact behave like the model that was trained, and how fast and heavy is it?
 
-Parity is measured against the torch reference (the merged checkpoint) with the production
-runtimes: teacher-forced logits over an evaluation text (KL, top-1, max logit error, perplexity)
+Parity is measured against the torch reference (the merged checkpoint, or the model as trained:
+``reference.py``) with the production runtimes: teacher-forced logits over an evaluation text (KL, top-1, max logit error, perplexity)
 and greedy answers to prompts (matching tokens before the first difference). Speed and memory
 come from ``runtimes/bench.py`` in processes of their own, for the artifact and the reference.
 """
@@ -22,6 +22,7 @@ from xpack.errors import XpackError
 from xpack.packager.cards.render import render
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.verify.parity import compare_logits, log_softmax
+from xpack.packager.verify.reference import MERGED_LABEL, Reference, merged_reference
 from xpack.profiles.machine import machine_info, resolve_for_machine
 from xpack.profiles.profile import list_profiles, load_profile
 from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE, read_manifest
@@ -181,12 +182,13 @@ def _messages(item: dict) -> list[dict]:
 
 
 def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list[dict], max_tokens: int,
-              images: list[Path] = (), continuations: list[list[int]] | None = None) -> Side:
+              images: list[Path] = (), continuations: list[list[int]] | None = None, options: dict | None = None) -> Side:
     """Evaluate one model. With images, each is scored teacher-forced on the prompt's tail plus a
-    continuation (the reference's own greedy answer, so both sides score the same tokens)."""
+    continuation (the reference's own greedy answer, so both sides score the same tokens).
+    ``options``: the runtime's (the as-trained reference's adapters)."""
 
     greedy = GenerationSettings(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)
-    with load(path, profile, runtime=runtime) as rt:
+    with load(path, profile, runtime=runtime, **(options or {})) as rt:
         ids = rt.tokenize(text)
         logits = rt.logits(ids)
         answers = []
@@ -301,35 +303,37 @@ def machine_label() -> str:
     return f"{cpu}, {m.cores} cores{ram}, {gpus}"
 
 
-def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
+def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
            runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
            images_dir: Path | None = None, cache: dict | None = None) -> dict:
-    """The verification report. ``cache`` (a dict the caller keeps) shares the reference's evaluation
-    and benchmark between calls that verify several artifacts of one reference on one profile."""
+    """The verification report. ``reference``: the merged checkpoint's folder, or a ``Reference`` (the model
+    as trained: ``reference.choose_reference``). ``cache`` (a dict the caller keeps) shares the reference's
+    evaluation and benchmark between calls that verify several artifacts of one reference on one profile."""
     cache = {} if cache is None else cache
     from transformers import AutoTokenizer
 
 
-    artifact, reference = Path(artifact), Path(reference)
-    if not (reference / "config.json").is_file():
-        raise XpackError(f"--reference {reference} is not a Hugging Face checkpoint folder (no config.json); pass the merged checkpoint")
+    artifact = Path(artifact)
+    ref = reference if isinstance(reference, Reference) else merged_reference(reference)
     profile, notes = resolve_for_machine(load_profile(profile_name))
     text = eval_text(text_file)
     prompts = read_prompts(prompts_file)
     images = find_images(images_dir)
     runtime = runtime or runtime_for(artifact, profile)
     cls, label = precision_class(artifact, runtime)
-    key = (str(reference), profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
+    key = (ref.label, profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
     if key not in cache:
-        cache[key] = _run_side(reference, profile, "torch", text, prompts, max_tokens, images)
+        cache[key] = _run_side(ref.path, profile, "torch", text, prompts, max_tokens, images, options=ref.runtime_options)
     ref_side = cache[key]
     continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
     art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
-    figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(reference))
+    figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(ref.path))
     checks = judge(figures, cls)
     report = {
         "artifact": str(artifact),
-        "reference": str(reference),
+        "reference": str(ref.path),
+        "reference_kind": ref.kind,
+        "reference_label": ref.label,
         "runtime": runtime,
         "artifact_label": label,
         "precision_class": cls,
@@ -345,9 +349,9 @@ def verify(artifact: Path, reference: Path, profile_name: str, *, prompts_file: 
     if benchmark:
         image = images[0] if images else None
         art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
-        bench_key = ("bench", str(reference), profile_name, runs, str(image))
+        bench_key = ("bench", ref.label, profile_name, runs, str(image))
         if bench_key not in cache:
-            cache[bench_key] = run_isolated(reference, profile_name, runtime="torch", runs=runs, image=image)
+            cache[bench_key] = run_isolated(ref.path, profile_name, runtime="torch", runs=runs, image=image, peft=ref.peft)
         ref_bench = cache[bench_key]
         report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
                                "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}
@@ -380,6 +384,8 @@ def _entry(report: dict) -> dict:
         "xpack_version": report["xpack_version"],
         "artifact_label": report["artifact_label"],
         "precision_class": report["precision_class"],
+        "reference_kind": report["reference_kind"],
+        "reference": report["reference_label"],
         "parity": {k: v for k, v in p.items() if k not in ("prompts", "images")},
         "greedy_matching": [{"matching_tokens": q["matching_tokens"], "reference_tokens": q["reference_tokens"], "diverges_at": q["diverges_at"]} for q in p["prompts"]],
         "checks": report["checks"],
@@ -427,7 +433,18 @@ def _section(verification: dict) -> str:
             f"{r['load_s']['median']:.2f}s, 256 tokens {r['gen_256_s']['median']:.2f}s, {r['peak_rss_mb']['median'] / 1024:.2f} GB "
             f"(256 tokens {e['benchmark']['speedup_256']:.1f}x faster here)."
         )
-    return render("verify_section.md.j2", parity_rows=parity_rows, bench_rows=bench_rows, bench_notes=notes).strip() + "\n"
+    return render("verify_section.md.j2", parity_rows=parity_rows, bench_rows=bench_rows, bench_notes=notes,
+                  references=_references(verification)).strip() + "\n"
+
+
+def _references(verification: dict) -> list[str]:
+    """The as-trained references the entries were measured against (none: the merged checkpoint, the template's default)."""
+    as_trained = {name: e["reference"] for name, e in verification.items() if e.get("reference_kind") == "as-trained"}
+    if not as_trained:
+        return []
+    merged = [name for name, e in verification.items() if name not in as_trained]
+    lines = [f"`{name}`: the model as trained, {label}" for name, label in as_trained.items()]
+    return lines + [f"`{name}`: {MERGED_LABEL} the artifact came from" for name in merged]
 
 
 def splice_section(card: str, section: str) -> str:

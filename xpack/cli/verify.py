@@ -10,12 +10,13 @@ import click
 from xpack.cli.params import emit
 from xpack.packager.verify.job import update_card as write_card
 from xpack.packager.verify.job import verify as do_verify
+from xpack.packager.verify.reference import choose_reference
 
 
 def _verify_lines(report: dict) -> list[str]:
     p = report["parity"]
     lines = [
-        f"verify {report['artifact']} ({report['artifact_label']}, {report['runtime']}) against {report['reference']} "
+        f"verify {report['artifact']} ({report['artifact_label']}, {report['runtime']}) against {report['reference_label']} "
         f"on profile {report['profile']['name']}",
         *[f"note: {n}" for n in report["profile_notes"]],
         f"parity over {p['tokens']} tokens: top-1 {100 * p['top1_agreement']:.1f}%, KL mean {p['kl_mean']:.4g} "
@@ -64,7 +65,12 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 
 @click.command()
 @click.option("--artifact", required=True, type=click.Path(exists=True, path_type=Path), help="Export folder, .gguf file or checkpoint to check.")
-@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="The torch reference: the merged checkpoint the artifact came from.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The torch reference: the merged checkpoint the artifact came from.")
+@click.option("--reference-base", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Instead of --reference, the model as trained: this base with --reference-adapter unmerged on top (PEFT).")
+@click.option("--reference-adapter", "reference_adapters", metavar="DIR", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Adapter over --reference-base (repeatable).")
+@click.option("--reference-quant", metavar="TYPE", type=click.Choice(["nf4", "fp4", "none"]),
+              help="nf4 or fp4: load --reference-base 4-bit with bitsandbytes (fp32 compute), as QLoRA trained on it; none (default): the 16-bit base.")
+@click.option("--reference-double-quant", is_flag=True, help="With --reference-quant: double quantization (bnb_4bit_use_double_quant).")
 @click.option("--profile", required=True, metavar="NAME|FILE", help="Hardware profile to measure on (a100, t4, cpu16 or a TOML file).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL, one {\"prompt\": ..., \"system\": ...} per line (default: built-in radiology prompts).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Evaluation text for teacher-forced parity (default: a built-in medical text).")
@@ -77,7 +83,7 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.pass_context
-def verify(ctx, artifact, reference, profile, prompts_file, text_file, images_dir, runs, max_tokens, no_benchmark, update_card, strict, as_json, out_file):
+def verify(ctx, artifact, reference, reference_base, reference_adapters, reference_quant, reference_double_quant, profile, prompts_file, text_file, images_dir, runs, max_tokens, no_benchmark, update_card, strict, as_json, out_file):
     """Measure an artifact against the torch reference: output parity, speed and memory.
 
     Parity: teacher-forced KL divergence (mean, 99th percentile), top-1 agreement, max logit error
@@ -86,12 +92,19 @@ def verify(ctx, artifact, reference, profile, prompts_file, text_file, images_di
     memory, median of --runs, for the artifact and the reference on the same profile, each in a
     process of its own. Exit 0 when every parity threshold passes, 1 when one fails.
 
+    The reference is the merged checkpoint (--reference), or the model as trained (--reference-base,
+    --reference-adapter, --reference-quant): PEFT's PeftModel over the base, 4-bit with bitsandbytes
+    on CPU for a QLoRA adapter, what the user evaluated during training.
+
     \b
     Example:
       xpack verify --artifact ./gemma3-xray-gguf --reference ./gemma3-xray --profile cpu16 --update-card
+      xpack verify --artifact ./merged-nf4 --reference-base ./base --reference-adapter ./adapter \\
+        --reference-quant nf4 --reference-double-quant --profile cpu16 --no-benchmark
     """
 
-    report = do_verify(artifact, reference, profile, prompts_file=prompts_file, text_file=text_file, runs=runs,
+    ref = choose_reference(reference, reference_base, reference_adapters, reference_quant, reference_double_quant)
+    report = do_verify(artifact, ref, profile, prompts_file=prompts_file, text_file=text_file, runs=runs,
                        max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir)
     if update_card:
         report["card"] = str(write_card(artifact, report))
