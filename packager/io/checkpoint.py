@@ -9,10 +9,11 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.io.tensors import TensorSpec, read_header
+from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack")
 # Files a merged checkpoint rewrites itself instead of copying.
-REWRITTEN = {"config.json", "README.md", "manifest.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+REWRITTEN = {"config.json", CARD_FILE, MANIFEST_FILE, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
 @dataclass(frozen=True)

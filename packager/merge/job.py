@@ -79,7 +79,7 @@ def _name_of(src: Source, fallback: str | None = None) -> str:
 
 
 def _adapter_card_text(a: Adapter) -> str:
-    readme = a.path / "README.md"
+    readme = a.path / CARD_FILE
     return readme.read_text(errors="replace") if readme.is_file() else ""
 
 
@@ -91,7 +91,7 @@ def _parts(a: Adapter, arch) -> str:
 
 def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded, settings, result):
     arch = result.plan.arch
-    base_fm = cards.front_matter((base_src.path / "README.md").read_text(errors="replace")) if (base_src.path / "README.md").is_file() else {}
+    base_fm = cards.front_matter((base_src.path / CARD_FILE).read_text(errors="replace")) if (base_src.path / CARD_FILE).is_file() else {}
     adapter_texts = [_adapter_card_text(a) for a in loaded]
     adapter_fms = [cards.front_matter(t) for t in adapter_texts]
     sections: dict[str, list[str]] = {}

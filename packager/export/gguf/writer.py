@@ -27,6 +27,7 @@ from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import from_f32, to_f32
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, stream_base
+from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG
 from xpack.runtimes.gguf_header import read_gguf_header
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -390,9 +391,9 @@ def _mmproj_kv(arch: Arch, cfg: dict, vision_cfg: dict, model_dir: Path, file_ty
     import gguf
 
     mp = arch.gguf.mmproj
-    pre_path = model_dir / "preprocessor_config.json"
+    pre_path = model_dir / PREPROCESSOR_CONFIG
     if not pre_path.is_file():
-        raise XpackError(f"{model_dir} has no preprocessor_config.json; the mmproj needs the image preprocessing settings")
+        raise XpackError(f"{model_dir} has no {PREPROCESSOR_CONFIG}; the mmproj needs the image preprocessing settings")
     pre = json.loads(pre_path.read_text())
     text_hidden = (cfg.get("text_config") or cfg)["hidden_size"]
 
