@@ -9,6 +9,7 @@ from xpack.packager.cards import render as cards
 from xpack.packager.io.atomic import atomic_dir, check_destination
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.sources import Source, resolve
+from xpack.packager.merge import merge_base_parity
 from xpack.packager.merge.lora import Adapter, parse_adapter_spec
 from xpack.packager.merge.stream import MergeResult, MergeSettings, load_adapters, run_merge
 from xpack.runtimes.artifacts import CARD_FILE
@@ -16,8 +17,12 @@ from xpack.runtimes.artifacts import CARD_FILE
 EXAMPLE_PROMPT = "You are an expert radiologist. Describe the findings of this chest X-ray."
 
 
-def merge(base: str, adapters: list[str], out: Path, settings: MergeSettings | None = None, force: bool = False) -> dict:
-    """Merge ``adapters`` (``REF[:WEIGHT]``) into ``base`` and write the checkpoint to ``out``. Returns the manifest."""
+def merge(base: str, adapters: list[str], out: Path, settings: MergeSettings | None = None, force: bool = False,
+          measure_merge_base: bool = False) -> dict:
+    """Merge ``adapters`` (``REF[:WEIGHT]``) into ``base`` and write the checkpoint to ``out``. Returns the manifest.
+
+    ``measure_merge_base``: before the folder is renamed into place, measure both merge bases of a QLoRA adapter
+    against the model as trained and the 16-bit base + adapter (``merge_base_parity.py``) for the manifest and card."""
     settings = settings or MergeSettings()
     out = Path(out)
     check_destination(out, force)
@@ -26,10 +31,12 @@ def merge(base: str, adapters: list[str], out: Path, settings: MergeSettings | N
     adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
     loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], settings.allow_pickle)
     ckpt = Checkpoint(base_src.path)
+    trained = merge_base_parity.trained_base(settings, loaded, ckpt.quantization()) if measure_merge_base else None
     with atomic_dir(out, force) as tmp:
         result = run_merge(ckpt, loaded, tmp, settings)
-        data = _manifest_data(base_src, ckpt, adapter_srcs, loaded, settings, result)
-        _write_card(tmp, out.name, base_src, ckpt, adapter_srcs, loaded, settings, result)
+        parity = merge_base_parity.measure(ckpt, loaded, tmp, settings, trained) if trained else None
+        data = _manifest_data(base_src, ckpt, adapter_srcs, loaded, settings, result, parity)
+        _write_card(tmp, out.name, base_src, ckpt, adapter_srcs, loaded, settings, result, parity)
         manifest = cards.write_manifest(tmp, data, result.weight_hashes)
     manifest["out_dir"] = str(out)
     return manifest
@@ -43,7 +50,8 @@ def _rel_hashes(paths_to_hash: dict[str, str], root: Path) -> dict[str, str]:
     return out
 
 
-def _manifest_data(base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded: list[Adapter], settings, result: MergeResult) -> dict:
+def _manifest_data(base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded: list[Adapter], settings, result: MergeResult,
+                   parity: dict | None) -> dict:
     hashes = result.input_hashes
     base_hashes = {k: v for k, v in hashes.items() if Path(k).is_relative_to(base_src.path)}
     return {
@@ -70,6 +78,7 @@ def _manifest_data(base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded: lis
             "untied_output_head": result.plan.untied,
             "qlora": settings.qlora.describe() if settings.qlora else None,  # the merge base: null is the 16-bit weights
             "notes": result.plan.notes,
+            "merge_base_parity": parity,  # --measure-merge-base: both merge bases against both references; else null
         },
     }
 
@@ -89,7 +98,7 @@ def _parts(a: Adapter, arch) -> str:
     return f"{language} language, {vision} vision" if arch.vision else f"{language} language"
 
 
-def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded, settings, result):
+def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, adapter_srcs, loaded, settings, result, parity):
     arch = result.plan.arch
     base_fm = cards.front_matter((base_src.path / CARD_FILE).read_text(errors="replace")) if (base_src.path / CARD_FILE).is_file() else {}
     adapter_texts = [_adapter_card_text(a) for a in loaded]
@@ -130,6 +139,7 @@ def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, ad
         adapters=[_adapter_row(s, a, arch, result) for s, a in zip(adapter_srcs, loaded)],
         notes=result.plan.notes,
         qlora=settings.qlora,
+        merge_base_parity=parity,
         out_name=out_name,
         example_prompt=EXAMPLE_PROMPT,
         intended_use="\n\n".join(sections.get("intended_use", [])) or cards.DEFAULT_INTENDED_USE,

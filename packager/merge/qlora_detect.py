@@ -32,12 +32,17 @@ def four_bit_evidence(adapter: Adapter, base_quantization: dict | None) -> str |
     return None
 
 
-def suggested_flags(base_quantization: dict | None) -> str:
-    """The options that select the 4-bit base the adapter was most likely trained on."""
+def likely_qlora_base(base_quantization: dict | None) -> QloraBase:
+    """The 4-bit base the adapter was most likely trained on: the base's quantization_config, else Unsloth's."""
     q = base_quantization if is_bnb_4bit(base_quantization) else {}
     quant_type = q.get("bnb_4bit_quant_type") or _USUAL_QLORA.quant_type
-    double = q.get("bnb_4bit_use_double_quant", _USUAL_QLORA.double_quant)
-    return f"--qlora-base {quant_type}" + (" --double-quant" if double else "")
+    return QloraBase(quant_type, bool(q.get("bnb_4bit_use_double_quant", _USUAL_QLORA.double_quant)))
+
+
+def suggested_flags(base_quantization: dict | None) -> str:
+    """The options that select the 4-bit base the adapter was most likely trained on."""
+    likely = likely_qlora_base(base_quantization)
+    return f"--qlora-base {likely.quant_type}" + (" --double-quant" if likely.double_quant else "")
 
 
 def merge_base_notes(adapters: list[Adapter], base_quantization: dict | None, qlora: QloraBase | None) -> list[str]:
