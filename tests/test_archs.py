@@ -7,7 +7,9 @@ import json
 import re
 from importlib import resources
 
+import gguf
 import pytest
+import transformers
 
 from xpack.errors import XpackError
 from xpack.packager.archs import all_archs, find_arch
@@ -41,7 +43,6 @@ def test_the_seed_architectures_have_tables():
 
 @pytest.mark.parametrize("name", TABLES)
 def test_gguf_sections_name_what_gguf_py_has(name):
-    gguf = pytest.importorskip("gguf")
     spec = parse(Arch, _table(name), name).gguf
     if spec.unsupported:
         assert not spec.arch and spec.mmproj is None
@@ -57,7 +58,6 @@ def test_gguf_sections_name_what_gguf_py_has(name):
 
 @pytest.mark.parametrize("name", TABLES)
 def test_auto_class_is_a_transformers_class(name):
-    transformers = pytest.importorskip("transformers")
     arch = parse(Arch, _table(name), name)
     assert hasattr(transformers, arch.auto_class)
     for cls in arch.architectures:
