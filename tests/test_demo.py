@@ -11,6 +11,7 @@ import pytest
 
 from xpack.errors import XpackError
 from xpack.packager.demo import base_model as demo
+from xpack.packager.demo.tokenizer_check import check_tokenizer
 
 SYSTEM_PROMPT = "You are an expert radiologist."
 # Not in examples/data/radiology_reports.jsonl.
@@ -76,7 +77,7 @@ def test_demo_base_materializes_and_loads(demo_base, torch_threads):
 @pytest.mark.slow
 def test_demo_tokenizer_matches_llama_cpp(demo_base):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; it is the reference tokenizer")
-    report = demo.check_demo_tokenizer(demo_base)
+    report = check_tokenizer(demo_base, demo.demo_gguf_path())
     assert report["mismatches"] == 0, report
     assert report["texts"] >= 8 and report["tokens"] > 200
 

