@@ -13,6 +13,11 @@ compute, as training ran it (issue #15). ``xpack verify --reference-base`` uses 
 It is an option of this runtime, not a runtime of its own: it shares the tokenizer, chat template,
 generation and logits of the merged checkpoint's reference, so the two references differ only in the
 model, and ``runtimes/bench.py`` can benchmark it in a process of its own.
+
+The dtype is the profile's ``compute_dtype``, except float16 for an architecture whose table says its
+activations overflow it (``fp16_overflows``: Gemma 3, whose residual stream passes 65504 and turns the
+logits into NaN): bfloat16 (the same memory) on a GPU that has it, float32 elsewhere (a T4, a CPU).
+``info()["dtype"]`` says which ran, and ``notes`` why.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
 
-__all__ = ["PeftOnBase", "TorchRuntime"]
+__all__ = ["PeftOnBase", "TorchRuntime", "overflows_fp16"]
 
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit types (BitsAndBytesConfig.bnb_4bit_quant_type)
+# The architecture tables are packager data (packager/archs/*.json) shipped in the same wheel. runtimes/
+# never imports packager/, so the one fact this runtime needs (``fp16_overflows``) is read from the JSON.
+ARCH_TABLES = Path(__file__).resolve().parent.parent / "packager" / "archs"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,22 @@ def _read_config(folder: Path) -> dict:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise XpackError(f"{folder}/config.json is unreadable ({exc}); pass a Hugging Face checkpoint folder") from None
+
+
+def overflows_fp16(config: dict) -> bool:
+    """Whether the architecture table of ``config`` (found as packager/archs ``find_arch`` finds it: by
+    model class, then model_type) says ``fp16_overflows``; False for an architecture without a table."""
+    tables = []
+    for path in sorted(ARCH_TABLES.glob("*.json")):
+        try:
+            tables.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    classes = config.get("architectures") or []
+    table = next((t for c in classes for t in tables if c in t.get("architectures", ())), None)
+    if table is None:
+        table = next((t for t in tables if config.get("model_type") in t.get("model_types", ())), None)
+    return bool(table and table.get("fp16_overflows"))
 
 
 def _switch_off_bf16_cpu_path(model) -> None:
@@ -148,13 +172,13 @@ class TorchRuntime(Runtime):
         if profile.device == "cuda" and not torch.cuda.is_available():
             raise XpackError(f"profile {profile.name} runs on a CUDA GPU, but this torch has no CUDA device; use --profile cpu16")
         self.device = torch.device("cuda" if profile.device == "cuda" else "cpu")
-        self.dtype = getattr(torch, profile.compute_dtype)
         self._previous_threads = torch.get_num_threads()
         if profile.threads:
             torch.set_num_threads(profile.threads)
 
         folder = self.locate(self.artifact)
         config = _read_config(folder)
+        self.dtype = self._compute_dtype(config)
         architectures = config.get("architectures") or []
         self.architecture = architectures[0] if architectures else config.get("model_type", "?")
         self.is_vision = self.architecture.endswith("ForConditionalGeneration")
@@ -187,6 +211,21 @@ class TorchRuntime(Runtime):
         self.stop_ids = self._end_of_turn_ids()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _compute_dtype(self, config: dict):
+        """The profile's dtype, unless it is float16 and the architecture overflows it (see the module docstring)."""
+        torch = self._torch
+        dtype = getattr(torch, self.profile.compute_dtype)
+        if dtype is not torch.float16 or not overflows_fp16(config):
+            return dtype
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # Ampere and newer, not a T4
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.float32
+        name = str(dtype).replace("torch.", "")
+        self.notes.append(f"float16 overflows {'/'.join(config.get('architectures') or [config.get('model_type', '?')])}'s activations "
+                          f"(its architecture table says fp16_overflows): the torch reference runs {name}")
+        return dtype
 
     def _four_bit_options(self) -> dict:
         """from_pretrained's options for the 4-bit base as QLoRA training loads it: float32 compute and
@@ -401,7 +440,8 @@ class TorchRuntime(Runtime):
             "architecture": self.architecture,
             "vision": self.is_vision,
             "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": str(self.dtype).replace("torch.", ""),  # the dtype that ran (see _compute_dtype)
+            "profile_dtype": self.profile.compute_dtype,
             "vocab_size": self.vocab_size,
             "stop_ids": sorted(self.stop_ids),
         }

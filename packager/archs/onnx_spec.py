@@ -49,10 +49,21 @@ class TextModelSpec:
 
 @dataclass(frozen=True)
 class Fp16Keep:
-    """``onnx.fp16_keep_fp32``: what the fp16 conversion leaves in float32."""
+    """``onnx.fp16_keep_fp32``: what the fp16 conversion leaves in float32.
+
+    ``between_kept_nodes``: a tensor that one float32 node hands to another stays float32 too.
+    onnxruntime's converter makes every float tensor fp16 and puts casts around the kept nodes, so
+    without it such a tensor makes an fp16 round trip (fp32 -> fp16 -> fp32). That is harmless where
+    values stay small, but Gemma 3's residual stream (summed in float32 by the kept
+    SkipSimplifiedLayerNormalization nodes) passes fp16's 65504 (1.04e5 on gemma-3-270m from layer 7
+    on) and comes back inf: with it the residual stream and the norms' inputs stay float32, while the
+    MatMuls and the attention run fp16. (optimum's graph adds the residual with plain Adds,
+    ``/model/layers.N/Add`` and ``Add_1``, which the Gemma 3 tables name in ``node_patterns``.)
+    """
 
     op_types: tuple[str, ...] = ()
     node_patterns: tuple[re.Pattern, ...] = ()  # searched in node names
+    between_kept_nodes: bool = False
 
 
 @dataclass(frozen=True)

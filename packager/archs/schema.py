@@ -16,7 +16,12 @@ class Arch:
     """One architecture: its model classes and types, how its tensor names moved between transformers
     versions (``key_aliases``: regex -> replacement applied to old names), its embedding, output head
     and vision parts, its usual LoRA targets, what each export step needs (``gguf``, ``onnx``), and
-    which tensors bitsandbytes quantizes when the base is loaded 4-bit for QLoRA (``qlora``)."""
+    which tensors bitsandbytes quantizes when the base is loaded 4-bit for QLoRA (``qlora``).
+
+    ``fp16_overflows``: the model's activations pass float16's 65504 (Gemma 3's residual stream:
+    1.04e5 on gemma-3-270m), so float16 gives inf/NaN logits. The torch reference then runs another
+    dtype (runtimes/torch_ref.py reads this key from the JSON table) and the ONNX fp16 conversion
+    keeps the residual stream in float32 (``onnx.fp16_keep_fp32``)."""
 
     name: str
     description: str
@@ -29,6 +34,7 @@ class Arch:
     embed_key: str
     lm_head_key: str
     vision_prefixes: tuple[str, ...]
+    fp16_overflows: bool = False
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     gguf: GgufSpec | None = None
     onnx: OnnxSpec | None = None

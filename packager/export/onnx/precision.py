@@ -15,6 +15,11 @@ What we do ourselves, and why:
   accuracy_level 4 (activations quantized per block to int8 in the kernel, as llama.cpp's Q8_0
   does); the embedding table becomes an 8-bit ``GatherBlockQuantized`` (the quantizer does 4-bit
   Gathers only, so that one is written here).
+- 16 bits between kept nodes: the fp16 converter types every float tensor fp16, so a tensor that one
+  float32 node hands to another makes an fp32 -> fp16 -> fp32 round trip. Where the architecture table
+  says so (``onnx.fp16_keep_fp32.between_kept_nodes``: Gemma 3, whose residual stream passes fp16's
+  65504) those tensors stay float32 (``keep_fp32_between``): the norms and the residual adds they fuse
+  run in float32, the MatMuls and the attention in fp16.
 """
 
 from __future__ import annotations
@@ -59,6 +64,53 @@ def to_fp16(model: "onnx.ModelProto", keep_ops: Iterable[str] = (), keep_nodes: 
         model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=True)
     return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=False)
+
+
+def keep_fp32_between(model: "onnx.ModelProto") -> int:
+    """Drop the fp16 round trips of a converted graph: wherever a float32 tensor is cast to fp16 and cast
+    back to float32 (onnxruntime's converter does so between two kept nodes, having typed every float
+    tensor fp16), the float32 consumer reads the float32 tensor itself. Why: a value between two kept
+    nodes may exceed fp16's range, as Gemma 3's residual stream does (see archs/onnx_spec.py Fp16Keep);
+    fp16 consumers of the same tensor keep their cast. Returns the number of round trips dropped."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    fp32 = {v.name for v in [*graph.input, *graph.value_info] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def cast_to(n) -> int | None:
+        return next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+
+    rename: dict[str, str] = {}
+    dropped: set[int] = set()
+    for down in graph.node:
+        if cast_to(down) != TensorProto.FLOAT16 or down.input[0] not in fp32:
+            continue
+        users = consumers.get(down.output[0], [])
+        back = [u for u in users if cast_to(u) == TensorProto.FLOAT and u.output[0] not in outputs]
+        for up in back:
+            rename[up.output[0]] = down.input[0]
+            dropped.add(id(up))
+        if len(back) == len(users) and down.output[0] not in outputs:
+            dropped.add(id(down))
+    if not rename:
+        return 0
+    kept = [n for n in graph.node if id(n) not in dropped]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    live = {name for n in kept for name in n.output}
+    stale = [v for v in graph.value_info if v.name not in live]
+    for v in stale:
+        graph.value_info.remove(v)
+    return len(rename)
 
 
 def rtn_matmuls(model: "onnx.ModelProto", bits: int, block_size: int, exclude: Sequence[str] = ()) -> "onnx.ModelProto":
@@ -244,14 +296,18 @@ def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool
 
 
 def _fp16(model: "onnx.ModelProto", spec: OnnxSpec, info: dict) -> tuple["onnx.ModelProto", dict]:
-    """fp16, with the op types and node-name patterns of the table's ``fp16_keep_fp32`` left in float32."""
+    """fp16, with the op types and node-name patterns of the table's ``fp16_keep_fp32`` left in float32
+    (and, with its ``between_kept_nodes``, the tensors passed between them: Gemma 3's residual stream)."""
     keep = spec.fp16_keep_fp32
     nodes = [n.name for n in model.graph.node if n.name and any(p.search(n.name) for p in keep.node_patterns)]
     model = to_fp16(model, keep.op_types, nodes)
+    links = keep_fp32_between(model) if keep.between_kept_nodes else 0
     info.update(
         fp16_fp32_ops=list(keep.op_types),
         fp16_fp32_node_patterns=[p.pattern for p in keep.node_patterns],
         fp16_fp32_nodes=len(nodes),
         io_types="float32 (keep_io_types: logits and KV cache in fp32, cast at the graph edges)",
     )
+    if keep.between_kept_nodes:
+        info["fp16_fp32_links"] = links  # fp32 -> fp16 -> fp32 round trips between kept nodes dropped
     return model, info
