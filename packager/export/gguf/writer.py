@@ -259,26 +259,56 @@ def _storage_type(name: str, ndim: int, intermediate: str, force: list, hf_name:
     return intermediate
 
 
-def _tensor_plan(ops: list[TensorOp], arch: Arch, cfg: dict, intermediate: str, n_vocab_real: int) -> list[GgufTensor]:
+def text_name_map(arch: Arch, cfg: dict):
+    """gguf-py's tensor name map for the text decoder of ``arch`` (``cfg``: the text config)."""
     import gguf
 
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf.arch.upper()), _hparams(cfg)["num_hidden_layers"])
+
+
+def _local_name(arch: Arch, hf_name: str) -> str:
+    """The decoder-local name gguf-py's map knows (``model.layers.0...``), whatever prefix the checkpoint uses."""
+    canon, prefix = arch.canonical(hf_name), arch.gguf.text_prefix
+    return "model." + canon[len(prefix):] if canon.startswith(prefix) else canon
+
+
+def gguf_text_name(arch: Arch, name_map, hf_name: str) -> str | None:
+    """The GGUF name of a text-decoder tensor (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``),
+    or None for a tensor the text GGUF leaves out (the table's ``skip``, e.g. Gemma 3's tied ``lm_head``)."""
+    if any(p.search(arch.canonical(hf_name)) for p in arch.gguf.skip):
+        return None
+    name = name_map.get_name(_local_name(arch, hf_name), try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise XpackError(f"tensor {hf_name} has no GGUF name for {arch.name}; the checkpoint has parts xpack's {arch.name} table does not know")
+    return name
+
+
+def qk_permute_heads(arch: Arch, cfg: dict, hf_name: str) -> int | None:
+    """The head count of llama.cpp's Q/K row permutation for this tensor, or None when its rows keep their order."""
+    local, h = _local_name(arch, hf_name), _hparams(cfg)
+    if not arch.gguf.permute_qk or not local.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    return h["num_attention_heads"] if "q_proj" in local else h["num_key_value_heads"]
+
+
+def to_gguf_rows(arch: Arch, cfg: dict, hf_name: str, values: np.ndarray) -> np.ndarray:
+    """A tensor, or one value per output row of it, in the row order the GGUF stores ``hf_name`` in."""
+    heads = qk_permute_heads(arch, cfg, hf_name)
+    return _permute(values, heads) if heads else values
+
+
+def _tensor_plan(ops: list[TensorOp], arch: Arch, cfg: dict, intermediate: str, n_vocab_real: int) -> list[GgufTensor]:
     g = arch.gguf
-    h = _hparams(cfg)
-    n_blocks = h["num_hidden_layers"]
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, g.arch.upper()), n_blocks)
+    name_map = text_name_map(arch, cfg)
     out = []
     for op in ops:
-        canon = arch.canonical(op.out_name)
-        if any(p.search(canon) for p in g.skip):
-            continue
-        local = "model." + canon[len(g.text_prefix):] if canon.startswith(g.text_prefix) else canon
-        name = name_map.get_name(local, try_suffixes=(".weight", ".bias"))
+        name = gguf_text_name(arch, name_map, op.out_name)
         if name is None:
-            raise XpackError(f"tensor {op.out_name} has no GGUF name for {arch.name}; the checkpoint has parts xpack's {arch.name} table does not know")
+            continue
+        local = _local_name(arch, op.out_name)
         shape = tuple(op.spec.shape)
         t = GgufTensor(name, op, shape, _storage_type(name, len(shape), intermediate, []))
-        if g.permute_qk and local.endswith(("q_proj.weight", "k_proj.weight")):
-            t.permute_heads = h["num_attention_heads"] if "q_proj" in local else h["num_key_value_heads"]
+        t.permute_heads = qk_permute_heads(arch, cfg, op.out_name)
         if g.norm_shift and local.endswith("norm.weight"):
             t.shift = g.norm_shift
         if g.trim_embeddings_to_vocab and local.endswith("embed_tokens.weight") and n_vocab_real < shape[0]:
@@ -420,9 +450,15 @@ def _mmproj_kv(arch: Arch, cfg: dict, vision_cfg: dict, model_dir: Path, file_ty
 # quantization and inspection
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
+def quantize(
+    src: Path, dst: Path, quant: str, threads: int, imatrix: dict[str, np.ndarray] | None = None, overrides: dict[str, str] | None = None,
+) -> None:
     """llama.cpp's own quantizer, in-process (the same code as the llama-quantize tool).
 
+    ``imatrix`` maps GGUF tensor names to llama.cpp's importance matrix (per input column, the mean of x^2
+    over calibration tokens, as llama-imatrix writes it); ``overrides`` maps GGUF tensor names to the ggml
+    type they get instead of the one ``quant`` chooses (e.g. ``{"blk.3.ffn_down.weight": "Q8_0"}``).
+    Both are checked against ``src`` first, and the overrides against ``dst`` after.
     Its per-tensor log goes to a file instead of the terminal; a failure quotes its last lines.
     """
     import llama_cpp
@@ -431,13 +467,84 @@ def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[quant]
     params.nthread = threads
+    shapes = {name: dims for name, dims, _ in read_gguf_header(src)[1]} if imatrix or overrides else {}
+    keep_alive = [_set_imatrix(params, imatrix, shapes), _set_overrides(params, overrides, shapes)]
     with tqdm(total=1, desc=f"quantize {quant}", disable=None) as bar:
         with _captured_fds() as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if rc else ""
         bar.update(1)
+    del keep_alive  # the ctypes arrays params points into: alive until the quantizer returned
     if rc != 0:
         raise XpackError(f"llama.cpp could not quantize to {quant} (code {rc}: {tail}); try another --quant")
+    if overrides:
+        _check_overrides(dst, overrides)
+
+
+def _set_imatrix(params, imatrix: dict[str, np.ndarray] | None, shapes: dict) -> list | None:
+    """Point ``params.imatrix`` at a NULL-terminated llama_model_imatrix_data array; returns what must stay alive."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    if not imatrix:
+        return None
+    arrays = []
+    for name, values in imatrix.items():
+        v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        if name not in shapes:
+            raise XpackError(f"the importance matrix names tensor {name}, which the GGUF does not have; map the names with calibrate.names")
+        dims = shapes[name]
+        columns = int(dims[0]) * (int(dims[2]) if len(dims) > 2 else 1)  # llama.cpp: ne[0] * ne[2] (per expert)
+        if v.size != columns or not np.isfinite(v).all():
+            raise XpackError(f"the importance matrix of {name} has {v.size} values (finite: {bool(np.isfinite(v).all())}); the tensor needs {columns} finite values")
+        arrays.append((name.encode(), v))
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for entry, (name, v) in zip(entries, arrays):
+        entry.name, entry.data, entry.size = name, v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+    params.imatrix = entries  # the last entry stays zeroed: the NULL terminator
+    return [entries, arrays]
+
+
+def _set_overrides(params, overrides: dict[str, str] | None, shapes: dict) -> list | None:
+    """Point ``params.tt_overrides`` at exact-name regexes (``^blk\\.3\\.ffn_down\\.weight$``) with their ggml types."""
+    import llama_cpp
+
+    if not overrides:
+        return None
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    patterns = []
+    for entry, (name, type_name) in zip(entries, overrides.items()):
+        gtype = _override_type(name, type_name, shapes)
+        patterns.append(f"^{re.escape(name)}$".encode())
+        entry.pattern, entry.type = patterns[-1], gtype
+    params.tt_overrides = entries
+    return [entries, patterns]
+
+
+def _override_type(name: str, type_name: str, shapes: dict) -> int:
+    import gguf
+
+    if name not in shapes:
+        raise XpackError(f"the type overrides name tensor {name}, which the GGUF does not have")
+    try:
+        gtype = gguf.GGMLQuantizationType[type_name.upper()]
+    except KeyError:
+        raise XpackError(f"unknown ggml type {type_name} for {name}; valid: {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
+    block = gguf.GGML_QUANT_SIZES[gtype][0]
+    if int(shapes[name][0]) % block:
+        raise XpackError(f"{name} has rows of {shapes[name][0]} values; {gtype.name} needs a multiple of {block}")
+    return int(gtype)
+
+
+def _check_overrides(path: Path, overrides: dict[str, str]) -> None:
+    import gguf
+
+    got = {name: gguf.GGMLQuantizationType(kind).name for name, _, kind in read_gguf_header(path)[1]}
+    wrong = [f"{n}: {got.get(n)} instead of {t.upper()}" for n, t in overrides.items() if got.get(n) != t.upper()]
+    if wrong:
+        raise XpackError(f"llama.cpp did not apply the type overrides ({'; '.join(wrong)})")
 
 
 @contextlib.contextmanager
