@@ -44,9 +44,18 @@ def write_gguf_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, sou
         image_mean=pre.get("image_mean"),
         image_std=pre.get("image_std"),
         gguf_file=gguf_file,
+        calibration=_calibration_fields(result.calibration),
         ollama_name=re.sub(r"[^a-z0-9-]+", "-", out_name.lower()).strip("-") or "model",
     )
     (tmp / CARD_FILE).write_text(text)
+
+
+def _calibration_fields(cal: dict | None) -> dict | None:
+    if not cal:
+        return None
+    mix_types = ", ".join(f"{t} x{n}" for t, n in sorted(cal["mix"]["type_counts"].items()))
+    budget = _size(cal["target"]["bytes"]) if cal["target"]["bytes"] else "the plain type's size + 5%"
+    return {**cal, "mix_types": mix_types, "budget": budget, "mix_size": _size(cal["mix"]["bytes"]), "plain_size": _size(cal["plain"]["bytes"])}
 
 
 def write_onnx_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str],

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.cards import render as cards
+from xpack.packager.export.calibrate.gguf_mix import MixRequest, calibrated_quantize
+from xpack.packager.export.calibrate.text import read_calibration
 from xpack.packager.export.card import write_gguf_card, write_onnx_card
 from xpack.packager.export.gguf.modelfile import write_modelfile
 from xpack.packager.export.gguf.writer import export_gguf, resolve_quant
@@ -21,6 +23,20 @@ from xpack.packager.merge.stream import MergeSettings, load_adapters
 from xpack.runtimes.artifacts import read_manifest
 
 FORMATS = ("gguf", "onnx")
+CALIBRATED_BITS = (4, 8)  # GGUF --bits that give xpack's calibrated mix (the others are llama.cpp's plain types)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """--calibration / --target-size / --max-kl as the export verb receives them."""
+
+    text: Path | None = None  # None: the built-in calibration text
+    target_bytes: int | None = None
+    max_kl: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.text is not None or self.target_bytes is not None or self.max_kl is not None
 
 
 @dataclass
@@ -49,16 +65,24 @@ class _Inputs:
 def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: str | None = None, adapters=(),
            force: bool = False, name: str | None = None, threads: int = 0, allow_pickle: bool = False,
            block_size: int | None = None, keep_lm_head: bool = False, graph: str = "xpack", int4: str = "mixed",
-           qlora_base: str | None = None, double_quant: bool = False, qlora_blocksize: int | None = None) -> dict:
+           qlora_base: str | None = None, double_quant: bool = False, qlora_blocksize: int | None = None,
+           calibration: Calibration | None = None) -> dict:
     """Export ``model`` (+ ``adapters`` merged on the fly, into their 4-bit base with ``qlora_base``) to ``out``
-    as GGUF or ONNX; returns the manifest."""
+    as GGUF or ONNX; returns the manifest. GGUF ``bits`` 4 and 8 are xpack's calibrated mix (``calibration``
+    says on what text and to what target); ``quant`` is llama.cpp's plain type."""
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
     merge = MergeSettings(allow_pickle=allow_pickle, qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=qlora_blocksize)
     if merge.qlora and not adapters:
         raise XpackError("--qlora-base says how to merge an --adapter, and there is none; give --adapter or drop --qlora-base")
+    calibration = calibration or Calibration()
+    if calibration.max_kl is not None and calibration.target_bytes is not None:
+        raise XpackError("--target-size (lowest KL within a size) and --max-kl (smallest file within a KL) are two targets; give one")
     if fmt == "onnx":
+        if calibration.given:
+            raise XpackError("calibrated ONNX quantization (--calibration, --target-size, --max-kl) is not implemented yet; "
+                             "drop those options for xpack's int4/int8 ONNX, or export GGUF with them")
         if quant:
             raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
         block_size = block_size or default_block_size(bits)
@@ -68,14 +92,19 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
             raise XpackError("--graph and --int4 are ONNX settings; drop them or use --format onnx")
         if block_size is not None or keep_lm_head:
             raise XpackError("--block-size and --keep-lm-head are ONNX settings (llama.cpp quant types fix their own blocks); drop them or use --format onnx")
+        if calibration.given and bits not in CALIBRATED_BITS:
+            raise XpackError("--calibration, --target-size and --max-kl choose xpack's calibrated mix, which --bits 4 or 8 makes; "
+                             + (f"--quant {quant} is llama.cpp's plain type" if quant else f"--bits {bits} is a plain type"))
         quant = resolve_quant(bits, quant)
+    mix = MixRequest(int(bits), read_calibration(calibration.text), calibration.target_bytes, calibration.max_kl) \
+        if fmt == "gguf" and bits in CALIBRATED_BITS else None  # --bits and --quant never come together (the CLI refuses)
     check_destination(out, force)
     inputs = _resolve_inputs(model, adapters, merge)
     with atomic_dir(out, force) as tmp:
         if fmt == "onnx":
             data, hashes = _export_onnx(inputs, tmp, out.name, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph, int4=int4)
         else:
-            data, hashes = _export_gguf(inputs, tmp, out.name, quant, name or _model_name(inputs.src.path), threads)
+            data, hashes = _export_gguf(inputs, tmp, out.name, quant, name or _model_name(inputs.src.path), threads, mix)
         manifest = cards.write_manifest(tmp, data, hashes)
     manifest["out_dir"] = str(out)
     return manifest
@@ -89,9 +118,13 @@ def _resolve_inputs(model: str, adapters, merge: MergeSettings) -> _Inputs:
     return _Inputs(src, adapter_srcs, loaded, merge)
 
 
-def _export_gguf(inputs: _Inputs, tmp: Path, out_name: str, quant: str, name: str, threads: int) -> tuple[dict, dict]:
+def _export_gguf(inputs: _Inputs, tmp: Path, out_name: str, quant: str, name: str, threads: int, mix: MixRequest | None) -> tuple[dict, dict]:
     """``--format gguf``: the GGUF file(s), Modelfile and card in ``tmp``; returns the manifest data and file hashes."""
-    result = export_gguf(inputs.src.path, inputs.adapters, tmp, quant, name, threads, inputs.merge)
+    mixer = None
+    if mix is not None:
+        def mixer(raw, final, work, reference):
+            return calibrated_quantize(raw, final, reference, quant, mix, threads or 0, work).report
+    result = export_gguf(inputs.src.path, inputs.adapters, tmp, quant, name, threads, inputs.merge, mixer=mixer)
     hashes = {f: sha256_file(tmp / f) for f in result.files}
     ckpt = Checkpoint(inputs.src.path)
     source_manifest = read_manifest(inputs.src.path)
@@ -109,6 +142,7 @@ def _export_gguf(inputs: _Inputs, tmp: Path, out_name: str, quant: str, name: st
         **inputs.manifest_fields(ckpt, source_manifest),
         "artifacts": result.files,
         "vocab": result.vocab,
+        "calibration": result.calibration,
         "notes": result.notes,
     }
     return data, hashes

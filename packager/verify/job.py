@@ -174,6 +174,7 @@ class Side:
     greedy: list[dict]
     vocab_size: int
     images: list[dict] | None = None  # per image: teacher-forced logits/ids after the image, greedy answer
+    info: dict | None = None  # the runtime's info(): for the torch reference, the dtype that ran and why
 
 
 def _messages(item: dict) -> list[dict]:
@@ -204,7 +205,9 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
             img_logits, img_ids = rt.logits_with_image(IMAGE_PROMPT, image, continuation_ids=cont)
             scored.append({"image": str(image), "logits": img_logits, "ids": img_ids, "greedy": {"ids": r.token_ids, "text": r.text},
                            "image_encode_s": r.image_encode_s})
-        return Side(ids, logits, answers, rt.vocab_size, scored or None)
+        info = {k: v for k, v in rt.info().items() if k in ("dtype", "profile_dtype", "device")} if hasattr(rt, "info") else {}
+        info["notes"] = list(getattr(rt, "notes", []) or [])
+        return Side(ids, logits, answers, rt.vocab_size, scored or None, info)
 
 
 def parity(artifact: Side, reference: Side, tokenizer) -> dict:
@@ -335,6 +338,7 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
         "reference_kind": ref.kind,
         "reference_label": ref.label,
         "runtime": runtime,
+        "reference_runtime": ref_side.info,
         "artifact_label": label,
         "precision_class": cls,
         "profile": profile.to_dict(),
@@ -343,9 +347,13 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
         "machine": machine_label(),
         "xpack_version": __version__,
         "parity": figures,
+        "parity_text": (f"{text_file} (given with --text)" if text_file else "the built-in evaluation text (eval_medical.txt)")
+        + ", never the calibration text of a calibrated export",
         "checks": checks,
         "parity_pass": all(c["pass"] for c in checks),
     }
+    if not report["parity_pass"]:
+        report["advice"] = _advice(artifact, runtime, ref, checks)
     if benchmark:
         image = images[0] if images else None
         art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
@@ -358,6 +366,19 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
         report["benchmark_checks"] = bench_checks(art_bench, profile)
         report["benchmark_pass"] = all(c["pass"] for c in report["benchmark_checks"])
     return report
+
+
+def _advice(artifact: Path, runtime: str, ref: Reference, checks: list[dict]) -> str:
+    """The export option that would meet a failed KL verdict: xpack's calibrated GGUF with --max-kl."""
+    kl = next((c for c in checks if c["metric"] == "kl_mean" and not c["pass"]), None)
+    limit = kl["limit"].split()[-1] if kl else "0.1"
+    bits = "8" if kl and float(limit) < 0.05 else "4"
+    source = ref.path if ref.peft is None else "<the merged checkpoint>"
+    how = f"xpack export --model {source} --format gguf --bits {bits} --max-kl {limit} --out <folder>"
+    if runtime == "onnx":
+        return (f"calibrated ONNX quantization is not available yet; the smallest GGUF that meets KL <= {limit} on the "
+                f"calibration text: `{how}`, or export ONNX with more --bits")
+    return f"to meet KL <= {limit}, export the smallest calibrated file that meets it on the calibration text: `{how}`"
 
 
 def _ratio(a: dict, b: dict, key: str) -> float | None:
@@ -386,6 +407,7 @@ def _entry(report: dict) -> dict:
         "precision_class": report["precision_class"],
         "reference_kind": report["reference_kind"],
         "reference": report["reference_label"],
+        "reference_runtime": report.get("reference_runtime"),
         "parity": {k: v for k, v in p.items() if k not in ("prompts", "images")},
         "greedy_matching": [{"matching_tokens": q["matching_tokens"], "reference_tokens": q["reference_tokens"], "diverges_at": q["diverges_at"]} for q in p["prompts"]],
         "checks": report["checks"],
@@ -440,11 +462,16 @@ def _section(verification: dict) -> str:
 def _references(verification: dict) -> list[str]:
     """The as-trained references the entries were measured against (none: the merged checkpoint, the template's default)."""
     as_trained = {name: e["reference"] for name, e in verification.items() if e.get("reference_kind") == "as-trained"}
+    dtype_lines = [
+        f"`{name}`: the torch reference ran in {rt['dtype']}, not the profile's {rt['profile_dtype']} ({'; '.join(rt.get('notes') or [])})"
+        for name, e in verification.items()
+        if (rt := e.get("reference_runtime") or {}).get("profile_dtype") and rt.get("dtype") != rt.get("profile_dtype")
+    ]
     if not as_trained:
-        return []
+        return dtype_lines
     merged = [name for name, e in verification.items() if name not in as_trained]
     lines = [f"`{name}`: the model as trained, {label}" for name, label in as_trained.items()]
-    return lines + [f"`{name}`: {MERGED_LABEL} the artifact came from" for name in merged]
+    return lines + [f"`{name}`: {MERGED_LABEL} the artifact came from" for name in merged] + dtype_lines
 
 
 def splice_section(card: str, section: str) -> str:

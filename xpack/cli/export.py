@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import ModelRef, adapter_option, emit, qlora_options
+from xpack.cli.params import ModelRef, Size, adapter_option, emit, qlora_options
+from xpack.packager.export.job import Calibration
 from xpack.packager.export.job import export as do_export
 
 
@@ -18,9 +19,16 @@ from xpack.packager.export.job import export as do_export
 @click.option(
     "--bits",
     type=click.Choice(["32", "16", "8", "6", "5", "4"]),
-    help="GGUF: 16=F16, 8=Q8_0, 6=Q6_K, 5=Q5_K_M, 4=Q4_K_M. ONNX: 32=fp32, 16=fp16, 8/4=int8/int4 weight-only blocks.",
+    help="GGUF: 16=F16, 6=Q6_K, 5=Q5_K_M; 8 and 4: xpack's calibrated mix within the size of Q8_0 / Q4_K_M + 5% "
+         "(importance matrix + a type per tensor chosen by measured sensitivity). ONNX: 32=fp32, 16=fp16, 8/4=int8/int4 weight-only blocks.",
 )
-@click.option("--quant", help="Any llama.cpp quant type instead of --bits (Q4_0, Q5_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--quant", help="Any llama.cpp quant type instead of --bits, as llama.cpp makes it (Q4_K_M, Q8_0, Q4_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GGUF --bits 4/8: text the torch reference reads to measure sensitivity: plain text or chat JSONL (e.g. the adapter's "
+                   "training data).  [default: a built-in medical text, disjoint from verify's evaluation text]")
+@click.option("--target-size", type=Size(), help="GGUF --bits 4/8: the lowest KL within this file size (e.g. 250MB) instead of the plain type's + 5%.")
+@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True),
+              help="GGUF --bits 4/8: the smallest file whose mean KL on the calibration text is at most this (e.g. 0.1, the 4-bit verdict).")
 @click.option("--block-size", type=click.IntRange(min=16), help="ONNX 8/4 bits: weights per quantization block (a power of two).  [default: 16 for 8 bits, 32 for 4 bits]")
 @click.option("--keep-lm-head", is_flag=True, help="ONNX 8/4 bits: keep the output head and token embedding in float.")
 @click.option(
@@ -37,7 +45,8 @@ from xpack.packager.export.job import export as do_export
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quant, block_size, keep_lm_head, graph, int4, out, name, threads, force, allow_pickle, as_json):
+def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quant, calibration, target_size, max_kl, block_size, keep_lm_head,
+           graph, int4, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
     GGUF: the text model (and, for Gemma 3 with vision, an mmproj file for the image encoder) is
@@ -51,8 +60,17 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
     --keep-lm-head.
 
     \b
+    Calibrated GGUF (--bits 4 or 8): the merged model reads a calibration text in torch; each tensor's
+    type is chosen from its predicted KL (output Fisher x importance matrix x llama.cpp's own rounding
+    error) within the size of the plain type + 5% (--target-size, --max-kl), and llama.cpp quantizes with
+    xpack's importance matrix. The KL on the calibration text of the plain type and of the mix are printed
+    and kept in the manifest; `xpack verify` measures on its own evaluation text.
+
+    \b
     Example:
       xpack export --model ./gemma3-xray --format gguf --bits 4 --out ./gemma3-xray-gguf
+      xpack export --model ./gemma3-xray --format gguf --bits 4 --max-kl 0.1 --calibration train.jsonl --out ./g3-kl01
+      xpack export --model ./gemma3-xray --format gguf --quant Q4_K_M --out ./gemma3-xray-plain
       xpack export --model google/gemma-2-2b --adapter ./symptom-lora --format gguf --quant Q5_K_M --out ./g2
       xpack export --model ./gemma3-xray --format onnx --bits 4 --out ./gemma3-xray-onnx
     """
@@ -67,12 +85,19 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
         name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4,
         qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=blocksize,
+        calibration=Calibration(calibration, target_size, max_kl),
     )
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
     for fname, info in manifest["artifacts"].items():
         size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
         fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
         lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
+    cal = manifest.get("calibration")
+    if cal:
+        lines.append(f"  calibrated on {cal['calibration']['source']} ({cal['calibration']['tokens']} tokens): mean KL on it "
+                     f"{cal['mix']['kl_mean_calibration']:.4f} at {cal['mix']['bytes'] / 1e6:.1f} MB; llama.cpp's plain {cal['plain']['type']} "
+                     f"{cal['plain']['kl_mean_calibration']:.4f} at {cal['plain']['bytes'] / 1e6:.1f} MB"
+                     + ("" if cal["target"]["met"] else f"; MISSED --max-kl {cal['target']['max_kl']}"))
     lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
     emit(manifest, as_json, lines)
     for note in manifest.get("notes") or []:  # on stderr, as `xpack merge` says them

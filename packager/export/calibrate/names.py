@@ -45,20 +45,33 @@ def gguf_stats(stats: LayerStats, model_dir: Path) -> dict[str, TensorStats]:
     """``stats`` keyed by GGUF tensor name, each ``out_fisher`` in the row order of the GGUF tensor."""
     _, arch, cfg = _model(model_dir)
     names = gguf_tensor_names(model_dir, stats.tensors)
-    rows = _embedding_rows(model_dir, arch, cfg) if EMBEDDING in names.values() else None
+    rows = _embedding_rows(model_dir, arch, cfg)
     out = {}
     for hf_name, name in names.items():
         s = stats.tensors[hf_name]
         fisher = None if s.out_fisher is None else to_gguf_rows(arch, cfg, hf_name, s.out_fisher)
         if fisher is not None and name == EMBEDDING and rows is not None:
             fisher = fisher[:rows]
-        out[name] = TensorStats(s.in_sq_mean, fisher, s.count)
+        grads = None if s.out_sample is None else to_gguf_rows(arch, cfg, hf_name, s.out_sample.T).T
+        if grads is not None and name == EMBEDDING and rows is not None:
+            grads = grads[:, :rows]
+        out[name] = TensorStats(s.in_sq_mean, fisher, s.count, s.in_block_amax_sq, in_sample=s.in_sample, out_sample=grads)
+    if stats.embedding is not None:  # the lookup statistics join the head's when the head is the embedding
+        emb_name = gguf_tensor_names(model_dir, [stats.embedding[0]]).get(stats.embedding[0])
+        if emb_name is not None:
+            lookup = stats.embedding[1]
+            use = lookup.lookup_use if rows is None or lookup.lookup_use is None else lookup.lookup_use[:rows]
+            head = out.get(emb_name)
+            out[emb_name] = TensorStats(head.in_sq_mean if head else lookup.in_sq_mean, head.out_fisher if head else None,
+                                        head.count if head else lookup.count, head.in_block_amax_sq if head else {}, use, lookup.lookup_fisher,
+                                        head.in_sample if head else None, head.out_sample if head else None)
     return out
 
 
 def gguf_imatrix(stats: LayerStats, model_dir: Path) -> dict[str, np.ndarray]:
     """The importance matrix as ``quantize(..., imatrix=)`` takes it: GGUF tensor name -> mean of x^2 per column."""
-    return {name: s.in_sq_mean for name, s in gguf_stats(stats, model_dir).items()}
+    # a table only ever looked up (an untied embedding) has no matmul input: llama-imatrix gives it none either
+    return {name: s.in_sq_mean for name, s in gguf_stats(stats, model_dir).items() if s.lookup_use is None or s.out_fisher is not None}
 
 
 def _model(model_dir: Path) -> tuple[Checkpoint, Arch, dict]:

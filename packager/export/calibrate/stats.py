@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 FISHER_SEED = 0
+SAMPLE_PER_SEQUENCE = 64  # input rows kept per sequence and layer (TensorStats.in_sample), up to SAMPLE_TOKENS
+SAMPLE_TOKENS = 512
+ACTIVATION_BLOCKS = (32, 256)  # llama.cpp's activation blocks: Q8_0 / Q8_1 (legacy and IQ4_NL weights), Q8_K (K-quants)
 
 
 @dataclass
@@ -38,11 +41,29 @@ class TensorStats:
     in_sq_mean: np.ndarray  # [in_features] float32: llama.cpp's importance matrix (mean over tokens of x_j^2)
     out_fisher: np.ndarray | None  # [out_features] float32: mean over tokens of (dL/dy_i)^2; None without fisher
     count: int  # tokens seen
+    # block size -> [in_features / block] float32: mean over tokens of max|x| over each block of the input, squared.
+    # llama.cpp quantizes the activations too (to 8 bits per block of 32 or 256) when the weight is quantized;
+    # the rounding step of a block is its max|x| / 127 (plan.py's activation term).
+    in_block_amax_sq: dict[int, np.ndarray] = field(default_factory=dict)
+    # An embedding table read by lookup (also the output head when tied): how often each row was looked up
+    # (fraction of tokens, [rows]) and the Fisher of the lookup's output per column, times the embedding's
+    # scale squared (Gemma multiplies by sqrt(hidden)), [cols]. None for a plain linear layer.
+    lookup_use: np.ndarray | None = None
+    lookup_fisher: np.ndarray | None = None
+    # [tokens, in_features] float32: the layer's inputs at a fixed sample of calibration positions. The diagonal
+    # importance matrix ignores how input columns move together; a low-rank weight change (a merged LoRA delta)
+    # is aligned with exactly those directions, and a quantizer that rounds a merged weight back towards the grid
+    # its base came from (a dequantized GGUF base) removes it: plan.py measures ||x E^T||^2 on these rows.
+    in_sample: np.ndarray | None = None
+    # [tokens, out_features] float32: dL/dy at the same positions (sampled labels). With in_sample, the Fisher
+    # quadratic of a weight change E is estimated whole, 1/2 mean_t (g_t . E x_t)^2, output correlations included.
+    out_sample: np.ndarray | None = None
 
 
 @dataclass
 class LayerStats:
-    tensors: dict[str, TensorStats] = field(default_factory=dict)  # HF weight name -> its statistics
+    tensors: dict[str, TensorStats] = field(default_factory=dict)  # HF weight name -> its statistics (linears)
+    embedding: tuple[str, TensorStats] | None = None  # the input embedding's HF weight name and its lookup statistics
     tokens: int = 0  # calibration tokens the model read
     sequences: int = 0
     seq_len: int = 0
@@ -69,13 +90,15 @@ def collect_stats(
     handles = acc.attach(model)
     generator = torch.Generator().manual_seed(seed)
     try:
+        positions = torch.Generator().manual_seed(seed + 1)
         for ids in tqdm(sequences, desc="calibrate", unit="seq", disable=None):
+            acc.sample_positions(len(ids), positions)
             _run_sequence(model, ids, fisher, generator)
     finally:
         for h in handles:
             h.remove()
     return LayerStats(
-        tensors=acc.result(), tokens=n_tokens, sequences=len(sequences), seq_len=seq_len, calibration_sha256=calibration.sha256,
+        tensors=acc.result(), embedding=acc.embedding_result(model), tokens=n_tokens, sequences=len(sequences), seq_len=seq_len, calibration_sha256=calibration.sha256,
         calibration_source=calibration.source, fisher_seed=seed if fisher else None,
     )
 
@@ -114,11 +137,18 @@ class _Accumulator:
         self.linears = linears
         self.fisher = fisher
         self.in_sq: dict = {}
+        self.in_amax: dict = {}
+        self.samples: dict = {}
+        self.grad_samples: dict = {}
+        self.positions = None  # the positions sampled in the current sequence
         self.out_sq: dict = {}
         self.counts: dict[str, int] = {}
 
     def attach(self, model) -> list:
-        handles = [model.get_input_embeddings().register_forward_hook(_activations_need_grad)] if self.fisher else []
+        self.lookups = None
+        self.lookup_sq = None
+        self.lookup_tokens = 0
+        handles = [model.get_input_embeddings().register_forward_hook(self._embedding_hook)] if self.fisher else []
         handles += [module.register_forward_hook(self._hook(name)) for name, module in self.linears.items()]
         return handles
 
@@ -128,15 +158,73 @@ class _Accumulator:
         def hook(module, inputs, output):
             x = inputs[0].detach()
             rows = x.numel() // x.shape[-1]
-            _add(self.in_sq, name, x.reshape(rows, -1).pow(2).sum(0, dtype=torch.float64))
+            flat = x.reshape(rows, -1)
+            _add(self.in_sq, name, flat.pow(2).sum(0, dtype=torch.float64))
+            kept = self.samples.setdefault(name, [])
+            if self.positions is not None and sum(len(k) for k in kept) < SAMPLE_TOKENS:
+                kept.append(flat[self.positions[self.positions < rows]].float().clone())
+            for block in ACTIVATION_BLOCKS:
+                if flat.shape[1] % block == 0:
+                    amax = flat.reshape(rows, -1, block).abs().amax(-1)
+                    _add(self.in_amax, (name, block), amax.pow(2).sum(0, dtype=torch.float64))
             self.counts[name] = self.counts.get(name, 0) + rows
             if self.fisher and output.requires_grad:
-                output.register_hook(lambda g: _add(self.out_sq, name, g.detach().reshape(rows, -1).pow(2).sum(0, dtype=torch.float64)))
+                positions = self.positions
+                keep = positions is not None and sum(len(k) for k in self.grad_samples.get(name, [])) < SAMPLE_TOKENS
+
+                def grad_hook(g):
+                    flat_g = g.detach().reshape(rows, -1)
+                    _add(self.out_sq, name, flat_g.pow(2).sum(0, dtype=torch.float64))
+                    if keep:
+                        self.grad_samples.setdefault(name, []).append(flat_g[positions[positions < rows]].float().clone())
+
+                output.register_hook(grad_hook)
 
         return hook
 
+    def _embedding_hook(self, module, inputs, output):
+        """Count the rows looked up; ask for the output's gradient (every activation after it then gets one)."""
+        import torch
+
+        ids = inputs[0].reshape(-1)
+        counts = torch.bincount(ids, minlength=module.weight.shape[0]).to(torch.float64)
+        self.lookups = counts if self.lookups is None else self.lookups + counts
+        self.lookup_tokens += ids.numel()
+        output.requires_grad_(True)
+        rows = ids.numel()
+
+        def grad_hook(g):
+            sq = g.detach().reshape(rows, -1).pow(2).sum(0, dtype=torch.float64)
+            self.lookup_sq = sq if self.lookup_sq is None else self.lookup_sq + sq
+
+        output.register_hook(grad_hook)
+        return output
+
+    def embedding_result(self, model) -> tuple[str, TensorStats] | None:
+        import numpy as np
+
+        if self.lookups is None or self.lookup_sq is None or not self.lookup_tokens:
+            return None
+        module = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is module) + ".weight"
+        scale = float(getattr(module, "embed_scale", 1.0))  # Gemma's ScaledWordEmbedding: output = scale * row
+        n = self.lookup_tokens
+        cols = module.weight.shape[1]
+        return name, TensorStats(
+            in_sq_mean=np.ones(cols, dtype=np.float32), out_fisher=None, count=n,
+            lookup_use=(self.lookups / n).numpy().astype(np.float32),
+            lookup_fisher=(self.lookup_sq / n * scale * scale).numpy().astype(np.float32),
+        )
+
+    def sample_positions(self, length: int, generator) -> None:
+        """The positions of the next sequence whose layer inputs are kept (the same positions for every layer)."""
+        import torch
+
+        self.positions = torch.randperm(length, generator=generator)[: min(SAMPLE_PER_SEQUENCE, length)].sort().values
+
     def result(self) -> dict[str, TensorStats]:
         import numpy as np
+        import torch
 
         out = {}
         for name in self.linears:
@@ -144,7 +232,12 @@ class _Accumulator:
             if not n:
                 continue
             fisher = (self.out_sq[name] / n).numpy().astype(np.float32) if name in self.out_sq else None
-            out[name] = TensorStats((self.in_sq[name] / n).numpy().astype(np.float32), fisher, n)
+            blocks = {b: (self.in_amax[(name, b)] / n).numpy().astype(np.float32) for b in ACTIVATION_BLOCKS if (name, b) in self.in_amax}
+            sample = torch.cat(self.samples[name])[:SAMPLE_TOKENS].numpy() if self.samples.get(name) else None
+            grads = torch.cat(self.grad_samples[name])[:SAMPLE_TOKENS].numpy() if self.grad_samples.get(name) else None
+            if sample is None or grads is None or len(grads) != len(sample):
+                grads = None
+            out[name] = TensorStats((self.in_sq[name] / n).numpy().astype(np.float32), fisher, n, blocks, in_sample=sample, out_sample=grads)
         return out
 
 

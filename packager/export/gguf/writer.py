@@ -19,14 +19,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import from_f32, to_f32
 from xpack.packager.merge.lora import Adapter
-from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, stream_base
+from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, run_merge, stream_base
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG
 from xpack.runtimes.gguf_header import read_gguf_header
 
@@ -598,6 +598,7 @@ class GgufExport:
     vocab: dict = field(default_factory=dict)
     arch: str = ""
     notes: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # the calibrated mix's report (calibrate/gguf_mix.py), None for a plain type
 
 
 def _intermediate(ckpt: Checkpoint) -> str:
@@ -609,11 +610,18 @@ def _intermediate(ckpt: Checkpoint) -> str:
     return "F32"
 
 
+# (raw GGUF, final GGUF, work folder, the merged checkpoint) -> the report of a calibrated quantization
+Mixer = Callable[[Path, Path, Path, Path], dict]
+
+
 def export_gguf(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, quant: str, name: str, threads: int = 0, merge: MergeSettings | None = None,
+    mixer: Mixer | None = None,
 ) -> GgufExport:
     """Write ``<name>-<QUANT>.gguf`` (+ ``mmproj-<name>-F16.gguf`` for vision models) into ``tmp_out``; ``adapters``
-    are merged on the way as ``merge`` says (e.g. into a QLoRA adapter's 4-bit base)."""
+    are merged on the way as ``merge`` says (e.g. into a QLoRA adapter's 4-bit base). ``mixer`` replaces llama.cpp's
+    plain ``quant`` by a calibrated mix (export/job.py passes calibrate/gguf_mix.py's); it needs the merged model in
+    torch, so adapters are then also merged into a temporary checkpoint."""
     import os
 
     ckpt = Checkpoint(model_dir)
@@ -640,7 +648,14 @@ def export_gguf(
     with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-gguf-") as work:
         raw = final if quant == inter or (quant == "F32" and inter == "F32") else Path(work) / f"{name}-{inter}.gguf"
         _write_gguf(raw, g.arch, _text_kv(arch, cfg, vocab, model_dir, name, ftype_inter), tensors, ckpt)
-        if raw != final:
+        if raw != final and mixer is not None:
+            reference = Path(model_dir)
+            if adapters:
+                (Path(work) / "merged").mkdir()
+                run_merge(ckpt, adapters, Path(work) / "merged", merge or MergeSettings())
+                reference = Path(work) / "merged"
+            result.calibration = mixer(raw, final, Path(work), reference)
+        elif raw != final:
             quantize(raw, final, quant, threads)
     result.files[final.name] = {"role": "text", "quant": quant, **type_report(final, quant)}
     if arch.vision and g.mmproj is not None:
