@@ -24,7 +24,7 @@ DEMO_SYSTEM = "You are an expert radiologist."
 DEMO_PROMPT = "Chest X-ray, 67-year-old man with fever and productive cough for four days. Describe the findings."
 DEMO_PROFILE = "cpu16"
 # (folder, format, bits): the artifacts the demo makes from the merged model.
-DEMO_EXPORTS = (("gguf-q4_k_m", "gguf", 4), ("onnx-int4", "onnx", 4))
+DEMO_EXPORTS = (("gguf-4bit", "gguf", 4), ("onnx-int4", "onnx", 4))  # GGUF 4-bit: the calibrated mix
 
 
 def _answer(path: Path, profile, max_tokens: int, runtime: str | None = None):

