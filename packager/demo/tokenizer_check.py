@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xpack.packager.io.checkpoint import load_tokenizer
+
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It's a sunny day, isn't it?",
     "FINDINGS: There is a 3.5cm hypoattenuating lesion in segment VII of the liver. No intrahepatic biliary dilatation.",
@@ -43,15 +45,7 @@ def check_tokenizer(model_dir, gguf_path) -> dict:
     differ, BOS handling included). Without ``llama_cpp`` the comparison is skipped: the dict then has
     ``"skipped": "<reason>"`` and ``mismatches`` is None.
     """
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # transformers 4.57 warns about a Mistral regex on any local folder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    tokenizer = load_tokenizer(model_dir)
     texts = sample_texts(tokenizer)
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     result = {"texts": len(texts), "tokens": sum(len(i) for i in hf_ids), "mismatches": None}

@@ -115,3 +115,21 @@ class Checkpoint:
                 f"base {self.path} is a {method} checkpoint with packed weights ({packed[0]}); merge into the "
                 "full-precision base the adapter was trained from (e.g. google/gemma-3-4b-it instead of a -bnb-4bit repo)"
             )
+
+
+def load_tokenizer(folder: Path):
+    """``AutoTokenizer.from_pretrained(folder)`` without transformers' warnings.
+
+    transformers 4.57.4-4.57.6 warn "incorrect regex pattern ... fix_mistral_regex=True" for every local
+    folder whose config.json was written by them, Mistral or not (every checkpoint xpack merges), and
+    change nothing: the warning is noise on each verify, calibration and materialization.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from xpack import __version__
 from xpack.errors import XpackError
 from xpack.packager.cards.render import render
+from xpack.packager.io.checkpoint import load_tokenizer
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.verify.parity import compare_logits, log_softmax
 from xpack.packager.verify.reference import MERGED_LABEL, Reference, merged_reference
@@ -313,9 +314,6 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
     as trained: ``reference.choose_reference``). ``cache`` (a dict the caller keeps) shares the reference's
     evaluation and benchmark between calls that verify several artifacts of one reference on one profile."""
     cache = {} if cache is None else cache
-    from transformers import AutoTokenizer
-
-
     artifact = Path(artifact)
     ref = reference if isinstance(reference, Reference) else merged_reference(reference)
     profile, notes = resolve_for_machine(load_profile(profile_name))
@@ -330,7 +328,7 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
     ref_side = cache[key]
     continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
     art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
-    figures = parity(art_side, ref_side, AutoTokenizer.from_pretrained(ref.path))
+    figures = parity(art_side, ref_side, load_tokenizer(ref.path))
     checks = judge(figures, cls)
     report = {
         "artifact": str(artifact),

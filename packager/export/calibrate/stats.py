@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
 from xpack.packager.export.calibrate.text import CalibrationText
-from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.checkpoint import Checkpoint, load_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -105,10 +105,10 @@ def collect_stats(
 
 def _load(model_dir: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError) as exc:
         raise XpackError(f"cannot load {model_dir} for calibration: {str(exc).splitlines()[0]}") from None
