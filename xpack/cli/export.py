@@ -87,7 +87,8 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
         qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=blocksize,
         calibration=Calibration(calibration, target_size, max_kl),
     )
-    lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {manifest['quant']} in {out}"]
+    kind = f"xpack's calibrated {manifest['calibration']['bits']}-bit mix (llama.cpp file type {manifest['quant']})" if manifest.get("calibration") else manifest["quant"]
+    lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {kind} in {out}"]
     for fname, info in manifest["artifacts"].items():
         size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
         fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
