@@ -123,3 +123,15 @@ def test_calibrated_4bit_gguf_of_real_gemma3_beats_plain_q4_k_m(gemma3_merged, t
     assert "never the calibration text" in mixed["parity_text"]
     assert mixed["parity_pass"], mixed["checks"]  # the 4-bit verdict (KL <= 0.1) that plain Q4_K_M fails on real Gemma 3
     assert json.loads((tmp_path / "mix" / "manifest.json").read_text())["calibration"]["note"].startswith("KL here is measured on the calibration text")
+
+
+@pytest.mark.slow
+def test_calibrated_export_merges_an_adapter_on_the_fly(tmp_path):
+    """--adapter with --bits 4: the statistics need the merged model in torch, so the adapter is merged into a
+    temporary checkpoint first; the mix is then measured against that merged model (SmolLM2 demo, --target-size)."""
+    pytest.importorskip("llama_cpp")
+    manifest = export(str(demo_base_dir()), "gguf", tmp_path / "mix", bits=4, adapters=[str(demo_adapter_dir())], threads=2,
+                      calibration=Calibration(target_bytes=100_000_000))
+    cal = manifest["calibration"]
+    assert manifest["adapters"] and cal["mix"]["bytes"] <= 100_000_000 < cal["plain"]["bytes"]
+    assert cal["mix"]["kl_mean_calibration"] < cal["plain"]["kl_mean_calibration"]  # smaller and closer than llama.cpp's Q4_K_M
