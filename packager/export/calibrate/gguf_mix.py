@@ -175,7 +175,11 @@ def _smallest_meeting(options: list[TensorOptions], max_kl: float, fixed: int, b
             lo = size
         if best is not None and hi - lo <= 0.02 * hi:
             break
-        size = int(math.sqrt(lo * hi)) if best is not None else int(min(largest, size + (largest - size) / 2))
+        if best is not None:
+            size = int(math.sqrt(lo * hi))
+        else:  # missed: grow by about sqrt(measured / target) (KL falls roughly with the square of the bytes added)
+            growth = min(max(math.sqrt(tried["measured"]["kl_mean"] / max_kl), 1.05), 1.5)
+            size = int(min(largest, size * growth))
     return best or tried
 
 
