@@ -123,7 +123,7 @@ def _export_gguf(inputs: _Inputs, tmp: Path, out_name: str, quant: str, name: st
     mixer = None
     if mix is not None:
         def mixer(raw, final, work, reference):
-            return calibrated_quantize(raw, final, reference, quant, mix, threads or 0, work).report
+            return calibrated_quantize(raw, final, reference, quant, mix, threads or 0, work)
     result = export_gguf(inputs.src.path, inputs.adapters, tmp, quant, name, threads, inputs.merge, mixer=mixer)
     hashes = {f: sha256_file(tmp / f) for f in result.files}
     ckpt = Checkpoint(inputs.src.path)

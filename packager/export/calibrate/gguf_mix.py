@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -31,6 +31,7 @@ from xpack.packager.export.calibrate.plan import Candidate, TensorOptions, joint
 from xpack.packager.export.calibrate.stats import collect_stats
 from xpack.packager.export.calibrate.text import CalibrationText
 from xpack.packager.export.gguf.writer import quantize
+from xpack.packager.io.tensors import to_f32
 from xpack.packager.verify.parity import compare_logits
 from xpack.profiles.machine import resolve_for_machine
 from xpack.profiles.profile import load_profile
@@ -53,12 +54,6 @@ class MixRequest:
     measure_tokens: int = MEASURE_TOKENS
 
 
-@dataclass
-class MixResult:
-    types: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> type, every quantized tensor
-    report: dict = field(default_factory=dict)  # what the manifest and card record
-
-
 def _say(message: str) -> None:
     click.echo(f"[xpack calibrate] {message}", err=True)
 
@@ -77,14 +72,14 @@ def _weights(raw: Path, names: list[str]):
     reader = gguf.GGUFReader(str(raw))
     for t in reader.tensors:
         if t.name in names:
-            data = np.asarray(t.data)
-            if t.tensor_type.name == "BF16":
-                data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            yield t.name, np.ascontiguousarray(data, dtype=np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+            kind = t.tensor_type.name
+            data = np.asarray(t.data).view(np.uint16) if kind == "BF16" else np.asarray(t.data)
+            yield t.name, np.ascontiguousarray(to_f32(data, kind)).reshape(int(t.shape[1]), int(t.shape[0]))
 
 
-def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str, request: MixRequest, threads: int, work: Path) -> MixResult:
-    """Quantize ``raw`` into ``final`` as the calibrated mix ``request`` asks for; ``work`` holds the plain file."""
+def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str, request: MixRequest, threads: int, work: Path) -> dict:
+    """Quantize ``raw`` into ``final`` as the calibrated mix ``request`` asks for; ``work`` holds the plain file.
+    Returns the report the manifest and card record."""
     clock = _Clock()
     plain = Path(work) / f"plain-{base_quant}.gguf"
     _say(f"llama.cpp's plain {base_quant} (the size yardstick)")
@@ -116,7 +111,7 @@ def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str
     def build(choice: dict[str, Candidate]) -> dict:
         """Quantize ``choice`` into ``final`` and measure it: one round."""
         n = len(rounds) + 1
-        types = {name: c.type for name, c in choice.items()}
+        types = _types(choice)
         # every planned tensor is named, also where the plain type is kept: llama.cpp's own choice for a tensor
         # depends on the others (e.g. Q4_K_M's use_more_bits counts the ffn_down tensors it has seen)
         quantize(raw, final, base_quant, threads, imatrix=imatrix, overrides=types)
@@ -134,14 +129,12 @@ def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str
     else:
         result = _smallest_meeting(options, request.max_kl, fixed, build)
         if rounds[-1]["bytes"] != result["bytes"]:  # the last probe was not the one kept: write the kept one again
-            types = {name: c.type for name, c in result["choice"].items()}
-            quantize(raw, final, base_quant, threads, imatrix=imatrix, overrides=types)
+            quantize(raw, final, base_quant, threads, imatrix=imatrix, overrides=_types(result["choice"]))
     choice, measured = result["choice"], result["measured"]
-    types = {name: c.type for name, c in choice.items()}
     met = request.max_kl is None or measured["kl_mean"] <= request.max_kl
     report = _report(request, stats, base_quant, plain_size, plain_kl, final, measured, choice, options, plain_types, rounds, budget_file, met)
     report["timings"] = clock.laps
-    return MixResult(types=types, report=report)
+    return report
 
 
 class _Clock:
@@ -155,6 +148,10 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 2)
         self.last = now
+
+
+def _types(choice: dict[str, Candidate]) -> dict[str, str]:
+    return {name: c.type for name, c in choice.items()}
 
 
 def _smallest_meeting(options: list[TensorOptions], max_kl: float, fixed: int, build) -> dict:

@@ -94,11 +94,6 @@ def activation_block(qtype: str) -> int | None:
     return 256 if qtype.endswith("_K") or qtype.startswith("IQ") and qtype != "IQ4_NL" else 32
 
 
-def predicted_kl(weight: np.ndarray, qtype: str, stats: TensorStats, use_imatrix: bool = True) -> float:
-    """The tensor's own predicted KL for ``weight`` [rows, cols] quantized to ``qtype`` (see :func:`prediction`)."""
-    return prediction(weight, qtype, stats, use_imatrix)[0]
-
-
 def prediction(weight: np.ndarray, qtype: str, stats: TensorStats, use_imatrix: bool = True) -> tuple[float, np.ndarray | None]:
     """(predicted KL of this tensor alone, the per-position first-order changes or None): the matmul term with the
     activation term (rows sampled when large), + the lookup term for an embedding table (see :func:`_lookup_kl`)."""
