@@ -83,8 +83,10 @@ def csv(text: str) -> list[str]:
 
 
 def error_line(text: str) -> str:
+    """xpack's one-line error (click's "Error: ...") where there is one, else the last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no message)"
+    errors = [ln for ln in lines if ln.startswith("Error: ")]
+    return errors[-1] if errors else lines[-1] if lines else "(no message)"
 
 
 def ensure_cache() -> Path:

@@ -37,6 +37,7 @@ from xpack.runtimes.base import Runtime
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.gpu_memory import process_gpu_mb
+from xpack.runtimes.llama_import import load_llama_cpp
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields
 
@@ -69,7 +70,7 @@ def _quiet_mtmd() -> None:
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
     from llama_cpp import mtmd_cpp as mtmd
 
     @llama_cpp.llama_log_callback
@@ -163,7 +164,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
 
     def _load(self) -> None:
         try:
-            import llama_cpp
+            llama_cpp = load_llama_cpp()
         except ImportError as exc:
             raise XpackError(f"the llamacpp runtime needs llama-cpp-python ({exc}); install it with `pip install 'xpack[llama]'`") from None
         self._llama_cpp = llama_cpp

@@ -89,11 +89,6 @@ def test_calibration_option_errors_are_one_line(tmp_path, args, message):
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
 
 
-def test_calibrated_onnx_is_refused_until_it_exists(tmp_path):
-    r = CliRunner().invoke(cli, ["export", "--model", str(demo_base_dir()), "--format", "onnx", "--bits", "4", "--max-kl", "0.1", "--out", str(tmp_path / "o")])
-    assert r.exit_code != 0 and "calibrated ONNX quantization (--calibration, --target-size, --max-kl) is not implemented yet" in r.output
-
-
 @pytest.fixture(scope="module")
 def gemma3_merged(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma3") / "merged"

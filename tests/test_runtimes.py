@@ -397,3 +397,18 @@ def test_runtime_modules_keep_their_imports_in_line():
         if path.name != "torch_ref.py":
             assert not {m for m in anywhere if m.split(".")[0] in ("torch", "transformers", "peft", "optimum")}, path.name
         assert not {m for m in top_level if m.split(".")[0] in heavy}, path.name
+
+
+def test_llama_cpp_is_imported_after_torch_where_the_build_has_cuda():
+    """A CUDA build of llama.cpp imported before torch crashes torch's import (seen on an H200, runtimes/llama_import.py):
+    with a ggml-cuda library present, load_llama_cpp imports torch first; with a CPU build it leaves torch alone.
+    In fresh processes: torch cannot be imported twice in one."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    probe = ("import sys; from xpack.runtimes import llama_import; llama_import.cuda_build = lambda: {cuda}; "
+             "llama_import.load_llama_cpp(); print(','.join(k for k in sys.modules if k in ('torch', 'llama_cpp')))")
+    for cuda, expected in ((True, "torch,llama_cpp"), (False, "llama_cpp")):
+        out = subprocess.run([sys.executable, "-c", probe.format(cuda=cuda)], capture_output=True, text=True, check=True).stdout
+        assert out.strip().splitlines()[-1] == expected, out

@@ -10,10 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from xpack.cli import cli
+from xpack.errors import XpackError
 from xpack.packager.export.job import export
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
-from xpack.packager.verify.job import END, START, splice_section, update_card, verify
+from xpack.packager.verify.job import END, START, Side, parity, splice_section, update_card, verify
 from xpack.profiles.machine import machine_info
 
 
@@ -166,3 +167,34 @@ def test_faithful_fp32_onnx_passes(llama_set):
     assert report["runtime"] == "onnx" and report["precision_class"] == "fp32"
     assert report["parity_pass"], report["checks"]
     assert report["parity"]["kl_mean"] < 1e-6 and all(q["diverges_at"] is None for q in report["parity"]["prompts"])
+
+
+class _Tokens:
+    """A tokenizer as parity() reads it: its size and decode."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_parity_on_the_rows_the_tokenizer_can_produce():
+    """Gemma 3 4B's config keeps 262208 embedding rows for a 262145-token tokenizer, and its GGUF keeps the 262145 (as
+    llama.cpp's converter trims them): the two are compared on the artifact's rows, renormalized, and the report says
+    so; an artifact missing rows the tokenizer can produce is still one clear line."""
+    rng = np.random.default_rng(0)
+    ids, greedy = [1, 2, 3, 4], [{"ids": [5, 6], "text": "x"}]
+    ref_logits = rng.standard_normal((4, 12)).astype(np.float32)
+    ref_logits[:, 10:] = -30.0  # padding rows no token maps to
+    art_logits = ref_logits[:, :10] + 0.01 * rng.standard_normal((4, 10)).astype(np.float32)
+    figures = parity(Side(ids, art_logits, greedy, 10), Side(ids, ref_logits, greedy, 12), _Tokens(10))
+    assert figures["vocabulary"]["compared_rows"] == 10 and figures["vocabulary"]["reference_rows"] == 12
+    assert "renormalized" in figures["vocabulary"]["note"] and 0 < figures["kl_mean"] < 1e-3 and figures["top1_agreement"] == 1.0
+    same = parity(Side(ids, ref_logits, greedy, 12), Side(ids, ref_logits, greedy, 12), _Tokens(10))
+    assert "vocabulary" not in same and same["kl_mean"] == pytest.approx(0, abs=1e-9)
+    with pytest.raises(XpackError, match=r"smaller than the reference's \(12\) and than its tokenizer's \(11 tokens\)"):
+        parity(Side(ids, art_logits, greedy, 10), Side(ids, ref_logits, greedy, 12), _Tokens(11))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from xpack.packager.io.checkpoint import load_tokenizer
+from xpack.runtimes.llama_import import load_llama_cpp
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It's a sunny day, isn't it?",
@@ -50,7 +51,7 @@ def check_tokenizer(model_dir, gguf_path) -> dict:
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     result = {"texts": len(texts), "tokens": sum(len(i) for i in hf_ids), "mismatches": None}
     try:
-        import llama_cpp
+        llama_cpp = load_llama_cpp()
     except ImportError as exc:
         result["skipped"] = f"llama_cpp is not importable ({exc}); install llama-cpp-python to compare with llama.cpp"
         return result

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.cards import render as cards
-from xpack.packager.export.calibrate.gguf_mix import MixRequest, calibrated_quantize
+from xpack.packager.export.calibrate.gguf_mix import calibrated_quantize
+from xpack.packager.export.calibrate.mix import MixRequest
 from xpack.packager.export.calibrate.text import read_calibration
 from xpack.packager.export.card import write_gguf_card, write_onnx_card
 from xpack.packager.export.gguf.modelfile import write_modelfile
 from xpack.packager.export.gguf.writer import export_gguf, resolve_quant
-from xpack.packager.export.onnx.pipeline import check_settings, default_block_size, export_onnx
+from xpack.packager.export.onnx.pipeline import check_settings, default_block_size, export_onnx, onnx_calibration_gap
 from xpack.packager.io.atomic import atomic_dir, check_destination
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.sources import Source, resolve
@@ -23,20 +24,26 @@ from xpack.packager.merge.stream import MergeSettings, load_adapters
 from xpack.runtimes.artifacts import read_manifest
 
 FORMATS = ("gguf", "onnx")
-CALIBRATED_BITS = (4, 8)  # GGUF --bits that give xpack's calibrated mix (the others are llama.cpp's plain types)
+CALIBRATED_BITS = (4, 8)  # --bits that give xpack's calibrated mix (GGUF's others are llama.cpp's plain types)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """--calibration / --target-size / --max-kl as the export verb receives them."""
+    """--calibrate / --calibration / --target-size / --max-kl as the export verb receives them."""
 
     text: Path | None = None  # None: the built-in calibration text
     target_bytes: int | None = None
     max_kl: float | None = None
+    enabled: bool | None = None  # --calibrate / --no-calibrate; None: the format's default (see export)
 
     @property
     def given(self) -> bool:
         return self.text is not None or self.target_bytes is not None or self.max_kl is not None
+
+    def wanted(self, default: bool) -> bool:
+        if self.enabled is False and self.given:
+            raise XpackError("--no-calibrate asks for the fixed scheme, and --calibration/--target-size/--max-kl for a calibrated mix; give one")
+        return True if self.given else default if self.enabled is None else self.enabled
 
 
 @dataclass
@@ -68,8 +75,9 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
            qlora_base: str | None = None, double_quant: bool = False, qlora_blocksize: int | None = None,
            calibration: Calibration | None = None) -> dict:
     """Export ``model`` (+ ``adapters`` merged on the fly, into their 4-bit base with ``qlora_base``) to ``out``
-    as GGUF or ONNX; returns the manifest. GGUF ``bits`` 4 and 8 are xpack's calibrated mix (``calibration``
-    says on what text and to what target); ``quant`` is llama.cpp's plain type."""
+    as GGUF or ONNX; returns the manifest. ``bits`` 4 and 8 are xpack's calibrated mix (``calibration`` says on
+    what text and to what target, or turns it off); GGUF ``quant`` is llama.cpp's plain type. An ONNX model the
+    calibrated mix does not cover yet (vision, --graph optimum) gets the fixed scheme unless calibration is asked for."""
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
@@ -79,15 +87,20 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
     calibration = calibration or Calibration()
     if calibration.max_kl is not None and calibration.target_bytes is not None:
         raise XpackError("--target-size (lowest KL within a size) and --max-kl (smallest file within a KL) are two targets; give one")
+    notes: list[str] = []
     if fmt == "onnx":
-        if calibration.given:
-            raise XpackError("calibrated ONNX quantization (--calibration, --target-size, --max-kl) is not implemented yet; "
-                             "drop those options for xpack's int4/int8 ONNX, or export GGUF with them")
         if quant:
             raise XpackError(f"--quant {quant} names a llama.cpp type; ONNX exports take --bits (32, 16, 8 or 4)")
+        fixed_block = block_size is not None  # --block-size is a setting of the fixed scheme
         block_size = block_size or default_block_size(bits)
         check_settings(bits, block_size, graph, int4)
+        calibrate = bits in CALIBRATED_BITS and calibration.wanted(default=True)
+        if calibrate and fixed_block and (calibration.enabled or calibration.given):
+            raise XpackError("--block-size is a setting of the fixed scheme; the calibrated mix chooses each weight's block (drop --block-size, or add --no-calibrate)")
+        if calibration.given and bits not in CALIBRATED_BITS:
+            raise XpackError(f"--calibration, --target-size and --max-kl choose xpack's calibrated mix, which --bits 4 or 8 makes; --bits {bits} has no choice to make")
     else:
+        fixed_block = False
         if graph != "xpack" or int4 != "mixed":
             raise XpackError("--graph and --int4 are ONNX settings; drop them or use --format onnx")
         if block_size is not None or keep_lm_head:
@@ -95,14 +108,21 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
         if calibration.given and bits not in CALIBRATED_BITS:
             raise XpackError("--calibration, --target-size and --max-kl choose xpack's calibrated mix, which --bits 4 or 8 makes; "
                              + (f"--quant {quant} is llama.cpp's plain type" if quant else f"--bits {bits} is a plain type"))
+        calibrate = bits in CALIBRATED_BITS and calibration.wanted(default=True)  # --bits and --quant never come together (the CLI refuses)
         quant = resolve_quant(bits, quant)
-    mix = MixRequest(int(bits), read_calibration(calibration.text), calibration.target_bytes, calibration.max_kl) \
-        if fmt == "gguf" and bits in CALIBRATED_BITS else None  # --bits and --quant never come together (the CLI refuses)
     check_destination(out, force)
     inputs = _resolve_inputs(model, adapters, merge)
+    if fmt == "onnx" and calibrate and calibration.enabled is None and not calibration.given:  # the default: where the mix covers the model
+        why = onnx_calibration_gap(inputs.src.path, graph, int4, keep_lm_head, fixed_block)
+        if why:
+            calibrate = False
+            notes.append(f"the fixed {bits}-bit scheme, not xpack's calibrated mix: {why}")
+    mix = MixRequest(int(bits), read_calibration(calibration.text), calibration.target_bytes, calibration.max_kl) if calibrate else None
     with atomic_dir(out, force) as tmp:
         if fmt == "onnx":
-            data, hashes = _export_onnx(inputs, tmp, out.name, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph, int4=int4)
+            data, hashes = _export_onnx(inputs, tmp, out.name, bits, block_size=block_size, keep_lm_head=keep_lm_head, threads=threads, graph=graph,
+                                        int4=int4, mix=mix)
+            data["notes"] = notes + data["notes"]
         else:
             data, hashes = _export_gguf(inputs, tmp, out.name, quant, name or _model_name(inputs.src.path), threads, mix)
         manifest = cards.write_manifest(tmp, data, hashes)
@@ -177,6 +197,7 @@ def _export_onnx(inputs: _Inputs, tmp: Path, out_name: str, bits: int, **setting
         "vision_file": result.vision.get("onnx_file"),
         "artifacts": _onnx_artifacts(tmp, result, label),
         "quantization": result.quantization,
+        "calibration": result.quantization.get("calibration"),
         "validation": result.validation,
         "io": result.io,
         "timings": result.timings,

@@ -218,14 +218,17 @@ def parity(artifact: Side, reference: Side, tokenizer) -> dict:
             f"the reference tokenizes the evaluation text differently from the artifact (first difference at token {at}); "
             "verify against the checkpoint the artifact was exported from"
         )
-    if artifact.vocab_size < reference.logits.shape[1]:
-        raise XpackError(
-            f"the artifact's vocabulary ({artifact.vocab_size}) is smaller than the reference's ({reference.logits.shape[1]}); "
-            "verify against the checkpoint the artifact was exported from"
-        )
-    figures = compare_logits(reference.logits, artifact.logits)
-    ppl_ref, ppl_art = perplexity(reference.logits, reference.ids), perplexity(artifact.logits[:, : reference.logits.shape[1]], reference.ids)
+    rows = compared_rows(artifact.vocab_size, reference.logits.shape[1], len(tokenizer))
+    figures = compare_logits(reference.logits[:, :rows], artifact.logits[:, :rows])
+    ppl_ref, ppl_art = perplexity(reference.logits[:, :rows], reference.ids), perplexity(artifact.logits[:, :rows], reference.ids)
     figures.update({"perplexity_reference": ppl_ref, "perplexity_artifact": ppl_art, "perplexity_delta": ppl_art - ppl_ref})
+    if rows < reference.logits.shape[1]:
+        figures["vocabulary"] = {
+            "compared_rows": rows, "reference_rows": int(reference.logits.shape[1]), "tokenizer_tokens": len(tokenizer),
+            "note": f"compared on the {rows} rows the artifact keeps, which hold every token the tokenizer can produce ({len(tokenizer)}): "
+                    f"the reference's other {reference.logits.shape[1] - rows} rows are padding of the embedding (llama.cpp's converter "
+                    "trims them too); both distributions are renormalized over the compared rows",
+        }
     prompts = []
     for ref, art in zip(reference.greedy, artifact.greedy):
         n = _first_difference(ref["ids"], art["ids"])
@@ -243,19 +246,33 @@ def parity(artifact: Side, reference: Side, tokenizer) -> dict:
         )
     figures["prompts"] = prompts
     if reference.images:
-        figures["images"] = [_image_parity(r, a, tokenizer) for r, a in zip(reference.images, artifact.images)]
+        figures["images"] = [_image_parity(r, a, tokenizer, rows) for r, a in zip(reference.images, artifact.images)]
         import numpy as np
 
-        both = compare_logits(np.concatenate([r["logits"] for r in reference.images]), np.concatenate([a["logits"] for a in artifact.images]))
+        both = compare_logits(np.concatenate([r["logits"][:, :rows] for r in reference.images]), np.concatenate([a["logits"][:, :rows] for a in artifact.images]))
         figures["image_parity"] = both
     return figures
 
 
-def _image_parity(ref: dict, art: dict, tokenizer) -> dict:
+def compared_rows(artifact_vocab: int, reference_vocab: int, tokenizer_tokens: int) -> int:
+    """The logit rows both sides are compared on: all the reference's, or, where the artifact keeps fewer (a GGUF of
+    Gemma 3 4B holds the tokenizer's 262145 rows of the config's 262208), the artifact's when they hold every token
+    the tokenizer can produce; anything else is a different vocabulary, and one clear line."""
+    if artifact_vocab >= reference_vocab:
+        return reference_vocab
+    if tokenizer_tokens > artifact_vocab:
+        raise XpackError(
+            f"the artifact's vocabulary ({artifact_vocab}) is smaller than the reference's ({reference_vocab}) and than its tokenizer's "
+            f"({tokenizer_tokens} tokens); verify against the checkpoint the artifact was exported from"
+        )
+    return artifact_vocab
+
+
+def _image_parity(ref: dict, art: dict, tokenizer, rows: int | None = None) -> dict:
     if ref["ids"] != art["ids"]:
         raise XpackError(f"the artifact tokenizes the prompt around image {ref['image']} differently from the reference; "
                          "verify against the checkpoint the artifact was exported from")
-    figures = compare_logits(ref["logits"], art["logits"])
+    figures = compare_logits(ref["logits"][:, :rows], art["logits"][:, :rows])
     n = _first_difference(ref["greedy"]["ids"], art["greedy"]["ids"])
     figures.update({"image": ref["image"], "greedy_matching_tokens": n, "reference_tokens": len(ref["greedy"]["ids"]),
                     "reference_text": ref["greedy"]["text"], "artifact_text": art["greedy"]["text"]})

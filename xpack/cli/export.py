@@ -20,15 +20,19 @@ from xpack.packager.export.job import export as do_export
     "--bits",
     type=click.Choice(["32", "16", "8", "6", "5", "4"]),
     help="GGUF: 16=F16, 6=Q6_K, 5=Q5_K_M; 8 and 4: xpack's calibrated mix within the size of Q8_0 / Q4_K_M + 5% "
-         "(importance matrix + a type per tensor chosen by measured sensitivity). ONNX: 32=fp32, 16=fp16, 8/4=int8/int4 weight-only blocks.",
+         "(importance matrix + a type per tensor chosen by measured sensitivity). ONNX: 32=fp32, 16=fp16; 8 and 4: int8/int4 "
+         "weight-only blocks, calibrated the same way within the size of the Q8_0 / Q4_K_M GGUF + 5%.",
 )
 @click.option("--quant", help="Any llama.cpp quant type instead of --bits, as llama.cpp makes it (Q4_K_M, Q8_0, Q4_0, IQ4_XS, BF16, F32, ...).")
+@click.option("--calibrate/--no-calibrate", "calibrate", default=None,
+              help="--bits 4/8: xpack's calibrated mix (the default) or the fixed scheme (GGUF: llama.cpp's plain Q4_K_M / Q8_0; "
+                   "ONNX: 8 bits for the head, attention and some MLPs). ONNX vision models get the fixed scheme.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="GGUF --bits 4/8: text the torch reference reads to measure sensitivity: plain text or chat JSONL (e.g. the adapter's "
+              help="--bits 4/8: text the torch reference reads to measure sensitivity: plain text or chat JSONL (e.g. the adapter's "
                    "training data).  [default: a built-in medical text, disjoint from verify's evaluation text]")
-@click.option("--target-size", type=Size(), help="GGUF --bits 4/8: the lowest KL within this file size (e.g. 250MB) instead of the plain type's + 5%.")
+@click.option("--target-size", type=Size(), help="--bits 4/8: the lowest KL within this file size (e.g. 250MB) instead of the plain type's + 5%.")
 @click.option("--max-kl", type=click.FloatRange(min=0, min_open=True),
-              help="GGUF --bits 4/8: the smallest file whose mean KL on the calibration text is at most this (e.g. 0.1, the 4-bit verdict).")
+              help="--bits 4/8: the smallest file whose mean KL on the calibration text is at most this (e.g. 0.1, the 4-bit verdict).")
 @click.option("--block-size", type=click.IntRange(min=16), help="ONNX 8/4 bits: weights per quantization block (a power of two).  [default: 16 for 8 bits, 32 for 4 bits]")
 @click.option("--keep-lm-head", is_flag=True, help="ONNX 8/4 bits: keep the output head and token embedding in float.")
 @click.option(
@@ -45,7 +49,7 @@ from xpack.packager.export.job import export as do_export
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle adapter_model.bin (only for trusted files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
-def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quant, calibration, target_size, max_kl, block_size, keep_lm_head,
+def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quant, calibrate, calibration, target_size, max_kl, block_size, keep_lm_head,
            graph, int4, out, name, threads, force, allow_pickle, as_json):
     """Export a checkpoint to quantized artifacts with a model card and a manifest.
 
@@ -57,14 +61,16 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
     (or traced by optimum-onnx with --graph optimum) and checked against torch; Gemma 3 with
     vision adds the vision tower and the token embedding as graphs of their own. 8 and 4 bits are
     onnxruntime's weight-only block quantization (MatMulNBits), the output head included unless
-    --keep-lm-head.
+    --keep-lm-head; a tied embedding reads the head's packed weight.
 
     \b
     Calibrated GGUF (--bits 4 or 8): the merged model reads a calibration text in torch; each tensor's
     type is chosen from its predicted KL (output Fisher x importance matrix x llama.cpp's own rounding
     error) within the size of the plain type + 5% (--target-size, --max-kl), and llama.cpp quantizes with
-    xpack's importance matrix. The KL on the calibration text of the plain type and of the mix are printed
-    and kept in the manifest; `xpack verify` measures on its own evaluation text.
+    xpack's importance matrix. Calibrated ONNX (--bits 4 or 8, text models): the same statistics choose
+    each MatMul's width and block (int4/int8, blocks of 16-128) within the size of llama.cpp's plain
+    type + 5% (sized by its dry run), with scales searched under the importance matrix. The KL on the
+    calibration text is printed and kept in the manifest; `xpack verify` measures on its own evaluation text.
 
     \b
     Example:
@@ -85,19 +91,26 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
         model, fmt, out, bits=int(bits) if bits else None, quant=quant, adapters=list(adapters), force=force,
         name=name, threads=threads, allow_pickle=allow_pickle, block_size=block_size, keep_lm_head=keep_lm_head, graph=graph, int4=int4,
         qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=blocksize,
-        calibration=Calibration(calibration, target_size, max_kl),
+        calibration=Calibration(calibration, target_size, max_kl, calibrate),
     )
-    kind = f"xpack's calibrated {manifest['calibration']['bits']}-bit mix (llama.cpp file type {manifest['quant']})" if manifest.get("calibration") else manifest["quant"]
+    cal = manifest.get("calibration")
+    kind = manifest["quant"]
+    if cal:
+        kind = f"xpack's calibrated {cal['bits']}-bit mix (llama.cpp file type {manifest['quant']})" if fmt == "gguf" else f"{manifest['quant']} (xpack's calibrated mix)"
     lines = [f"exported {manifest['source']['ref']} to {fmt.upper()} {kind} in {out}"]
     for fname, info in manifest["artifacts"].items():
         size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
         fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
         lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
-    cal = manifest.get("calibration")
     if cal:
+        if cal.get("plain"):  # GGUF: llama.cpp's plain type was made and measured too
+            versus = f"; llama.cpp's plain {cal['plain']['type']} {cal['plain']['kl_mean_calibration']:.4f} at {cal['plain']['bytes'] / 1e6:.1f} MB"
+        elif cal.get("yardstick"):
+            versus = f" ({cal['mix']['size_ratio']:.2f}x the size of llama.cpp's {cal['yardstick']['type']} GGUF)"
+        else:
+            versus = ""
         lines.append(f"  calibrated on {cal['calibration']['source']} ({cal['calibration']['tokens']} tokens): mean KL on it "
-                     f"{cal['mix']['kl_mean_calibration']:.4f} at {cal['mix']['bytes'] / 1e6:.1f} MB; llama.cpp's plain {cal['plain']['type']} "
-                     f"{cal['plain']['kl_mean_calibration']:.4f} at {cal['plain']['bytes'] / 1e6:.1f} MB"
+                     f"{cal['mix']['kl_mean_calibration']:.4f} at {cal['mix']['bytes'] / 1e6:.1f} MB{versus}"
                      + ("" if cal["target"]["met"] else f"; MISSED --max-kl {cal['target']['max_kl']}"))
     lines += [f"model card: {out / 'README.md'}", f"manifest:   {out / 'manifest.json'}"]
     emit(manifest, as_json, lines)

@@ -57,6 +57,8 @@ def _verify_lines(report: dict) -> list[str]:
             lines.append(f"profile reference {c['metric']}: {c['value']:.3g} {c['limit']}: {'within' if c['pass'] else 'MISSED'}")
     lines.append("verdict: " + ("PASS" if report["parity_pass"] else "FAIL (parity)"))
     lines.append(f"parity measured on {report['parity_text']}")
+    if report["parity"].get("vocabulary"):
+        lines.append(f"vocabulary: {report['parity']['vocabulary']['note']}")
     rt = report.get("reference_runtime") or {}
     if rt.get("profile_dtype") and rt.get("dtype") != rt.get("profile_dtype"):
         lines.append(f"reference dtype: {rt['dtype']}, not the profile's {rt['profile_dtype']}: {'; '.join(rt.get('notes') or [])}")

@@ -11,51 +11,21 @@ The job, between the raw (F32/F16/BF16) GGUF the writer streams out and the fina
    ``max_kl``), and llama.cpp quantizes once more with the importance matrix and those types as overrides.
 5. The KL of the plain and the mixed file against the torch reference is measured on the calibration text
    (llama.cpp vs transformers, teacher-forced). With ``max_kl``, the file size is bisected with the budget
-   knapsack, starting at the size the prediction names, each probe measured (at most ``MAX_ROUNDS``).
+   knapsack, starting at the size the prediction names, each probe measured (mix.py's ``smallest_meeting``).
 
 Everything measured here is on the calibration text; ``xpack verify`` measures on its own evaluation text.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
-from xpack.errors import XpackError
+from xpack.packager.export.calibrate.mix import SEQ_LEN, SIZE_SLACK, Clock, MixRequest, Reference, in_parallel, say, smallest_meeting
 from xpack.packager.export.calibrate.names import gguf_imatrix, gguf_stats
 from xpack.packager.export.calibrate.plan import Candidate, TensorOptions, joint_kl, solve, tensor_options
 from xpack.packager.export.calibrate.stats import collect_stats
-from xpack.packager.export.calibrate.text import CalibrationText
 from xpack.packager.export.gguf.writer import quantize
 from xpack.packager.io.tensors import to_f32
-from xpack.packager.verify.parity import compare_logits
-from xpack.profiles.machine import resolve_for_machine
-from xpack.profiles.profile import load_profile
-from xpack.runtimes.registry import load
-
-SIZE_SLACK = 1.05  # --bits N: within the plain type's size + 5%
-MAX_ROUNDS = 4
-STATS_TOKENS = 2048
-MEASURE_TOKENS = 512
-SEQ_LEN = 512
-
-
-@dataclass
-class MixRequest:
-    bits: int  # 4 or 8: which candidate types
-    calibration: CalibrationText
-    target_bytes: int | None = None  # --target-size (the whole file)
-    max_kl: float | None = None  # --max-kl (mean KL on the calibration text)
-    stats_tokens: int = STATS_TOKENS
-    measure_tokens: int = MEASURE_TOKENS
-
-
-def _say(message: str) -> None:
-    click.echo(f"[xpack calibrate] {message}", err=True)
 
 
 def _header(path: Path) -> dict[str, tuple[str, int]]:
@@ -80,31 +50,30 @@ def _weights(raw: Path, names: list[str]):
 def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str, request: MixRequest, threads: int, work: Path) -> dict:
     """Quantize ``raw`` into ``final`` as the calibrated mix ``request`` asks for; ``work`` holds the plain file.
     Returns the report the manifest and card record."""
-    clock = _Clock()
+    clock = Clock()
     plain = Path(work) / f"plain-{base_quant}.gguf"
-    _say(f"llama.cpp's plain {base_quant} (the size yardstick)")
+    say(f"llama.cpp's plain {base_quant} (the size yardstick)")
     quantize(raw, plain, base_quant, threads)
     clock.lap("plain_quantize_s")
     plain_types = _header(plain)
     plain_size = plain.stat().st_size
 
-    _say(f"statistics of the torch reference on the calibration text ({request.calibration.source})")
-    stats = collect_stats(model_dir, request.calibration, max_tokens=request.stats_tokens, seq_len=SEQ_LEN)
+    say(f"statistics of the torch reference on the calibration text ({request.calibration.source})")
+    stats = collect_stats(model_dir, request.calibration, max_tokens=request.stats_tokens, seq_len=SEQ_LEN, keep_logits_tokens=request.measure_tokens)
     per_tensor = gguf_stats(stats, model_dir)
     imatrix = gguf_imatrix(stats, model_dir)
     planned = [n for n in per_tensor if n in plain_types and plain_types[n][0] not in ("F32",)]
     clock.lap("stats_s")
 
-    options: list[TensorOptions] = []
-    for name, weight in _progress(_weights(raw, planned), len(planned)):
-        options.append(tensor_options(name, weight, plain_types[name][0], per_tensor[name], request.bits))
+    options: list[TensorOptions] = in_parallel(lambda item: tensor_options(item[0], item[1], plain_types[item[0]][0], per_tensor[item[0]], request.bits),
+                                               _weights(raw, planned), len(planned), "predict KL per tensor and type", threads)
     fixed = plain_size - sum(plain_types[o.name][1] for o in options)
     budget_file = request.target_bytes if request.target_bytes else int(plain_size * SIZE_SLACK) if request.max_kl is None else None
 
     clock.lap("predict_s")
-    reference = _Reference(model_dir, request.calibration, request.measure_tokens)
+    reference = Reference(model_dir, request.calibration, request.measure_tokens, stats)
     clock.lap("reference_s")
-    plain_kl = reference.kl(plain)
+    plain_kl = reference.kl_of_gguf(plain)
     clock.lap("measure_plain_s")
     rounds: list[dict] = []
 
@@ -116,18 +85,18 @@ def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str
         # depends on the others (e.g. Q4_K_M's use_more_bits counts the ffn_down tensors it has seen)
         quantize(raw, final, base_quant, threads, imatrix=imatrix, overrides=types)
         clock.lap(f"round{n}_quantize_s")
-        measured = reference.kl(final)
+        measured = reference.kl_of_gguf(final)
         clock.lap(f"round{n}_measure_s")
         rounds.append({"round": n, "bytes": final.stat().st_size, "predicted_kl": joint_kl(choice), "measured_kl": measured["kl_mean"],
                        "changed_from_plain": sum(t != plain_types[name][0] for name, t in types.items())})
-        _say(f"round {n}: {final.stat().st_size / 1e6:.1f} MB, KL on the calibration text {measured['kl_mean']:.4f} "
+        say(f"round {n}: {final.stat().st_size / 1e6:.1f} MB, KL on the calibration text {measured['kl_mean']:.4f} "
              f"(predicted {joint_kl(choice):.4f}; plain {base_quant}: {plain_kl['kl_mean']:.4f}, {plain_size / 1e6:.1f} MB)")
         return {"choice": choice, "measured": measured, "bytes": final.stat().st_size}
 
     if budget_file is not None:
         result = build(solve(options, budget_bytes=budget_file - fixed))
     else:
-        result = _smallest_meeting(options, request.max_kl, fixed, build)
+        result = smallest_meeting(options, request.max_kl, fixed, build)
         if rounds[-1]["bytes"] != result["bytes"]:  # the last probe was not the one kept: write the kept one again
             quantize(raw, final, base_quant, threads, imatrix=imatrix, overrides=_types(result["choice"]))
     choice, measured = result["choice"], result["measured"]
@@ -137,53 +106,8 @@ def calibrated_quantize(raw: Path, final: Path, model_dir: Path, base_quant: str
     return report
 
 
-class _Clock:
-    """Seconds per phase, for the manifest (where the calibration's time goes)."""
-
-    def __init__(self):
-        self.last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self.last, 2)
-        self.last = now
-
-
 def _types(choice: dict[str, Candidate]) -> dict[str, str]:
     return {name: c.type for name, c in choice.items()}
-
-
-def _smallest_meeting(options: list[TensorOptions], max_kl: float, fixed: int, build) -> dict:
-    """--max-kl: the smallest file whose measured KL meets it, by bisecting the file size with the budget knapsack
-    (its choices rank well even where the predicted KL is off by 2-3x), starting where the prediction says."""
-    import math
-
-    smallest = sum(min(c.bytes for c in o.candidates) for o in options)
-    largest = sum(max(c.bytes for c in o.candidates) for o in options)
-    first = solve(options, max_kl=max_kl)
-    size = sum(c.bytes for c in first.values())
-    lo, hi, best, tried = smallest, largest, None, None
-    for _ in range(MAX_ROUNDS):
-        tried = build(solve(options, budget_bytes=max(size, smallest)))
-        if tried["measured"]["kl_mean"] <= max_kl:
-            hi, best = size, tried
-        else:
-            lo = size
-        if best is not None and hi - lo <= 0.02 * hi:
-            break
-        if best is not None:
-            size = int(math.sqrt(lo * hi))
-        else:  # missed: grow by about sqrt(measured / target) (KL falls roughly with the square of the bytes added)
-            growth = min(max(math.sqrt(tried["measured"]["kl_mean"] / max_kl), 1.05), 1.5)
-            size = int(min(largest, size * growth))
-    return best or tried
-
-
-def _progress(items, total: int):
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc="predict KL per tensor and type", unit="tensor", disable=None)
 
 
 def _report(request, stats, base_quant, plain_size, plain_kl, final, measured, choice: dict[str, Candidate], options, plain_types,
@@ -209,25 +133,3 @@ def _report(request, stats, base_quant, plain_size, plain_kl, final, measured, c
     }
 
 
-class _Reference:
-    """Teacher-forced logits of the torch reference on the calibration text (once), and the KL of a GGUF against them."""
-
-    def __init__(self, model_dir: Path, calibration: CalibrationText, max_tokens: int):
-        import numpy as np
-
-        self._compare = compare_logits
-        profile, _ = resolve_for_machine(load_profile("cpu16"))
-        self.profile = dataclasses.replace(profile, n_ctx=SEQ_LEN + 16)
-        with load(model_dir, self.profile, runtime="torch") as ref:
-            tokenizer = ref.tokenizer
-            self.sequences, _ = calibration.tokenize(tokenizer, SEQ_LEN, max_tokens)
-            self.logits = [np.asarray(ref.logits(ids), dtype=np.float32) for ids in self.sequences]
-        if not self.sequences:
-            raise XpackError(f"the calibration text {calibration.source} has no tokens to measure on")
-
-    def kl(self, gguf_path: Path) -> dict:
-        import numpy as np
-
-        with load(gguf_path, self.profile, runtime="llamacpp") as art:
-            logits = [np.asarray(art.logits(ids), dtype=np.float32) for ids in self.sequences]
-        return self._compare(np.concatenate(self.logits), np.concatenate(logits))

@@ -37,7 +37,7 @@ bytes, lambda bisected to meet the budget) and finished by coordinate descent on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from xpack.errors import XpackError
 from xpack.packager.export.calibrate.qerror import quant_error, row_bytes
@@ -94,45 +94,76 @@ def activation_block(qtype: str) -> int | None:
     return 256 if qtype.endswith("_K") or qtype.startswith("IQ") and qtype != "IQ4_NL" else 32
 
 
-def prediction(weight: np.ndarray, qtype: str, stats: TensorStats, use_imatrix: bool = True) -> tuple[float, np.ndarray | None]:
+@dataclass(frozen=True)
+class QuantFormat:
+    """What the planner needs of a file format's weight types: which types ``--bits`` offers, the error a type
+    makes on a weight [rows, row length] (with an importance matrix), the bytes it takes, whether a row length
+    fits its blocks, and the block its kernels round the activations in (None: not rounded)."""
+
+    name: str
+    candidates: dict[int, tuple[str, ...]]
+    error: Callable[..., "np.ndarray"]  # (weight [rows, cols], type, imatrix [cols] | None) -> dequant(quant(W)) - W
+    nbytes: Callable[[str, int, int], int]  # (type, rows, cols) -> bytes
+    fits: Callable[[str, int], bool]
+    activation_block: Callable[[str], "int | None"]
+    # The activation term from each sampled position's own block maxima (its rounding step), not the mean step over all
+    # tokens: the tokens with outlier activations (an attention sink) are rarely the ones whose prediction the loss is
+    # sensitive to, and the mean step weighted by the mean Fisher overstates the error (onnxruntime's int8 down_proj on
+    # SmolLM2: 0.022 predicted that way, 0.0022 measured). Off for GGUF, whose README figures were measured without it.
+    activation_per_position: bool = False
+
+
+GGUF_FORMAT = QuantFormat("gguf", CANDIDATES, quant_error, lambda t, rows, cols: rows * row_bytes(t, cols), block_fits, activation_block)
+
+
+def _blocks(a: "np.ndarray", block: int) -> "np.ndarray":
+    """[n, cols] -> [n, blocks, block], the last block zero-padded (as MatMulNBits pads K)."""
+    import numpy as np
+
+    if a.shape[1] % block:
+        a = np.pad(a, ((0, 0), (0, -a.shape[1] % block)))
+    return a.reshape(a.shape[0], -1, block)
+
+
+def prediction(weight: np.ndarray, qtype: str, stats: TensorStats, use_imatrix: bool = True, fmt: QuantFormat = GGUF_FORMAT) -> tuple[float, np.ndarray | None]:
     """(predicted KL of this tensor alone, the per-position first-order changes or None): the matmul term with the
     activation term (rows sampled when large), + the lookup term for an embedding table (see :func:`_lookup_kl`)."""
     if stats.out_fisher is None and stats.lookup_use is None:
         raise XpackError("a KL prediction needs the output Fisher (collect_stats(..., fisher=True))")
     imatrix = stats.in_sq_mean if use_imatrix and stats.out_fisher is not None else None
-    total, dots = _matmul_kl(weight, qtype, stats, imatrix) if stats.out_fisher is not None else (0.0, None)
+    total, dots = _matmul_kl(weight, qtype, stats, imatrix, fmt) if stats.out_fisher is not None else (0.0, None)
     if stats.lookup_use is not None and stats.lookup_fisher is not None:
-        total += _lookup_kl(weight, qtype, stats, imatrix)
+        total += _lookup_kl(weight, qtype, stats, imatrix, fmt)
     return total, dots
 
 
-def _matmul_kl(weight: np.ndarray, qtype: str, stats: TensorStats, imatrix) -> tuple[float, np.ndarray | None]:
+def _matmul_kl(weight: np.ndarray, qtype: str, stats: TensorStats, imatrix, fmt: QuantFormat) -> tuple[float, np.ndarray | None]:
     import numpy as np
 
     fisher = np.asarray(stats.out_fisher, dtype=np.float64)
-    block = activation_block(qtype)
+    block = fmt.activation_block(qtype)
     amax_sq = stats.in_block_amax_sq.get(block) if block else None
     step_var = None if amax_sq is None else np.asarray(amax_sq, dtype=np.float32) / (127.0**2 * 12.0)
     rows, weights = _row_sample(fisher, weight.shape[0] * weight.shape[1])
     x = None if stats.in_sample is None else np.asarray(stats.in_sample, dtype=np.float32)
     g = None if stats.out_sample is None else np.asarray(stats.out_sample, dtype=np.float32)
     if x is not None and g is not None and len(rows) == weight.shape[0]:
-        return _sampled_kl(weight, qtype, imatrix, x, g, step_var, block)
+        return _sampled_kl(weight, qtype, imatrix, x, g, step_var, block, fmt)
     x2 = np.asarray(stats.in_sq_mean, dtype=np.float32)
     total = 0.0
     for start in range(0, len(rows), 2048):  # bounded memory: 2048 rows at a time
         idx = rows[start : start + 2048]
         w = weight[idx]
-        err = quant_error(w, qtype, imatrix)
+        err = fmt.error(w, qtype, imatrix)
         # E[(E_i x)^2] on the sampled inputs (their correlations count), else with the diagonal importance matrix
         per_row = np.square(x @ err.T).mean(0) if x is not None else (err * err) @ x2
         if step_var is not None:
-            per_row = per_row + (w * w).reshape(len(idx), -1, block).sum(-1) @ step_var
+            per_row = per_row + _blocks(w * w, block).sum(-1) @ step_var
         total += float(per_row.astype(np.float64) @ (fisher[idx] * weights[start : start + 2048]))
     return 0.5 * total, None
 
 
-def _sampled_kl(weight, qtype, imatrix, x, g, step_var, block) -> tuple[float, np.ndarray]:
+def _sampled_kl(weight, qtype, imatrix, x, g, step_var, block, fmt: QuantFormat) -> tuple[float, np.ndarray]:
     """1/2 mean_t (g_t . E x_t)^2 + the activation term 1/2 mean_t sum_j var_j (g_t W)_j^2, on the sampled positions:
     the Fisher quadratic with its correlations on both sides (inputs and outputs), not only its diagonal."""
     import numpy as np
@@ -141,15 +172,21 @@ def _sampled_kl(weight, qtype, imatrix, x, g, step_var, block) -> tuple[float, n
     back = np.zeros_like(x) if step_var is not None else None
     for start in range(0, weight.shape[0], 2048):
         w = weight[start : start + 2048]
-        err = quant_error(w, qtype, imatrix)
+        err = fmt.error(w, qtype, imatrix)
         dots += ((x @ err.T) * g[:, start : start + 2048]).sum(1)
         if back is not None:
             back += g[:, start : start + 2048] @ w
-    act = 0.0 if back is None else 0.5 * float(np.mean((back * back).reshape(len(x), -1, block).sum(-1) @ step_var.astype(np.float64)))
+    if back is None:
+        act = 0.0
+    elif fmt.activation_per_position:
+        steps = np.square(np.abs(_blocks(x, block)).max(-1).astype(np.float64)) / (127.0**2 * 12.0)  # [T, blocks]
+        act = 0.5 * float(np.mean((_blocks(back * back, block).sum(-1) * steps).sum(-1)))
+    else:
+        act = 0.5 * float(np.mean(_blocks(back * back, block).sum(-1) @ step_var.astype(np.float64)))
     return 0.5 * float(np.mean(dots * dots)) + act, dots
 
 
-def _lookup_kl(weight: np.ndarray, qtype: str, stats: TensorStats, imatrix) -> float:
+def _lookup_kl(weight: np.ndarray, qtype: str, stats: TensorStats, imatrix, fmt: QuantFormat) -> float:
     """An embedding row's error enters the residual stream wherever its token is read: 1/2 sum_r use_r sum_d G_d E_rd^2,
     with use_r the row's share of the calibration tokens and G the Fisher of the lookup's output."""
     import numpy as np
@@ -162,7 +199,7 @@ def _lookup_kl(weight: np.ndarray, qtype: str, stats: TensorStats, imatrix) -> f
     total = 0.0
     for start in range(0, len(rows), 2048):
         idx = rows[start : start + 2048]
-        err = quant_error(weight[idx], qtype, imatrix)
+        err = fmt.error(weight[idx], qtype, imatrix)
         total += float(((err * err) @ g).astype(np.float64) @ use[idx])
     return 0.5 * total
 
@@ -180,16 +217,17 @@ def _row_sample(fisher: np.ndarray, elements: int) -> tuple[np.ndarray, np.ndarr
     return np.concatenate([top, sample]), np.concatenate([np.ones(len(top)), np.full(len(sample), len(rest) / SAMPLED_ROWS)])
 
 
-def tensor_options(name: str, weight: np.ndarray, plain_type: str, stats: TensorStats, bits: int, use_imatrix: bool = True) -> TensorOptions:
+def tensor_options(name: str, weight: np.ndarray, plain_type: str, stats: TensorStats, bits: int, use_imatrix: bool = True,
+                   fmt: QuantFormat = GGUF_FORMAT) -> TensorOptions:
     """Every candidate type of ``bits`` that fits the tensor's rows, plus its plain type, with bytes and predicted KL."""
     rows, cols = weight.shape
-    types = [t for t in CANDIDATES[bits] if block_fits(t, cols)]
-    if plain_type not in types and block_fits(plain_type, cols):
+    types = [t for t in fmt.candidates[bits] if fmt.fits(t, cols)]
+    if plain_type not in types and fmt.fits(plain_type, cols):
         types.append(plain_type)
     options = TensorOptions(name, (rows, cols), plain_type)
     for qtype in types:
-        kl, dots = prediction(weight, qtype, stats, use_imatrix)
-        options.candidates.append(Candidate(qtype, rows * row_bytes(qtype, cols), kl, dots))
+        kl, dots = prediction(weight, qtype, stats, use_imatrix, fmt)
+        options.candidates.append(Candidate(qtype, fmt.nbytes(qtype, rows, cols), kl, dots))
     return options
 
 

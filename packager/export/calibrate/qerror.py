@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
+from xpack.runtimes.llama_import import load_llama_cpp
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -107,7 +108,7 @@ def _imatrix(imatrix, n_per_row: int, ggml_type: str) -> np.ndarray | None:
 @lru_cache(maxsize=1)
 def _libggml():
     """libggml-base from the llama_cpp package (the library llama.cpp's quantizer itself uses), its signatures declared."""
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
     from llama_cpp._ctypes_extensions import load_shared_library
 
     lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")

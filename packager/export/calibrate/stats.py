@@ -31,7 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
 FISHER_SEED = 0
 SAMPLE_PER_SEQUENCE = 64  # input rows kept per sequence and layer (TensorStats.in_sample), up to SAMPLE_TOKENS
 SAMPLE_TOKENS = 512
-ACTIVATION_BLOCKS = (32, 256)  # llama.cpp's activation blocks: Q8_0 / Q8_1 (legacy and IQ4_NL weights), Q8_K (K-quants)
+# The blocks activations are rounded to 8 bits in: llama.cpp's Q8_0 / Q8_1 (32: legacy and IQ4_NL weights) and Q8_K
+# (256: K-quants); onnxruntime's MatMulNBits at accuracy_level 4 rounds them per block of the weight's (16-128).
+ACTIVATION_BLOCKS = (16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -70,13 +72,19 @@ class LayerStats:
     calibration_sha256: str = ""
     calibration_source: str = ""
     fisher_seed: int | None = None  # the sampling seed; None when the Fisher was not collected
+    # the first sequences' token ids and the model's float32 logits [len, vocab] (collect_stats' keep_logits_tokens):
+    # the reference a calibrated mix is measured against, taken from this pass instead of a second one
+    reference: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
 
 
 def collect_stats(
     model_dir: Path, calibration: CalibrationText, max_tokens: int = 4096, seq_len: int = 512, fisher: bool = True, seed: int = FISHER_SEED,
+    keep_logits_tokens: int = 0,
 ) -> LayerStats:
     """Run the checkpoint in ``model_dir`` (float32, CPU) over ``calibration`` and collect, for every linear layer of
-    its decoder and its output head, the importance matrix and (``fisher``) the diagonal Fisher of its output."""
+    its decoder and its output head, the importance matrix and (``fisher``) the diagonal Fisher of its output; the
+    logits of the first sequences, up to ``keep_logits_tokens`` tokens, are kept too (``LayerStats.reference``)."""
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -89,17 +97,21 @@ def collect_stats(
     acc = _Accumulator(_linears(model, arch, model_dir), fisher)
     handles = acc.attach(model)
     generator = torch.Generator().manual_seed(seed)
+    reference, kept = [], 0
     try:
         positions = torch.Generator().manual_seed(seed + 1)
         for ids in tqdm(sequences, desc="calibrate", unit="seq", disable=None):
             acc.sample_positions(len(ids), positions)
-            _run_sequence(model, ids, fisher, generator)
+            logits = _run_sequence(model, ids, fisher, generator)
+            if kept < keep_logits_tokens:
+                reference.append((list(ids), logits.numpy().astype(np.float32, copy=True)))
+                kept += len(ids)
     finally:
         for h in handles:
             h.remove()
     return LayerStats(
         tensors=acc.result(), embedding=acc.embedding_result(model), tokens=n_tokens, sequences=len(sequences), seq_len=seq_len, calibration_sha256=calibration.sha256,
-        calibration_source=calibration.source, fisher_seed=seed if fisher else None,
+        calibration_source=calibration.source, fisher_seed=seed if fisher else None, reference=reference,
     )
 
 
@@ -164,9 +176,11 @@ class _Accumulator:
             if self.positions is not None and sum(len(k) for k in kept) < SAMPLE_TOKENS:
                 kept.append(flat[self.positions[self.positions < rows]].float().clone())
             for block in ACTIVATION_BLOCKS:
-                if flat.shape[1] % block == 0:
-                    amax = flat.reshape(rows, -1, block).abs().amax(-1)
-                    _add(self.in_amax, (name, block), amax.pow(2).sum(0, dtype=torch.float64))
+                if block > flat.shape[1]:
+                    continue
+                padded = flat if flat.shape[1] % block == 0 else torch.nn.functional.pad(flat, (0, -flat.shape[1] % block))  # as MatMulNBits pads K
+                amax = padded.reshape(rows, -1, block).abs().amax(-1)
+                _add(self.in_amax, (name, block), amax.pow(2).sum(0, dtype=torch.float64))
             self.counts[name] = self.counts.get(name, 0) + rows
             if self.fisher and output.requires_grad:
                 positions = self.positions
@@ -250,19 +264,20 @@ def _activations_need_grad(module, inputs, output):
     return output.requires_grad_(True)
 
 
-def _run_sequence(model, ids: list[int], fisher: bool, generator) -> None:
-    """One forward pass (the hooks collect x^2); with ``fisher``, a backward pass of log p(sampled tokens)."""
+def _run_sequence(model, ids: list[int], fisher: bool, generator) -> torch.Tensor:
+    """One forward pass (the hooks collect x^2); with ``fisher``, a backward pass of log p(sampled tokens).
+    Returns the logits [len(ids), vocab], float32."""
     import torch
 
     input_ids = torch.tensor([ids])
     if not fisher:
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-        return
+            return model(input_ids=input_ids, use_cache=False).logits[0].float()
     with torch.enable_grad():
         logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         log_probs.gather(1, sample_tokens(log_probs.detach(), generator)).sum().backward()
+    return logits.detach()
 
 
 def sample_tokens(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
+from xpack.packager.export.calibrate.qerror import row_bytes
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import from_f32, to_f32
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, run_merge, stream_base
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG
 from xpack.runtimes.gguf_header import read_gguf_header
+from xpack.runtimes.llama_import import load_llama_cpp
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -58,7 +60,7 @@ PRE_BY_STRUCTURE = {
 
 def quant_types() -> dict[str, int]:
     """Every llama.cpp file type the quantizer knows, by name (Q4_K_M -> its LLAMA_FTYPE value)."""
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
 
     out = {}
     for attr in dir(llama_cpp):
@@ -368,8 +370,12 @@ def _stream_tensors(ckpt: Checkpoint, tensors: list[GgufTensor]) -> Iterator[tup
         yield t, _materialize(t, base, dtype)
 
 
-def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt: Checkpoint) -> None:
-    """Stream tensors into a GGUF: infos first (shapes are known), then each tensor's data."""
+def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt: Checkpoint, data: bool = True) -> int:
+    """Stream tensors into a GGUF: infos first (shapes are known), then each tensor's data. ``data=False`` writes
+    the header alone and extends the file to its full length as a hole (a sparse file: no bytes written), which
+    is all llama.cpp's quantizer reads in a dry run. Returns the offset of the tensor data."""
+    import os
+
     import gguf
     import numpy as np
 
@@ -385,9 +391,18 @@ def _write_gguf(path: Path, arch_name: str, kv, tensors: list[GgufTensor], ckpt:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data in _stream_tensors(ckpt, tensors):  # GGUFWriter writes data in the order of the infos
-        writer.write_tensor_data(data)
+    if not data:
+        writer.close()
+        align = gguf.GGUF_DEFAULT_ALIGNMENT
+        offset = -(-path.stat().st_size // align) * align
+        nbytes = sum(-(-int(np.prod(t.shape)) * (4 if t.gtype == "F32" else 2) // align) * align for t in tensors)
+        os.truncate(path, offset + nbytes)
+        return offset
+    offset = writer.fout[0].tell() if isinstance(writer.fout, list) else 0
+    for _, array in _stream_tensors(ckpt, tensors):  # GGUFWriter writes data in the order of the infos
+        writer.write_tensor_data(array)
     writer.close()
+    return offset
 
 
 def _text_kv(arch: Arch, cfg: dict, vocab: Vocab, model_dir: Path, name: str, file_type: int):
@@ -461,7 +476,7 @@ def quantize(
     Both are checked against ``src`` first, and the overrides against ``dst`` after.
     Its per-tensor log goes to a file instead of the terminal; a failure quotes its last lines.
     """
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
     from tqdm import tqdm
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -481,11 +496,72 @@ def quantize(
         _check_overrides(dst, overrides)
 
 
+# llama.cpp's per-tensor line in a dry run: "[  1/236]  token_embd.weight - [  640, 262144, 1, 1], type = f16, size = ... -> ... MiB (q8_0)"
+_DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s*(\w+), size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\w+)\))?")
+
+
+def plain_size(model_dir: Path, quant: str, threads: int = 0) -> dict:
+    """What llama.cpp's plain ``quant`` makes of the checkpoint in ``model_dir``, without writing it: the GGUF's
+    bytes and each tensor's type, from llama.cpp's quantizer in dry-run mode over a header-only (sparse) raw
+    GGUF. The size yardstick of a calibrated ONNX mix (``--bits 4``: within Q4_K_M's size), for the cost of a header."""
+    import ctypes
+    import logging
+    import os
+
+    import gguf
+    import numpy as np
+
+    llama_cpp = load_llama_cpp()
+    from llama_cpp import _logger
+
+    ckpt = Checkpoint(Path(model_dir))
+    arch = require_arch(ckpt.config, "GGUF size estimate")
+    if arch.gguf is None or arch.gguf.unsupported:
+        raise XpackError(f"xpack cannot size a GGUF of {arch.name}, the yardstick of a calibrated --bits; give --target-size")
+    cfg, vocab, inter, tensors, _ = _text_tensors(ckpt, arch, plan_merge(ckpt, [], MergeSettings()).ops)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_types()[quant]
+    params.nthread = threads or os.cpu_count() or 1
+    params.dry_run = True
+    with tempfile.TemporaryDirectory(prefix="xpack-gguf-size-") as work:
+        raw = Path(work) / "header.gguf"
+        quiet, level = logging.getLogger("gguf"), logging.getLogger("gguf").level
+        quiet.setLevel(logging.ERROR)  # gguf-py's "writing header.gguf, total_size = 1.1G" says nothing true of a size estimate
+        try:
+            offset = _write_gguf(raw, arch.gguf.arch, _text_kv(arch, cfg, vocab, Path(model_dir), "size", quant_types()[inter]), tensors, ckpt, data=False)
+        finally:
+            quiet.setLevel(level)
+        lines: list[str] = []
+
+        @llama_cpp.llama_log_callback
+        def collect(level, text, user_data):  # the per-tensor lines are INFO, which llama-cpp-python's own logger may drop
+            lines.append(text.decode("utf-8", errors="replace"))
+
+        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+        try:
+            rc = llama_cpp.llama_model_quantize(str(raw).encode(), str(Path(work) / "none.gguf").encode(), params)
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        text = "".join(lines)
+    if rc != 0:
+        raise XpackError(f"llama.cpp could not size a {quant} GGUF of {model_dir} (code {rc}: {' | '.join(text.strip().splitlines()[-2:])})")
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    types, total = {}, offset
+    for name, dims, kind, new in _DRY_RUN_LINE.findall(text):
+        ne = [int(d) for d in dims.split(",")]
+        qtype = (new or kind).upper()
+        types[name] = qtype
+        total += -(-(int(np.prod(ne[1:])) * row_bytes(qtype, ne[0])) // align) * align
+    if len(types) != len(tensors):
+        raise XpackError(f"llama.cpp's dry run named {len(types)} of {len(tensors)} tensors; cannot size the {quant} GGUF")
+    return {"quant": quant, "bytes": total, "tensor_types": types}
+
+
 def _set_imatrix(params, imatrix: dict[str, np.ndarray] | None, shapes: dict) -> list | None:
     """Point ``params.imatrix`` at a NULL-terminated llama_model_imatrix_data array; returns what must stay alive."""
     import ctypes
 
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
     import numpy as np
 
     if not imatrix:
@@ -509,7 +585,7 @@ def _set_imatrix(params, imatrix: dict[str, np.ndarray] | None, shapes: dict) ->
 
 def _set_overrides(params, overrides: dict[str, str] | None, shapes: dict) -> list | None:
     """Point ``params.tt_overrides`` at exact-name regexes (``^blk\\.3\\.ffn_down\\.weight$``) with their ggml types."""
-    import llama_cpp
+    llama_cpp = load_llama_cpp()
 
     if not overrides:
         return None
@@ -610,6 +686,22 @@ def _intermediate(ckpt: Checkpoint) -> str:
     return "F32"
 
 
+def _text_tensors(ckpt: Checkpoint, arch: Arch, ops: list[TensorOp]) -> tuple[dict, Vocab, str, list[GgufTensor], int]:
+    """The text model's config, vocabulary (trimmed where the table says so), intermediate type, tensor plan, and
+    the number of tokens the tokenizer listed before trimming."""
+    g = arch.gguf
+    cfg = ckpt.text_config() if arch.vision else ckpt.config
+    vocab = build_vocab(ckpt.path, int(cfg["vocab_size"]))
+    inter = _intermediate(ckpt)
+    tensors = _tensor_plan(ops, arch, cfg, inter, vocab.n_real if g.trim_embeddings_to_vocab else 10**12)
+    listed = len(vocab.tokens)
+    if g.trim_embeddings_to_vocab:
+        vocab.tokens, vocab.types = vocab.tokens[: vocab.n_real], vocab.types[: vocab.n_real]
+        if vocab.scores:
+            vocab.scores = vocab.scores[: vocab.n_real]
+    return cfg, vocab, inter, tensors, listed
+
+
 # (raw GGUF, final GGUF, work folder, the merged checkpoint) -> the report of a calibrated quantization
 Mixer = Callable[[Path, Path, Path, Path], dict]
 
@@ -633,17 +725,10 @@ def export_gguf(
         raise XpackError(g.unsupported)
     ckpt.check_not_packed()
     plan = plan_merge(ckpt, adapters, merge or MergeSettings())
-    cfg = ckpt.text_config() if arch.vision else ckpt.config
-    vocab = build_vocab(model_dir, int(cfg["vocab_size"]))
-    inter = _intermediate(ckpt)
+    cfg, vocab, inter, tensors, listed = _text_tensors(ckpt, arch, plan.ops)
     threads = threads or os.cpu_count() or 1
-    result = GgufExport(arch=arch.name, vocab={"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)})
+    result = GgufExport(arch=arch.name, vocab={"model": vocab.model, "pre": vocab.pre, "tokens": listed})
     ftype_inter = quant_types()["F32" if inter == "F32" else inter]
-    tensors = _tensor_plan(plan.ops, arch, cfg, inter, vocab.n_real if g.trim_embeddings_to_vocab else 10**12)
-    if g.trim_embeddings_to_vocab:
-        vocab.tokens, vocab.types = vocab.tokens[: vocab.n_real], vocab.types[: vocab.n_real]
-        if vocab.scores:
-            vocab.scores = vocab.scores[: vocab.n_real]
     final = tmp_out / f"{name}-{quant}.gguf"
     with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-gguf-") as work:
         raw = final if quant == inter or (quant == "F32" and inter == "F32") else Path(work) / f"{name}-{inter}.gguf"

@@ -27,6 +27,8 @@ from pathlib import Path
 from xpack.errors import XpackError
 from xpack.packager.archs import Arch, all_archs, require_arch
 from xpack.packager.archs.onnx_spec import OnnxSpec
+from xpack.packager.export.calibrate.mix import MixRequest
+from xpack.packager.export.calibrate.onnx_mix import calibrated_matmuls
 from xpack.packager.export.onnx.common import VISION_COMPANIONS, OnnxExport, decoder_io, quiet, require_libraries, save_model
 from xpack.packager.export.onnx.gemma3_vision import export_gemma3_vision
 from xpack.packager.export.onnx.mllama import export_mllama_artifact
@@ -102,6 +104,7 @@ class _Job:
     graph: str
     int4: str
     merge: MergeSettings  # how the adapters merge (the 16-bit weights or a QLoRA adapter's 4-bit base)
+    mix: MixRequest | None = None  # a calibrated mix instead of the fixed scheme (calibrate/onnx_mix.py)
 
     @property
     def vision(self) -> bool:
@@ -122,9 +125,11 @@ class _Reference:
 def export_onnx(
     model_dir: Path, adapters: list[Adapter], tmp_out: Path, bits: int, *, block_size: int | None = None,
     keep_lm_head: bool = False, threads: int = 0, graph: str = "xpack", int4: str = "mixed", merge: MergeSettings | None = None,
+    mix: MixRequest | None = None,
 ) -> OnnxExport:
     """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer/config files into ``tmp_out``
-    (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph); ``adapters`` merge as ``merge`` says."""
+    (plus ``embed.onnx`` and ``vision.onnx`` for a vision model with xpack's graph); ``adapters`` merge as ``merge`` says.
+    ``mix``: xpack's calibrated mix at 4 or 8 bits instead of the fixed scheme (text decoders in xpack's graph)."""
     merge = merge or MergeSettings()
     block_size = block_size or default_block_size(bits)
     check_settings(bits, block_size, graph, int4)
@@ -134,11 +139,41 @@ def export_onnx(
     ckpt.check_not_packed()
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
+    if mix is not None:
+        _check_calibrated(arch, spec, bits, graph, int4, keep_lm_head)
     if spec.pipeline == "mllama":
         if graph != "xpack":
             raise XpackError("optimum-onnx cannot export Llama 3.2 Vision (mllama); drop --graph optimum (xpack writes its vision, cross-attention and decoder graphs)")
         return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4, merge)
-    return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4, merge), adapters)
+    return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4, merge, mix), adapters)
+
+
+def onnx_calibration_gap(model_dir: Path, graph: str, int4: str, keep_lm_head: bool, block_size_given: bool = False) -> str | None:
+    """Why the calibrated mix cannot make this ONNX export (the fixed scheme then does), or None."""
+    import importlib.util
+
+    arch = require_arch(Checkpoint(Path(model_dir)).config, "ONNX export")
+    if arch.vision or (arch.onnx is not None and arch.onnx.pipeline == "mllama"):
+        return f"the calibrated mix of {arch.name} (a vision model) is not implemented yet"
+    if graph != "xpack":
+        return "the calibrated mix needs xpack's decoder graph (--graph xpack)"
+    if keep_lm_head or int4 != "mixed" or block_size_given:
+        return "--keep-lm-head, --int4 plain and --block-size choose the fixed scheme"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python, which sizes the yardstick (llama.cpp's plain type), is not installed: pip install 'xpack[llama]', or give --target-size"
+    return None
+
+
+def _check_calibrated(arch: Arch, spec: OnnxSpec, bits: int, graph: str, int4: str, keep_lm_head: bool) -> None:
+    """What a calibrated ONNX mix works on, before any work: one line naming what to change."""
+    if bits not in (4, 8):
+        raise XpackError(f"calibration (--calibration, --target-size, --max-kl) chooses 4- and 8-bit weights; --bits {bits} has none to choose")
+    if spec.pipeline == "mllama" or arch.vision:
+        raise XpackError(f"calibrated ONNX quantization of {arch.name} (a vision model) is not implemented yet; export it with --no-calibrate")
+    if graph != "xpack":
+        raise XpackError("calibrated ONNX quantization needs xpack's decoder graph; drop --graph optimum or export with --no-calibrate")
+    if keep_lm_head or int4 != "mixed":
+        raise XpackError("--keep-lm-head and --int4 plain choose a fixed scheme; drop them or export with --no-calibrate")
 
 
 def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
@@ -155,7 +190,7 @@ def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
         result.notes += notes
         result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
         reference = _export_fp32(job, src, work / "raw", result)
-        _write_decoder(job, work / "raw", result)
+        _write_decoder(job, work / "raw", src, result)
         _write_companions(job, full, src, work / "raw", result)
         _check_artifact(job, reference, result)
     result.io = decoder_io(job.tmp_out / ONNX_MODEL_FILE)
@@ -195,13 +230,17 @@ def _export_fp32(job: _Job, src: Path, raw: Path, result: OnnxExport) -> _Refere
     return _Reference(ids, window, steps, atol)
 
 
-def _write_decoder(job: _Job, raw: Path, result: OnnxExport) -> None:
+def _write_decoder(job: _Job, raw: Path, src: Path, result: OnnxExport) -> None:
     """The decoder (and a vision model's embedding graph) at ``--bits`` into the artifact folder."""
     import onnx
 
     start = time.perf_counter()
     decoder = onnx.load(str(raw / ONNX_MODEL_FILE))
-    decoder, result.quantization = quantize_graph(decoder, job.bits, job.block_size, job.keep_lm_head, job.spec, job.int4)
+    calibrate = None
+    if job.mix is not None:
+        def calibrate(model):
+            return calibrated_matmuls(model, src, job.mix, job.threads, share_embedding=True)
+    decoder, result.quantization = quantize_graph(decoder, job.bits, job.block_size, job.keep_lm_head, job.spec, job.int4, calibrate)
     result.quantization.setdefault("node_types", weight_node_types(decoder))
     save_model(decoder, job.tmp_out)
     del decoder

@@ -24,7 +24,7 @@ What we do ourselves, and why:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import ACCURACY_LEVEL
@@ -234,8 +234,15 @@ def weight_node_types(model: "onnx.ModelProto") -> dict[str, int]:
 # a decoder at --bits
 
 
-def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: OnnxSpec, int4: str = "mixed") -> tuple["onnx.ModelProto", dict]:
-    """The float32 decoder (or embedding) graph at ``bits``, and the manifest's account of it."""
+# (the float32 decoder with its head materialized) -> (the quantized decoder, its account): calibrate/onnx_mix.py's
+# calibrated mix, bound by the pipeline to the checkpoint and the calibration request.
+Calibrate = Callable[["onnx.ModelProto"], tuple["onnx.ModelProto", dict]]
+
+
+def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: OnnxSpec, int4: str = "mixed",
+                   calibrate: Calibrate | None = None) -> tuple["onnx.ModelProto", dict]:
+    """The float32 decoder (or embedding) graph at ``bits``, and the manifest's account of it; ``calibrate``
+    (4 or 8 bits) replaces the fixed scheme with a calibrated mix."""
     info: dict = {"bits": bits, "scheme": SCHEMES[bits]}
     if bits == 32:
         return model, info
@@ -243,6 +250,8 @@ def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm
         return _fp16(model, spec, info)
     head = [n.name for n in model.graph.node if n.op_type == "MatMul" and spec.lm_head_node.search(n.name)]
     untied = [] if keep_lm_head else materialize_output_head(model)
+    if calibrate is not None:
+        return _calibrated(model, calibrate, block_size, head, untied, info)
     if bits == 4:
         return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed")
     model = rtn_matmuls(model, bits, block_size, exclude=head if keep_lm_head else ())
@@ -292,6 +301,27 @@ def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool
         eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
         eight_bit_nodes=len(q.get("eight_bit_nodes", [])),
         bit_widths=q.get("node_counts"),
+    )
+
+
+def _calibrated(model: "onnx.ModelProto", calibrate: Calibrate, block_size: int, head: list[str], untied: list[str], info: dict) -> tuple["onnx.ModelProto", dict]:
+    """A calibrated mix (every MatMul its own width and block, the tied embedding read from the head); an untied
+    embedding gets onnxruntime's 4-bit GatherBlockQuantized, as the fixed 4-bit scheme gives it."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model, q = calibrate(model)
+    if not q.get("shared_embedding"):
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+                                         op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+        quantizer.process()
+        model = quantizer.model.model
+    cal = q["calibration"]
+    info["scheme"] = (f"calibrated mix (xpack): MatMulNBits {', '.join(f'{t} x{n}' for t, n in sorted(cal['mix']['type_counts'].items()))}, "
+                      "int8 activations in the kernel, scales searched with the importance matrix")
+    return _quantized_info(
+        model, info, block_size, head, False, untied, "quantized (calibrated)",
+        "quantized (reads the output head's packed weight)" if q.get("shared_embedding") else "quantized (4-bit)",
+        quantizer="xpack (packager/export/calibrate/onnx_mix.py + onnx/quantize.py)", calibration=cal, bit_widths=q.get("node_counts"),
     )
 
 

@@ -149,11 +149,14 @@ def rtn_block_params(x: "np.ndarray", bits: int) -> tuple["np.ndarray", "np.ndar
 
 def search_block_params(
     x: "np.ndarray", bits: int, *, nstep: int = NSTEP, rmin: float = RMIN, rdelta: float = RDELTA, weighted: bool = True,
+    importance: "np.ndarray | None" = None,
 ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     """Per block, the scale and integer zero point with the least (weighted) squared error over
     llama.cpp's make_qkx2_quants grid, the codes rounded at each candidate and the scale refitted by
     least squares. x: [blocks, block_size]. Same returns as :func:`rtn_block_params`; the plain
-    round-to-nearest block is among the candidates, so no block gets worse than RTN (in the weighted error)."""
+    round-to-nearest block is among the candidates, so no block gets worse than RTN (in the weighted error).
+    ``importance`` ([blocks, block_size], an importance matrix's column values): the error weights become
+    llama.cpp's with an imatrix, ``importance * sqrt(sigma2 + x^2)`` with sigma2 = 2 * mean(x^2) of the block."""
     import numpy as np
 
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -163,7 +166,10 @@ def search_block_params(
     span = hi - lo
     flat = span <= 0
     span[flat] = 1.0
-    if weighted:
+    if importance is not None:
+        sigma2 = 2 * np.einsum("ij,ij->i", x, x) / x.shape[1]
+        w = np.asarray(importance, np.float32) * np.sqrt(sigma2[:, None] + x * x)
+    elif weighted:
         w = np.sqrt(np.einsum("ij,ij->i", x, x) / x.shape[1])[:, None] + np.abs(x)
     else:
         w = np.ones_like(x)
@@ -242,10 +248,11 @@ def _unpack(packed: "np.ndarray", bits: int, count: int) -> "np.ndarray":
 
 
 def quantize_weight(
-    w: "np.ndarray", bits: int = 4, block_size: int = 32, *, search: bool = True, weighted: bool = True,
+    w: "np.ndarray", bits: int = 4, block_size: int = 32, *, search: bool = True, weighted: bool = True, importance: "np.ndarray | None" = None,
 ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     """A MatMul weight [K, N] -> MatMulNBits' (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks],
-    zero_points uint8 [N, ceil(k_blocks * bits / 8)])."""
+    zero_points uint8 [N, ceil(k_blocks * bits / 8)]). ``importance`` [K]: an importance matrix (mean x^2 per
+    input column) that weighs the search's error (see :func:`search_block_params`)."""
     import numpy as np
 
     if bits not in (4, 8):
@@ -259,9 +266,17 @@ def quantize_weight(
     q = np.empty(flat.shape, np.uint8)
     scales = np.empty(flat.shape[0], np.float32)
     zps = np.empty(flat.shape[0], np.uint8)
+    imp = None
+    if importance is not None and search:
+        imp = np.zeros(k_blocks * block_size, np.float32)
+        imp[:k] = np.asarray(importance, np.float32).reshape(-1)
+        imp = imp.reshape(k_blocks, block_size)
     for start in range(0, flat.shape[0], CHUNK_BLOCKS):
         part = slice(start, start + CHUNK_BLOCKS)
-        if search:
+        if imp is not None:
+            rows = np.arange(start, min(start + CHUNK_BLOCKS, flat.shape[0])) % k_blocks  # block b of a row: column block b % k_blocks
+            q[part], scales[part], zps[part] = search_block_params(flat[part], bits, importance=imp[rows])
+        elif search:
             q[part], scales[part], zps[part] = search_block_params(flat[part], bits, weighted=weighted)
         else:
             q[part], scales[part], zps[part] = rtn_block_params(flat[part], bits)
@@ -317,6 +332,8 @@ def quantize_matmuls(
     eight_bit_block_size: int = EIGHT_BIT_BLOCK_SIZE,
     share_embedding: bool = True,
     weighted: bool = True,
+    plan: dict[str, tuple[int, int]] | None = None,
+    importance: dict[str, "np.ndarray"] | None = None,
 ) -> tuple["onnx.ModelProto", dict]:
     """Replace every MatMul whose second input is a 2-D float32 initializer [K, N] by a ``MatMulNBits``
     (in place; the model is also returned), with an ``info`` dict of what was done.
@@ -334,6 +351,9 @@ def quantize_matmuls(
       weight (a tied embedding) becomes a ``GatherBlockQuantized`` reading that MatMul's packed weight,
       so the table is stored once, at the head's width. Other Gathers are left as they are.
     - ``weighted``: the search minimizes llama.cpp's weighted error (rms(block) + |x|), not the plain one.
+    - ``plan``: weight initializer name -> (bits, block size), overriding ``bits``/``mixed`` for the weights it
+      names (a calibrated mix, packager/export/calibrate/onnx_mix.py); ``importance``: weight initializer
+      name -> its importance matrix [K], weighing the search's error as llama.cpp does with an imatrix.
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -377,10 +397,13 @@ def quantize_matmuls(
         else:
             w = numpy_helper.to_array(tensor)
             node_bits, node_block = (8, eight_bit_block_size) if any(p.search(node.name) for p in eight) else (bits, block_size)
+            if plan and weight in plan:
+                node_bits, node_block = plan[weight]
             if (n, k) in tables:  # a tied table can only be shared in whole blocks: a smaller block that divides K
                 while node_block > 16 and k % node_block:
                     node_block //= 2
-            packed, scales, zero_points = quantize_weight(w, node_bits, node_block, search=search, weighted=weighted)
+            packed, scales, zero_points = quantize_weight(w, node_bits, node_block, search=search, weighted=weighted,
+                                                          importance=(importance or {}).get(weight))
             err = float(np.square(dequantize_weight(packed, scales, zero_points, node_bits, k) - w, dtype=np.float64).sum())
             ref = float(np.square(w, dtype=np.float64).sum())
             sq_err, sq_ref = sq_err + err, sq_ref + ref
@@ -392,7 +415,7 @@ def quantize_matmuls(
                 g = nodes[gi]
                 if gi in replaced or not np.array_equal(numpy_helper.to_array(inits[g.input[0]]), w.T):
                     continue
-                replaced[gi] = _shared_gather(g, names[0], scales, zero_points, node_bits, node_block, k, new_inits)
+                replaced[gi] = _shared_gather(g, names, scales, zero_points, node_bits, node_block, k, new_inits)
                 shared[g.name or g.input[0]] = node.name or weight
                 users[g.input[0]] -= 1
             del w
@@ -449,23 +472,33 @@ def quantize_matmuls(
     return model, info
 
 
-def _shared_gather(g, b_name: str, scales, zero_points, bits: int, block: int, hidden: int, new_inits: list) -> list:
-    """``Gather(table, ids)`` -> ``GatherBlockQuantized`` over the head's packed weight [V, k_blocks, blob]
-    (its own [V, k_blocks, 1] scales and zero points: the op wants them at data's rank, MatMulNBits
-    at rank 2), then a Reshape of [..., k_blocks, block] to [..., hidden] (hidden: whole blocks)."""
+def _shared_gather(g, names: tuple[str, str, str], scales, zero_points, bits: int, block: int, hidden: int, new_inits: list) -> list:
+    """``Gather(table, ids)`` -> ``GatherBlockQuantized`` over the head's packed weight [V, k_blocks, blob], then a
+    Reshape of [..., k_blocks, block] to [..., hidden] (hidden: whole blocks). The op wants its scales and zero
+    points at data's rank ([V, k_blocks, 1]), MatMulNBits at rank 2: the head's own [V, k_blocks] scales (and, at
+    8 bits, its zero points, whose layout is the same) are reshaped by a node onnxruntime folds into a constant at
+    load, so the file holds them once; 4-bit zero points are packed two per byte for MatMulNBits and stored again
+    unpacked (1 byte per block)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
+    b_name, head_scales, head_zero_points = names
     table, ids, out = g.input[0], g.input[1], g.output[0]
     n, k_blocks = scales.shape
     base = g.name or table
-    s_name, z_name = f"{table}_gather_scales", f"{table}_gather_zero_points"
-    new_inits += [
-        numpy_helper.from_array(scales.reshape(n, k_blocks, 1), s_name),
-        numpy_helper.from_array(_unpack(zero_points, bits, k_blocks).reshape(n, k_blocks, 1).astype(np.uint8), z_name),
+    shape3 = f"{table}_gather_shape"  # a Constant node, not an initializer: the export moves initializers to the external data
+    s_name = f"{table}_gather_scales"
+    nodes = [
+        helper.make_node("Constant", [], [shape3], name=f"{base}/scales/Constant", value=numpy_helper.from_array(np.array([n, k_blocks, 1], np.int64), shape3)),
+        helper.make_node("Reshape", [head_scales, shape3], [s_name], name=f"{base}/scales/Reshape"),
     ]
+    z_name = f"{table}_gather_zero_points"
+    if bits == 8:
+        nodes.append(helper.make_node("Reshape", [head_zero_points, shape3], [z_name], name=f"{base}/zero_points/Reshape"))
+    else:
+        new_inits.append(numpy_helper.from_array(_unpack(zero_points, bits, k_blocks).reshape(n, k_blocks, 1).astype(np.uint8), z_name))
     hidden_c = f"{base}/hidden"
-    return [
+    return nodes + [
         helper.make_node("GatherBlockQuantized", [b_name, ids, s_name, z_name], [f"{base}/GatherBlockQuantized/output_0"],
                          name=f"{base}_GatherBlockQuantized", domain=ONNX_DOMAIN, gather_axis=0, quantize_axis=2, block_size=block, bits=bits),
         helper.make_node("Shape", [ids], [f"{base}/Shape/output_0"], name=f"{base}/Shape"),
