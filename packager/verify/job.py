@@ -21,6 +21,7 @@ from xpack import __version__
 from xpack.errors import XpackError
 from xpack.packager.cards.render import render
 from xpack.packager.io.checkpoint import load_tokenizer
+from xpack.packager.io.memory_need import check_cpu_reference
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.verify.parity import compare_logits, log_softmax
 from xpack.packager.verify.reference import MERGED_LABEL, Reference, merged_reference
@@ -338,6 +339,8 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
     prompts = read_prompts(prompts_file)
     images = find_images(images_dir)
     runtime = runtime or runtime_for(artifact, profile)
+    if profile.device == "cpu":
+        check_cpu_reference(ref.path, artifact)
     cls, label = precision_class(artifact, runtime)
     key = (ref.label, profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
     if key not in cache:

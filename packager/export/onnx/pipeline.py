@@ -37,6 +37,7 @@ from xpack.packager.export.onnx.raw_graph import optimum_graph, xpack_graph
 from xpack.packager.export.onnx.source import copy_companions, prepare_source
 from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, torch_steps, validation_ids
 from xpack.packager.io.checkpoint import Checkpoint
+from xpack.packager.io.memory_need import check_onnx_export
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
 from xpack.runtimes.artifacts import EMBED_DATA_FILE, EMBED_FILE, ONNX_MODEL_FILE
@@ -137,6 +138,7 @@ def export_onnx(
     arch = require_arch(ckpt.config, "ONNX export")
     spec = _spec_of(arch)
     ckpt.check_not_packed()
+    check_onnx_export(ckpt, arch.name)
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
     if mix is not None:
