@@ -387,15 +387,13 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
 
 
 def _advice(artifact: Path, runtime: str, ref: Reference, checks: list[dict]) -> str:
-    """The export option that would meet a failed KL verdict: xpack's calibrated GGUF with --max-kl."""
+    """The export option that would meet a failed KL verdict: xpack's calibrated mix, in the artifact's format, with --max-kl."""
     kl = next((c for c in checks if c["metric"] == "kl_mean" and not c["pass"]), None)
     limit = kl["limit"].split()[-1] if kl else "0.1"
     bits = "8" if kl and float(limit) < 0.05 else "4"
     source = ref.path if ref.peft is None else "<the merged checkpoint>"
-    how = f"xpack export --model {source} --format gguf --bits {bits} --max-kl {limit} --out <folder>"
-    if runtime == "onnx":
-        return (f"calibrated ONNX quantization is not available yet; the smallest GGUF that meets KL <= {limit} on the "
-                f"calibration text: `{how}`, or export ONNX with more --bits")
+    fmt = "onnx" if runtime == "onnx" else "gguf"
+    how = f"xpack export --model {source} --format {fmt} --bits {bits} --max-kl {limit} --out <folder>"
     return f"to meet KL <= {limit}, export the smallest calibrated file that meets it on the calibration text: `{how}`"
 
 
