@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from xpack.errors import XpackError
 from xpack.packager.export.job import export
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
-from xpack.packager.verify.job import END, START, Side, parity, splice_section, update_card, verify
+from xpack.packager.verify.job import END, START, Side, _advice, parity, splice_section, update_card, verify
 from xpack.profiles.machine import machine_info
 
 
@@ -198,3 +199,10 @@ def test_parity_on_the_rows_the_tokenizer_can_produce():
     assert "vocabulary" not in same and same["kl_mean"] == pytest.approx(0, abs=1e-9)
     with pytest.raises(XpackError, match=r"smaller than the reference's \(12\) and than its tokenizer's \(11 tokens\)"):
         parity(Side(ids, art_logits, greedy, 10), Side(ids, ref_logits, greedy, 12), _Tokens(11))
+
+
+def test_a_failed_verdict_names_the_calibrated_export_in_the_artifacts_format(tmp_path):
+    ref = SimpleNamespace(path=tmp_path / "merged", peft=None)
+    checks = [{"metric": "kl_mean", "pass": False, "limit": "<= 0.1"}]
+    assert "--format onnx --bits 4 --max-kl 0.1" in _advice(tmp_path / "a", "onnx", ref, checks)
+    assert "--format gguf --bits 4 --max-kl 0.1" in _advice(tmp_path / "a", "llamacpp", ref, checks)
