@@ -101,7 +101,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(H
 
 import _harness as H  # noqa: E402
 from xpack.packager.demo.base_model import demo_base_dir  # noqa: E402
-from xpack.packager.demo.models import builtin_model  # noqa: E402
+from xpack.packager.demo.models import builtin_model, chat_template  # noqa: E402
 from xpack.packager.io.tensors import ShardedWriter, TensorSpec, plan_shards  # noqa: E402
 
 VERSION = 1  # bump when the builder's output changes: cached builds are rebuilt
@@ -207,61 +207,10 @@ SCALES = ("full", "tiny")
 # --------------------------------------------------------------------------------------------------
 
 # gemma-2-2b-it's chat template, as published.
-GEMMA2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+GEMMA2_CHAT_TEMPLATE = chat_template("gemma2.jinja")
 # Llama 3.2 Vision's: header/eot framing, <|image|> per image part, no system turn when an image is given
 # (the published one also has tool-calling branches and a dated default system prompt: left out).
-MLLAMA_CHAT_TEMPLATE = """{{- bos_token }}
-{%- if messages[0]['role'] == 'system' %}
-    {%- if messages[0]['content'] is string %}
-        {%- set system_message = messages[0]['content'] | trim %}
-    {%- else %}
-        {%- set system_message = messages[0]['content'][0]['text'] | trim %}
-    {%- endif %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{%- set ns = namespace(has_image=false) %}
-{%- for message in messages %}
-    {%- if message['content'] is not string %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}{%- set ns.has_image = true %}{%- endif %}
-        {%- endfor %}
-    {%- endif %}
-{%- endfor %}
-{%- if not ns.has_image or system_message %}
-    {{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
-    {{- system_message }}
-    {{- '<|eot_id|>' }}
-{%- endif %}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
-    {%- if message['content'] is string %}
-        {{- message['content'] | trim }}
-    {%- else %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}
-                {{- '<|image|>' }}
-            {%- elif content['type'] == 'text' %}
-                {{- content['text'] | trim }}
-            {%- endif %}
-        {%- endfor %}
-    {%- endif %}
-    {{- '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
+MLLAMA_CHAT_TEMPLATE = chat_template("mllama.jinja")
 GEMMA2_ADDED = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 LLAMA3_ADDED = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]

@@ -48,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from xpack.packager.demo.models import builtin_model  # noqa: E402
+from xpack.packager.demo.models import builtin_model, chat_template  # noqa: E402
 
 __all__ = [
     "TWIN_NAMES",
@@ -139,65 +139,14 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-GEMMA2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+GEMMA2_CHAT_TEMPLATE = chat_template("gemma2.jinja")
 
 # Gemma 3's public instruction template: one home, the built-in Gemma 3 model's (packager/demo/chat_templates/).
 GEMMA3_CHAT_TEMPLATE = builtin_model("gemma3").chat_template
 
 # Llama 3.2 Vision: header/eot framing, an `<|image|>` for every image content part, no system
 # prompt injected when an image is present (the real template also carries tool-calling branches).
-MLLAMA_CHAT_TEMPLATE = """{{- bos_token }}
-{%- if messages[0]['role'] == 'system' %}
-    {%- if messages[0]['content'] is string %}
-        {%- set system_message = messages[0]['content'] | trim %}
-    {%- else %}
-        {%- set system_message = messages[0]['content'][0]['text'] | trim %}
-    {%- endif %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{%- set ns = namespace(has_image=false) %}
-{%- for message in messages %}
-    {%- if message['content'] is not string %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}{%- set ns.has_image = true %}{%- endif %}
-        {%- endfor %}
-    {%- endif %}
-{%- endfor %}
-{%- if not ns.has_image or system_message %}
-    {{- '<|start_header_id|>system<|end_header_id|>\n\n' }}
-    {{- system_message }}
-    {{- '<|eot_id|>' }}
-{%- endif %}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
-    {%- if message['content'] is string %}
-        {{- message['content'] | trim }}
-    {%- else %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}
-                {{- '<|image|>' }}
-            {%- elif content['type'] == 'text' %}
-                {{- content['text'] | trim }}
-            {%- endif %}
-        {%- endfor %}
-    {%- endif %}
-    {{- '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""
+MLLAMA_CHAT_TEMPLATE = chat_template("mllama.jinja")
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizers

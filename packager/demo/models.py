@@ -64,7 +64,13 @@ class BuiltinModel:
     def chat_template(self) -> str | None:
         if self.chat_template_file is None:
             return None
-        return (HERE / "chat_templates" / self.chat_template_file).read_text(encoding="utf-8")
+        return chat_template(self.chat_template_file)
+
+
+def chat_template(file: str) -> str:
+    """A chat template of packager/demo/chat_templates/ (the built-in models', and the test twins' and synthetic
+    checkpoints' of the seed families without real weights here: gemma2.jinja, mllama.jinja)."""
+    return (HERE / "chat_templates" / file).read_text(encoding="utf-8")
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
