@@ -263,3 +263,24 @@ def test_modelfile_stops_on_every_end_of_turn_token_the_tokenizer_has(twin_facto
     assert stops == ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]
     assert set(stops) <= set(END_OF_TURN_TOKENS)
     assert stop_tokens(Checkpoint(twin_factory.get("gemma3").model_dir)) == ["<end_of_turn>"]
+
+
+@pytest.mark.parametrize("st,gtype", [("BF16", "BF16"), ("BF16", "F32"), ("F32", "F16"), ("F32", "BF16"), ("F16", "F32")])
+@pytest.mark.parametrize("rows,shift,heads", [(None, 0.0, None), (5, 0.0, None), (None, 1.0, None), (None, 0.0, 2)])
+def test_materialize_in_row_chunks_equals_whole_tensor_conversion(monkeypatch, st, gtype, rows, shift, heads):
+    """The GGUF writer converts in row chunks (a 262208-row embedding never exists in fp32 at once): bit-identical to
+    converting the whole tensor, for every trim / Gemma norm shift / RoPE permutation and dtype pair."""
+    from xpack.packager.export.gguf import writer
+    from xpack.packager.io.tensors import TensorSpec, from_f32, to_f32
+    from xpack.packager.merge.stream import TensorOp
+
+    monkeypatch.setattr(writer, "_CHUNK_BYTES", 3 * 6 * 4)  # three rows per chunk: several chunks and a short last one
+    values = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    base = from_f32(values, st)
+    t = writer.GgufTensor("t", TensorOp("w", "w", TensorSpec("w", st, [8, 6])), (rows or 8, 6), gtype, permute_heads=heads, shift=shift, rows=rows)
+    got = writer._materialize(t, base, st)
+    w = to_f32(base, st)[: rows or 8]
+    w = writer._permute(w, heads) if heads else w
+    w = w + np.float32(shift)
+    want = from_f32(np.ascontiguousarray(w), gtype)
+    assert got.tobytes() == np.ascontiguousarray(want).tobytes()

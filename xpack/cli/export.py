@@ -69,8 +69,9 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
     error) within the size of the plain type + 5% (--target-size, --max-kl), and llama.cpp quantizes with
     xpack's importance matrix. Calibrated ONNX (--bits 4 or 8, text models): the same statistics choose
     each MatMul's width and block (int4/int8, blocks of 16-128) within the size of llama.cpp's plain
-    type + 5% (sized by its dry run), with scales searched under the importance matrix. The KL on the
-    calibration text is printed and kept in the manifest; `xpack verify` measures on its own evaluation text.
+    type + 10% (sized by its dry run; MatMulNBits has only 4 and 8 bits), with scales searched under the
+    importance matrix. The KL on the calibration text is printed and kept in the manifest; `xpack verify`
+    measures on its own evaluation text.
 
     \b
     Example:

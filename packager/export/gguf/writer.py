@@ -342,22 +342,34 @@ def _mmproj_plan(ops: list[TensorOp], arch: Arch, vision_cfg: dict, intermediate
     return out
 
 
+_CHUNK_BYTES = 64 << 20  # fp32 scratch per conversion step: a 262208 x 2560 embedding never exists in fp32 at once
+
+
 def _materialize(t: GgufTensor, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
+    """One tensor as the GGUF stores it. Merged (LoRA) tensors are computed whole by apply_op; everything after that
+    (row trim, RoPE permutation, norm shift, dtype change) runs on the stored dtype or in row chunks, so an unchanged
+    embedding costs its own bytes plus one chunk, not four fp32 copies (measured: 10.7 GB peak on Gemma 3 4B)."""
     import numpy as np
 
-    w = to_f32(apply_op(t.op, base, base_dtype), t.op.spec.dtype)
+    w = apply_op(t.op, base, base_dtype)  # the base itself when nothing merges into it
+    st = t.op.spec.dtype
     if t.rows is not None:
         w = w[: t.rows]
     if t.permute_heads:
-        w = _permute(w, t.permute_heads)
-    if t.shift:
-        w = w + np.float32(t.shift)
-    w = np.ascontiguousarray(w)
-    if t.gtype == "F32":
-        return w
-    if t.gtype == "F16":
-        return w.astype(np.float16)
-    return from_f32(w, "BF16").view(np.uint8)
+        w = _permute(w, t.permute_heads)  # a row permutation: exact in any dtype
+    if st == t.gtype and not t.shift:
+        w = np.ascontiguousarray(w)
+        return w.view(np.uint8) if t.gtype == "BF16" else w
+    out_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.gtype]
+    out = np.empty(w.shape, dtype=out_dtype)
+    flat_in, flat_out = w.reshape(w.shape[0], -1) if w.ndim else w.reshape(1), out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, flat_in[0].size)))
+    for i in range(0, flat_in.shape[0], step):
+        piece = to_f32(flat_in[i : i + step], st)
+        if t.shift:
+            piece = piece + np.float32(t.shift)
+        flat_out[i : i + step] = from_f32(piece, "BF16") if t.gtype == "BF16" else piece
+    return out.view(np.uint8) if t.gtype == "BF16" else out
 
 
 def _stream_tensors(ckpt: Checkpoint, tensors: list[GgufTensor]) -> Iterator[tuple[GgufTensor, "np.ndarray"]]:
