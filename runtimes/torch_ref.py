@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +35,7 @@ from xpack.runtimes.base import Runtime
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
+from xpack.runtimes.torch_offload import describe, streamed_device_map
 
 __all__ = ["PeftOnBase", "TorchRuntime", "overflows_fp16"]
 
@@ -148,8 +150,10 @@ class TorchRuntime(Runtime):
     name = "torch"
     formats = ("torch",)
 
-    def __init__(self, artifact, profile, peft: PeftOnBase | None = None):
+    def __init__(self, artifact, profile, peft: PeftOnBase | None = None, max_memory: int | None = None):
         self.peft = peft
+        self.max_memory = max_memory  # bytes of weights a CPU reference may hold; the rest streams (torch_offload.py)
+        self._offload_dir = None
         super().__init__(artifact, profile)
 
     @staticmethod
@@ -187,22 +191,29 @@ class TorchRuntime(Runtime):
             kwargs["attn_implementation"] = "eager"
         if self.peft is not None and self.peft.quant_type is not None:
             kwargs.update(self._four_bit_options())
+        elif self.max_memory is not None and self.device.type == "cpu":
+            model_class = transformers.AutoModelForImageTextToText if self.is_vision else transformers.AutoModelForCausalLM
+            kwargs.update(self._streamed_options(model_class, folder))
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            if self.is_vision:
-                self.model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
-                self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-                self.tokenizer = self.processor.tokenizer
-            else:
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-                self.processor = None
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            with warnings.catch_warnings():
+                # a streamed model's device map names the direct parameters of a module that holds layers (Mllama's
+                # class_embedding): transformers places them by name, accelerate's dispatch warns that they are no module
+                warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+                if self.is_vision:
+                    self.model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
+                    self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+                    self.tokenizer = self.processor.tokenizer
+                else:
+                    self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+                    self.processor = None
+                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise XpackError(f"transformers could not load {folder} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        if "quantization_config" not in kwargs:  # a 4-bit model is placed by device_map and cannot be moved
+        if "device_map" not in kwargs:  # a 4-bit or streamed model is placed by its device_map and cannot be moved
             self.model.to(self.device)
         if self.peft is not None:
             self.model = self._with_adapters(self.model, folder)
@@ -244,6 +255,23 @@ class TorchRuntime(Runtime):
                                     bnb_4bit_use_double_quant=self.peft.double_quant, bnb_4bit_compute_dtype=torch.float32)
         return {"quantization_config": config, "device_map": self.device.type, "dtype": torch.float32}
 
+    def _streamed_options(self, model_class, folder: Path) -> dict:
+        """from_pretrained's options that keep the weights within ``max_memory``: none when the model fits."""
+        import logging
+        import tempfile
+
+        device_map = streamed_device_map(model_class, folder, self.dtype, self.max_memory)
+        if device_map is None:
+            return {}
+        if self.peft is not None:  # PEFT 0.18 fails on an offloaded base (KeyError in its hook handling)
+            raise XpackError(f"the as-trained reference (PEFT over {folder}) does not fit in {self.max_memory / 1e9:.1f} GB and cannot stream its "
+                             "layers from disk; verify against the merged checkpoint (--reference, from `xpack merge`), which can")
+        self.streamed = describe(device_map)
+        self.notes.append(f"the torch reference holds at most {self.max_memory / 1e9:.2f} GB of weights: {self.streamed}")
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its "parameters on the meta device" is the plan here
+        self._offload_dir = tempfile.TemporaryDirectory(prefix="xpack-offload-")  # safetensors sources are read in place; kept for others
+        return {"device_map": device_map, "offload_folder": self._offload_dir.name}
+
     def _with_adapters(self, model, folder: Path):
         """PeftModel over ``model`` with every adapter active (their deltas add up, as in a merge of several)."""
         from peft import PeftModel
@@ -278,6 +306,9 @@ class TorchRuntime(Runtime):
         if getattr(self, "model", None) is None:
             return
         self.model = None
+        if self._offload_dir is not None:
+            self._offload_dir.cleanup()
+            self._offload_dir = None
         torch = self._torch
         torch.set_num_threads(self._previous_threads)
         if self.device.type == "cuda":
@@ -444,4 +475,5 @@ class TorchRuntime(Runtime):
             "profile_dtype": self.profile.compute_dtype,
             "vocab_size": self.vocab_size,
             "stop_ids": sorted(self.stop_ids),
+            "streamed": getattr(self, "streamed", None),  # None: the whole model was in memory
         }

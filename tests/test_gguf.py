@@ -21,11 +21,13 @@ import twins
 from xpack.cli import cli
 from xpack.packager.cards.render import front_matter
 from xpack.packager.demo.base_model import demo_base_dir
+from xpack.packager.export.gguf import writer
 from xpack.packager.export.gguf.modelfile import stop_tokens
 from xpack.packager.export.job import export
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.tensors import sha256_file
+from xpack.packager.io.tensors import TensorSpec, from_f32, sha256_file, to_f32
 from xpack.packager.merge.job import merge
+from xpack.packager.merge.stream import TensorOp
 from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.registry import load
@@ -270,10 +272,6 @@ def test_modelfile_stops_on_every_end_of_turn_token_the_tokenizer_has(twin_facto
 def test_materialize_in_row_chunks_equals_whole_tensor_conversion(monkeypatch, st, gtype, rows, shift, heads):
     """The GGUF writer converts in row chunks (a 262208-row embedding never exists in fp32 at once): bit-identical to
     converting the whole tensor, for every trim / Gemma norm shift / RoPE permutation and dtype pair."""
-    from xpack.packager.export.gguf import writer
-    from xpack.packager.io.tensors import TensorSpec, from_f32, to_f32
-    from xpack.packager.merge.stream import TensorOp
-
     monkeypatch.setattr(writer, "_CHUNK_BYTES", 3 * 6 * 4)  # three rows per chunk: several chunks and a short last one
     values = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
     base = from_f32(values, st)

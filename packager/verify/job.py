@@ -21,7 +21,7 @@ from xpack import __version__
 from xpack.errors import XpackError
 from xpack.packager.cards.render import render
 from xpack.packager.io.checkpoint import load_tokenizer
-from xpack.packager.io.memory_need import check_cpu_reference
+from xpack.packager.io.memory_need import reference_budget
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.verify.parity import compare_logits, log_softmax
 from xpack.packager.verify.reference import MERGED_LABEL, Reference, merged_reference
@@ -207,7 +207,7 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
             img_logits, img_ids = rt.logits_with_image(IMAGE_PROMPT, image, continuation_ids=cont)
             scored.append({"image": str(image), "logits": img_logits, "ids": img_ids, "greedy": {"ids": r.token_ids, "text": r.text},
                            "image_encode_s": r.image_encode_s})
-        info = {k: v for k, v in rt.info().items() if k in ("dtype", "profile_dtype", "device")} if hasattr(rt, "info") else {}
+        info = {k: v for k, v in rt.info().items() if k in ("dtype", "profile_dtype", "device", "streamed")} if hasattr(rt, "info") else {}
         info["notes"] = list(getattr(rt, "notes", []) or [])
         return Side(ids, logits, answers, rt.vocab_size, scored or None, info)
 
@@ -327,10 +327,11 @@ def machine_label() -> str:
 
 def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
            runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
-           images_dir: Path | None = None, cache: dict | None = None) -> dict:
+           images_dir: Path | None = None, cache: dict | None = None, reference_memory: float | None = None) -> dict:
     """The verification report. ``reference``: the merged checkpoint's folder, or a ``Reference`` (the model
     as trained: ``reference.choose_reference``). ``cache`` (a dict the caller keeps) shares the reference's
-    evaluation and benchmark between calls that verify several artifacts of one reference on one profile."""
+    evaluation and benchmark between calls that verify several artifacts of one reference on one profile.
+    ``reference_memory``: GB the CPU reference may use; beyond it (or what is available) its layers stream from disk."""
     cache = {} if cache is None else cache
     artifact = Path(artifact)
     ref = reference if isinstance(reference, Reference) else merged_reference(reference)
@@ -339,12 +340,13 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
     prompts = read_prompts(prompts_file)
     images = find_images(images_dir)
     runtime = runtime or runtime_for(artifact, profile)
-    if profile.device == "cpu":
-        check_cpu_reference(ref.path, artifact)
+    options = dict(ref.runtime_options)
+    if profile.device == "cpu" and (ref.peft is None or ref.peft.quant_type is None):  # a 4-bit base is placed by bitsandbytes
+        options["max_memory"] = reference_budget(ref.path, reference_memory)
     cls, label = precision_class(artifact, runtime)
     key = (ref.label, profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
     if key not in cache:
-        cache[key] = _run_side(ref.path, profile, "torch", text, prompts, max_tokens, images, options=ref.runtime_options)
+        cache[key] = _run_side(ref.path, profile, "torch", text, prompts, max_tokens, images, options=options)
     ref_side = cache[key]
     continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
     art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
@@ -377,7 +379,8 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
         art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
         bench_key = ("bench", ref.label, profile_name, runs, str(image))
         if bench_key not in cache:
-            cache[bench_key] = run_isolated(ref.path, profile_name, runtime="torch", runs=runs, image=image, peft=ref.peft)
+            cache[bench_key] = run_isolated(ref.path, profile_name, runtime="torch", runs=runs, image=image, peft=ref.peft,
+                                            max_memory=options.get("max_memory"))
         ref_bench = cache[bench_key]
         report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
                                "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}

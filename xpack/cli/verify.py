@@ -62,6 +62,8 @@ def _verify_lines(report: dict) -> list[str]:
     rt = report.get("reference_runtime") or {}
     if rt.get("profile_dtype") and rt.get("dtype") != rt.get("profile_dtype"):
         lines.append(f"reference dtype: {rt['dtype']}, not the profile's {rt['profile_dtype']}: {'; '.join(rt.get('notes') or [])}")
+    if rt.get("streamed"):
+        lines.append(f"reference memory: {rt['streamed']}")
     if report.get("advice"):
         lines.append(f"fix: {report['advice']}")
     return lines
@@ -85,13 +87,14 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of images: image-conditioned parity and image encode time (vision artifacts).")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Benchmark runs (median and min-max are reported).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Greedy tokens per prompt for the divergence check.")
+@click.option("--reference-memory", metavar="GB", type=click.FloatRange(min=0.5), help="Memory the CPU torch reference may use (default: what is available); beyond it its layers stream from disk, slower but within the budget.")
 @click.option("--no-benchmark", is_flag=True, help="Parity only: skip the speed and memory runs.")
 @click.option("--update-card", is_flag=True, help="Write the results into the artifact's README.md and manifest.json.")
 @click.option("--strict", is_flag=True, help="Also fail (exit 1) when the profile's reference load/256-token/memory figures are missed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.pass_context
-def verify(ctx, artifact, reference, reference_base, reference_adapters, reference_quant, reference_double_quant, profile, prompts_file, text_file, images_dir, runs, max_tokens, no_benchmark, update_card, strict, as_json, out_file):
+def verify(ctx, artifact, reference, reference_base, reference_adapters, reference_quant, reference_double_quant, profile, prompts_file, text_file, images_dir, runs, max_tokens, reference_memory, no_benchmark, update_card, strict, as_json, out_file):
     """Measure an artifact against the torch reference: output parity, speed and memory.
 
     Parity: teacher-forced KL divergence (mean, 99th percentile), top-1 agreement, max logit error
@@ -102,7 +105,9 @@ def verify(ctx, artifact, reference, reference_base, reference_adapters, referen
 
     The reference is the merged checkpoint (--reference), or the model as trained (--reference-base,
     --reference-adapter, --reference-quant): PEFT's PeftModel over the base, 4-bit with bitsandbytes
-    on CPU for a QLoRA adapter, what the user evaluated during training.
+    on CPU for a QLoRA adapter, what the user evaluated during training. On a CPU profile the reference
+    runs in float32; when that does not fit in memory (or --reference-memory), its decoder and vision
+    layers stream from the checkpoint's files one at a time: the same figures, more time.
 
     \b
     Example:
@@ -113,7 +118,7 @@ def verify(ctx, artifact, reference, reference_base, reference_adapters, referen
 
     ref = choose_reference(reference, reference_base, reference_adapters, reference_quant, reference_double_quant)
     report = do_verify(artifact, ref, profile, prompts_file=prompts_file, text_file=text_file, runs=runs,
-                       max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir)
+                       max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir, reference_memory=reference_memory)
     if update_card:
         report["card"] = str(write_card(artifact, report))
     if out_file:
