@@ -37,7 +37,7 @@ def _map(model, placed: dict[str, str]) -> dict[str, str]:
     """A device map covering every parameter and buffer: the blocks as ``placed``; every module holding no block on
     "cpu" (whole); the direct tensors of a module that holds blocks on "cpu", one key each."""
     device_map: dict[str, str] = {}
-    holders = {b.rsplit(".", 1)[0] for b in placed} | {p for b in placed for p in _prefixes(b)}
+    holders = {p for b in placed for p in _prefixes(b)}
 
     def visit(prefix: str, module) -> None:
         for name, child in module.named_children():
@@ -60,9 +60,9 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[str, str] | None:
-    """The device map that keeps the reference of ``folder`` within ``budget`` bytes of weights, or None when the whole
-    model fits (a plain load). Built on the meta device from the config: nothing is read."""
+def layer_sizes(model_class, folder: Path, dtype) -> tuple:
+    """(meta model, accelerate's module sizes in ``dtype``, the repeated layers) of the checkpoint in ``folder``: built on
+    the meta device from its config, nothing read."""
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig
@@ -71,11 +71,16 @@ def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[s
     with init_empty_weights():
         model = model_class.from_config(config)
     model.tie_weights()
-    sizes = compute_module_sizes(model, dtype=dtype)
+    return model, compute_module_sizes(model, dtype=dtype), _blocks(model)
+
+
+def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[str, str] | None:
+    """The device map that keeps the reference of ``folder`` within ``budget`` bytes of weights, or None when the whole
+    model fits (a plain load)."""
+    model, sizes, blocks = layer_sizes(model_class, folder, dtype)
     total = sizes[""]
     if total <= budget:
         return None
-    blocks = _blocks(model)
     resident = total - sum(sizes[b] for b in blocks)
     largest = max((sizes[b] for b in blocks), default=0)
     if resident + largest > budget:

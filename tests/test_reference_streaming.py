@@ -18,25 +18,19 @@ from xpack.packager.io import memory_need
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
-from xpack.runtimes.torch_offload import _blocks
+from xpack.runtimes.torch_offload import layer_sizes
 from xpack.runtimes.torch_ref import PeftOnBase
 
 GREEDY = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
 
 
 def _sizes(model_dir):
-    """(resident bytes, largest layer) of the float32 model, as torch_offload plans it."""
+    """(resident bytes, largest layer, number of layers) of the float32 model, as torch_offload plans it."""
     import transformers
-    from accelerate import init_empty_weights
-    from accelerate.utils import compute_module_sizes
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir))
     cls = transformers.AutoModelForImageTextToText if config.architectures[0].endswith("ForConditionalGeneration") else transformers.AutoModelForCausalLM
-    with init_empty_weights():
-        model = cls.from_config(config)
-    model.tie_weights()
-    sizes = compute_module_sizes(model, dtype=torch.float32)
-    blocks = _blocks(model)
+    _, sizes, blocks = layer_sizes(cls, model_dir, torch.float32)
     return sizes[""] - sum(sizes[b] for b in blocks), max(sizes[b] for b in blocks), len(blocks)
 
 
