@@ -70,8 +70,11 @@ def layer_sizes(model_class, folder: Path, dtype) -> tuple:
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with init_empty_weights():
         model = model_class.from_config(config)
+    # in ``dtype`` itself: the meta model takes the config's dtype (bfloat16 for real checkpoints), and accelerate's
+    # ``dtype`` argument only ever lowers a size, so a float32 plan of a bf16 checkpoint counted half the bytes
+    model.to(dtype)
     model.tie_weights()
-    return model, compute_module_sizes(model, dtype=dtype), _blocks(model)
+    return model, compute_module_sizes(model), _blocks(model)
 
 
 def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[str, str] | None:

@@ -34,6 +34,13 @@ def _sizes(model_dir):
     return sizes[""] - sum(sizes[b] for b in blocks), max(sizes[b] for b in blocks), len(blocks)
 
 
+def _float32_total(model_dir) -> int:
+    import transformers
+
+    _, sizes, _ = layer_sizes(transformers.AutoModelForCausalLM, model_dir, torch.float32)
+    return sizes[""]
+
+
 def _run(model_dir, cpu, max_memory, image=None):
     with load(model_dir, cpu, runtime="torch", max_memory=max_memory) as rt:
         ids = rt.tokenize("The chest radiograph shows a small right pleural effusion.")
@@ -72,7 +79,13 @@ def test_streamed_bfloat16_checkpoint_equals_plain(tmp_path, cpu):
 
     folder = twins.build_base("gemma3", tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size="200KB")
     resident, largest, _ = _sizes(folder)
-    plain, streamed = _run(folder, cpu, None), _run(folder, cpu, resident + largest + 16)
+    stored = sum(spec.nbytes for specs in Checkpoint(folder).headers.values() for spec in specs.values())
+    assert 2 * stored <= _float32_total(folder) < 2 * stored + 1024  # planned in float32 (+ rotary buffers), not in bfloat16
+    budget = resident + largest + 16
+    with load(folder, cpu, runtime="torch", max_memory=budget) as rt:  # what is in memory stays within the budget
+        held = sum(p.numel() * p.element_size() for p in rt.model.parameters() if p.device.type != "meta")
+        assert held <= budget and "disk" in rt.model.hf_device_map.values()
+    plain, streamed = _run(folder, cpu, None), _run(folder, cpu, budget)
     assert "disk" in streamed["device_map"].values()
     torch.testing.assert_close(torch.from_numpy(streamed["logits"]), torch.from_numpy(plain["logits"]), atol=1e-5, rtol=0)
     assert streamed["greedy"] == plain["greedy"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -183,6 +184,18 @@ def test_llamacpp_logits_match_greedy(gguf_rt):
     one = gguf_rt.generate(PROMPT, GREEDY.with_overrides(max_tokens=1))
     assert gguf_rt.detokenize([int(logits[-1].argmax())]) == one.text
     assert gguf_rt.logits(ids[:5]).shape == (5, gguf_rt.vocab_size)
+
+
+def test_llamacpp_logits_over_several_batches_on_the_loaded_model(gguf_rt):
+    """Teacher forcing past one batch of 512 gives the rows a short evaluation gives, from a context on the model
+    already loaded (not a second copy of the weights)."""
+    ids = (gguf_rt.tokenize(" ".join([PROMPT] * 60)) * 2)[:700]
+    assert len(ids) == 700
+    long, short = gguf_rt.logits(ids), gguf_rt.logits(ids[:100])
+    np.testing.assert_allclose(long[:100], short, atol=1e-3, rtol=0)
+    assert gguf_rt._scorer._ctx.model is gguf_rt.llm._model
+    last = gguf_rt.logits(ids[:600])  # the context that held 700 evaluates 600 again from the start
+    np.testing.assert_allclose(last, long[:600], atol=1e-3, rtol=0)
 
 
 def test_llamacpp_chat_renders_like_transformers(gguf_rt):
