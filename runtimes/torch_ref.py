@@ -313,6 +313,7 @@ class TorchRuntime(Runtime):
         torch.set_num_threads(self._previous_threads)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        _return_freed_memory()
 
     # -- text --------------------------------------------------------------------------------------
 
@@ -477,3 +478,21 @@ class TorchRuntime(Runtime):
             "stop_ids": sorted(self.stop_ids),
             "streamed": getattr(self, "streamed", None),  # None: the whole model was in memory
         }
+
+
+def _return_freed_memory() -> None:
+    """Collect the closed model's reference cycles (accelerate's hooks hold their modules) and hand the freed heap
+    back to the OS (glibc keeps small freed blocks in its arenas), so that what runs next in the process, e.g. the
+    artifact in ``xpack verify``, does not sit on top of the reference's memory."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
