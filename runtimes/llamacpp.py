@@ -177,7 +177,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
                 "reinstall it with CMAKE_ARGS='-DGGML_CUDA=on' or use --profile cpu16"
             )
         threads = profile.threads or (os.cpu_count() or 1)
-        self._llama_kwargs = dict(
+        llama_kwargs = dict(
             model_path=str(self.gguf_path),
             n_gpu_layers=profile.gpu_layers if on_gpu else 0,
             n_threads=threads,
@@ -186,7 +186,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         )
         try:
             # last_n_tokens_size = n_ctx: the repetition penalty sees the whole sequence (see _sample)
-            self.llm = llama_cpp.Llama(n_ctx=profile.n_ctx, logits_all=False, last_n_tokens_size=profile.n_ctx, **self._llama_kwargs)
+            self.llm = llama_cpp.Llama(n_ctx=profile.n_ctx, logits_all=False, last_n_tokens_size=profile.n_ctx, **llama_kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise XpackError(f"llama.cpp could not load {self.gguf_path} ({exc}); check that the file is a complete GGUF") from None
         self._scorer = None
@@ -633,13 +633,12 @@ class _Scorer:
 
     def __init__(self, llm, n_ctx: int):
         import numpy as np
-        from llama_cpp import _internals, llama_cpp
+        from llama_cpp import _internals
 
         params = type(llm.context_params).from_buffer_copy(llm.context_params)
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = self.n_batch = min(n_ctx, 512)
         params.n_seq_max = 1
-        self._llama_cpp = llama_cpp
         self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._n_vocab = llm.n_vocab()
