@@ -22,6 +22,7 @@ last, ``import _harness`` still finds this file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -207,14 +208,17 @@ def _cpu_s(ru) -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` in a fresh process (cwd: the repository); wall time, peak RSS (kernel + polled), CPU, its output."""
+def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = None, limit_mb: float | None = None) -> dict:
+    """Run ``cmd`` in a fresh process (cwd: the repository); wall time, peak RSS (kernel + polled), CPU, its output.
+    ``limit_mb``: the process tree is killed when its RSS passes this (``killed_over_limit_mb`` in the result): a side
+    that would not fit a machine of that size is reported as out of memory instead of taking this one down."""
     out_path, err_path = workdir / f"{label}.stdout", workdir / f"{label}.stderr"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0, "samples": 0}
     timeline: list[tuple[float, int]] = []
     sys_before, self_before, others_before = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_SELF), _other_procs_cpu()
     load_before = os.getloadavg()[0]
+    killed = False
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env or child_env(), cwd=str(ROOT))
@@ -231,6 +235,11 @@ def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = N
                 peak["VmHWM"] = max(peak["VmHWM"], st.get("VmHWM", 0))
             for k in tot:
                 peak[k] = max(peak[k], tot[k])
+            if limit_mb is not None and tot["VmRSS"] / 1024 > limit_mb and not killed:
+                for p in _tree_pids(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, 9)
+                killed = True
             peak["samples"] += 1
             timeline.append((round(time.perf_counter() - t0, 2), tot["VmRSS"] // 1024))
             time.sleep(POLL_S)
@@ -262,6 +271,8 @@ def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = N
         "loadavg_1min_before": load_before,
         "rss_timeline_mb": _thin(timeline, 120),
     }
+    if killed:
+        res["killed_over_limit_mb"] = limit_mb
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     res["stderr_tail"] = stderr[-3000:]
     for line in stdout.splitlines():
@@ -312,10 +323,10 @@ def prepare(inputs=(), wait_s: float = 0) -> float:
 
 
 def measure(cmd: list[str], label: str, workdir: Path, inputs=(), wait_s: float = 0, env: dict | None = None,
-            check: bool = True) -> dict:
+            check: bool = True, limit_mb: float | None = None) -> dict:
     """``prepare`` then ``run_measured``; a failed side raises (``check``) or carries ``error``: its last line."""
     prepare(inputs, wait_s)
-    r = run_measured(cmd, label, workdir, env)
+    r = run_measured(cmd, label, workdir, env, limit_mb)
     r["contended"] = contended(r)
     if r["returncode"] != 0:
         r["error"] = error_line(r["stderr_tail"] + "\n" + r["stdout_tail"])

@@ -100,7 +100,37 @@ def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[s
     return _map(model, placed)
 
 
+def lean_device_map(model_class, folder: Path, dtype) -> tuple[dict[str, str] | None, int]:
+    """The least memory a forward can use: every repeated layer streamed, everything else resident (for a check on a
+    few tokens, where the speed of each forward does not matter: the ONNX export's torch check). None when the whole
+    model takes no more than twice that. Returns the map and the bytes of weights it holds at most."""
+    model, sizes, blocks = layer_sizes(model_class, folder, dtype)
+    resident = sizes[""] - sum(sizes[b] for b in blocks)
+    least = resident + max((sizes[b] for b in blocks), default=0)
+    if sizes[""] <= 2 * least:
+        return None, sizes[""]
+    return _map(model, {b: "disk" for b in blocks}), least
+
+
 def describe(device_map: dict[str, str]) -> str:
     """One line for the report: how many layers streamed."""
     streamed = sum(1 for d in device_map.values() if d == "disk")
     return f"{streamed} of its layers streamed from the safetensors files at each forward, to stay within the memory budget"
+
+
+def return_freed_memory() -> None:
+    """Collect the closed model's reference cycles (accelerate's hooks hold their modules) and hand the freed heap
+    back to the OS (glibc keeps small freed blocks in its arenas), so that what runs next in the process, e.g. the
+    artifact in ``xpack verify`` or the ONNX graph of an export, does not sit on top of the reference's memory."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass

@@ -35,7 +35,7 @@ from xpack.runtimes.base import Runtime
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
-from xpack.runtimes.torch_offload import describe, streamed_device_map
+from xpack.runtimes.torch_offload import describe, return_freed_memory, streamed_device_map
 
 __all__ = ["PeftOnBase", "TorchRuntime", "overflows_fp16"]
 
@@ -313,7 +313,7 @@ class TorchRuntime(Runtime):
         torch.set_num_threads(self._previous_threads)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        _return_freed_memory()
+        return_freed_memory()
 
     # -- text --------------------------------------------------------------------------------------
 
@@ -478,21 +478,3 @@ class TorchRuntime(Runtime):
             "stop_ids": sorted(self.stop_ids),
             "streamed": getattr(self, "streamed", None),  # None: the whole model was in memory
         }
-
-
-def _return_freed_memory() -> None:
-    """Collect the closed model's reference cycles (accelerate's hooks hold their modules) and hand the freed heap
-    back to the OS (glibc keeps small freed blocks in its arenas), so that what runs next in the process, e.g. the
-    artifact in ``xpack verify``, does not sit on top of the reference's memory."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:  # not glibc: nothing to trim
-        pass

@@ -25,6 +25,7 @@ from xpack.packager.export.onnx.gemma3_vision import (
     INPUT_NAME,
     OUTPUT_NAME,
     export_gemma3_vision,
+    load_gemma3,
 )
 from xpack.packager.merge.job import merge
 from xpack.runtimes.artifacts import VISION_DATA_FILE, VISION_FILE
@@ -286,3 +287,16 @@ def test_bad_image_files_are_one_line_errors(twin, tmp_path):
     with pytest.raises(XpackError, match="expected a PIL image"):
         pre(np.zeros((32, 32, 3), dtype=np.uint8))
     assert load_image is base_load_image  # one helper, importable from both modules
+
+
+def test_vision_only_load_reads_the_vision_parts_alone(twin):
+    """The vision export loads the tower and projector, not the language model (issue #12: 1.7 of Gemma 3 4B's 17 GB),
+    and gets the full model's image features."""
+    lean = load_gemma3(twin.model_dir, vision_only=True)
+    assert lean.model.language_model.embed_tokens.weight.device.type == "meta"
+    assert all(p.device.type == "cpu" for p in lean.model.vision_tower.parameters())
+    full = load_gemma3(twin.model_dir)
+    pixels = torch.randn(1, 3, full.config.vision_config.image_size, full.config.vision_config.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(lean.get_image_features(pixels), full.get_image_features(pixels), atol=0, rtol=0)
+

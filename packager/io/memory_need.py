@@ -2,9 +2,11 @@
 halfway through (issue #12). The sizes come from the checkpoint's safetensors headers (exact parameter counts), times
 what each job was measured to hold:
 
-- ONNX export: ONNX_EXPORT_FACTOR x the weights in float32. Measured on real Gemma 3 270M (1.07 GB of float32 weights):
-  6.3-6.6 GB peak RSS for --bits 32, 16, 8 and 4; the torch check, the graph proto and the quantizer each hold a copy.
-  (Streaming the export one tensor at a time is #12's next step; this estimate goes with it.)
+- ONNX export, optimum's graph or the calibrated mix (the whole model in memory): ONNX_EXPORT_FACTOR x the weights in
+  float32. Measured on real Gemma 3 270M (1.07 GB of float32 weights): 6.3-6.6 GB peak RSS for --bits 32, 16, 8 and 4;
+  the torch check, the graph proto and the quantizer each hold a copy.
+- ONNX export, xpack's streamed graph (packager/export/onnx/pending.py): the largest of its three phases, see
+  :func:`streamed_onnx_need`.
 - verify on a CPU profile: the torch reference in float32 + REFERENCE_OVERHEAD_GB (activations and the logits over the
   evaluation text, the runtimes themselves; the artifact runs after the reference is let go). When that exceeds what
   is available, or ``--reference-memory``, the reference streams its layers from disk within the budget
@@ -14,12 +16,18 @@ Merge and GGUF export stream one tensor at a time and are not checked.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.io.checkpoint import Checkpoint
 
 ONNX_EXPORT_FACTOR = 6.2
+# the streamed ONNX export (streamed_onnx_need): bytes of the artifact per parameter at each --bits (4: the mixed
+# 4/8-bit scheme), what onnxruntime holds per byte of artifact while running it, and the process itself
+ARTIFACT_BYTES_PER_PARAMETER = {32: 4.0, 16: 2.0, 8: 1.1, 4: 0.75}
+ORT_LOAD_FACTOR = 1.3
+PROCESS_BASE_GB = 0.8
 REFERENCE_OVERHEAD_GB = 1.0
 
 
@@ -48,9 +56,41 @@ def require_memory(need: int, what: str, fix: str) -> None:
         raise XpackError(f"{what} needs about {need / 1e9:.1f} GB of memory and this machine has {have / 1e9:.1f} GB available; {fix}")
 
 
-def check_onnx_export(ckpt: Checkpoint, arch_name: str) -> None:
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def streamed_onnx_need(ckpt: Checkpoint, bits: int) -> int:
+    """Bytes the streamed ONNX export holds at its peak, the largest of its phases:
+    - the torch check with its layers streamed: everything outside the repeated layers plus one layer, in float32;
+    - quantizing or converting the largest weight: it in float32, twice (a transposed or concatenated copy);
+    - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR.
+    Plus PROCESS_BASE_GB for the interpreter and the libraries."""
+    layers: dict[str, int] = {}
+    rest = largest = 0
+    for name, spec in ckpt.specs.items():
+        n = _count(spec.shape)
+        largest = max(largest, n)
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m:
+            key = name[:m.end()]
+            layers[key] = layers.get(key, 0) + n
+        else:
+            rest += n
+    params = rest + sum(layers.values())
+    torch_check = 4 * (rest + max(layers.values(), default=0))
+    quantize = 2 * 4 * largest
+    check = ORT_LOAD_FACTOR * ARTIFACT_BYTES_PER_PARAMETER[bits] * params
+    return int(max(torch_check, quantize, check) + PROCESS_BASE_GB * 1e9)
+
+
+def check_onnx_export(ckpt: Checkpoint, arch_name: str, bits: int = 32, streamed: bool = False) -> None:
     weights = float32_bytes(ckpt)
-    require_memory(int(ONNX_EXPORT_FACTOR * weights), f"exporting {arch_name} ({weights / 4e9:.1f}B parameters) to ONNX",
+    need = streamed_onnx_need(ckpt, bits) if streamed else int(ONNX_EXPORT_FACTOR * weights)
+    require_memory(need, f"exporting {arch_name} ({weights / 4e9:.1f}B parameters) to ONNX at --bits {bits}",
                    "export GGUF (it streams one tensor at a time), or use a machine with more memory")
 
 

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING
 from xpack.errors import XpackError
 from xpack.packager.archs import require_arch
 from xpack.packager.archs.onnx_spec import GraphSpec
+from xpack.packager.export.onnx.pending import PendingWeights, Recipe
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.tensors import Reader, to_f32
+from xpack.packager.io.tensors import FLOAT_DTYPES, Reader
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -59,22 +60,31 @@ class _Weights:
     def __init__(self, folder: Path):
         self.ckpt = Checkpoint(folder)
         self.arch = require_arch(self.ckpt.config, "ONNX export")
-        self.where: dict[str, tuple[Path, str, str]] = {}
+        self.where: dict[str, tuple[Path, str, str, tuple[int, ...]]] = {}
         for path, specs in self.ckpt.headers.items():
             for name, spec in specs.items():
-                self.where[self.arch.canonical(name)] = (path, name, spec.dtype)
+                self.where[self.arch.canonical(name)] = (path, name, spec.dtype, tuple(spec.shape))
         self.readers: dict[Path, Reader] = {}
 
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> "np.ndarray":
+    def _entry(self, name: str) -> tuple[Path, str, str, tuple[int, ...]]:
         if name not in self.where:
             raise XpackError(f"{self.ckpt.path} has no tensor {name}; re-save the checkpoint with transformers")
-        path, raw, dtype = self.where[name]
+        return self.where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the safetensors header (nothing read)."""
+        return self._entry(name)[3]
+
+    def get(self, name: str) -> "np.ndarray":
+        path, raw, dtype, _ = self._entry(name)
+        if dtype not in FLOAT_DTYPES:
+            raise XpackError(f"{self.ckpt.path}: tensor {name} is stored as {dtype}, not a float; xpack's ONNX graph reads float checkpoints (merge a quantized one first)")
         if path not in self.readers:
             self.readers[path] = Reader(path)
-        return to_f32(self.readers[path].get(raw), dtype)
+        return self.readers[path].get_float32(raw)
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -112,18 +122,29 @@ def rotary_tables(folder: Path, length: int, local: bool):
 
 class _Builder:
     """Accumulates nodes and initializers; names follow optimum's (/model/layers.N/...) so the
-    fp16 keep-lists and lm_head patterns of the architecture tables apply to both graphs."""
+    fp16 keep-lists and lm_head patterns of the architecture tables apply to both graphs. With ``pending``
+    (pending.py) every weight is a placeholder with its recipe, read only when it is written; without, in the graph."""
 
-    def __init__(self):
+    def __init__(self, pending: PendingWeights | None = None):
         self.nodes: list = []
         self.inits: list = []
         self._consts: dict = {}
+        self.pending = pending
 
     def init(self, name: str, array) -> str:
         from onnx import numpy_helper
 
         self.inits.append(numpy_helper.from_array(array, name))
         return name
+
+    def weight(self, name: str, shape: tuple[int, ...], recipe: Recipe) -> str:
+        """A weight initializer of ``shape`` made by ``recipe``: a placeholder when pending, else its values."""
+        import numpy as np
+
+        if self.pending is not None:
+            self.inits.append(self.pending.placeholder(name, shape, recipe))
+            return name
+        return self.init(name, np.ascontiguousarray(recipe.make()))
 
     def const(self, value, dtype) -> str:
         import numpy as np
@@ -154,10 +175,26 @@ def _norm_weight(w: "np.ndarray", spec: GraphSpec) -> "np.ndarray":
     return (w + spec.norm_shift).astype("float32") if spec.norm_shift else w
 
 
+def _norm(b: _Builder, weights: _Weights, spec: GraphSpec, name: str) -> str:
+    """A norm's weight (Gemma's 1 + w folded in)."""
+    return b.weight(name, weights.shape(name), Recipe(lambda: _norm_weight(weights.get(name), spec)))
+
+
+def _linear(b: _Builder, weights: _Weights, names: list[str], name: str) -> str:
+    """The MatMul weight [K, N] of the checkpoint's linear weights ``names`` ([N_i, K] each, stacked along N)."""
+    import numpy as np
+
+    shapes = [weights.shape(n) for n in names]
+    shape = (shapes[0][1], sum(s[0] for s in shapes))
+    if len(names) == 1:
+        return b.weight(name, shape, Recipe(lambda: weights.get(names[0]).T, source=names[0], transposed=True))
+    return b.weight(name, shape, Recipe(lambda: np.concatenate([weights.get(n) for n in names], axis=0).T))
+
+
 def _head_norm(b: _Builder, x: str, heads: int, head_dim: int, weight_name: str, node: str, weights: _Weights, spec: GraphSpec, eps: float) -> str:
     import numpy as np
 
-    w = b.init(weight_name, _norm_weight(weights.get(weight_name), spec))
+    w = _norm(b, weights, spec, weight_name)
     shape = b.one("Shape", [x], f"{node}/Shape")
     per_head = b.one("Reshape", [x, b.const([0, 0, heads, head_dim], np.int64)], f"{node}/Reshape")
     normed = b.one("SimplifiedLayerNormalization", [per_head, w], f"{node}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
@@ -175,8 +212,10 @@ def _layer_types(cfg: dict) -> list[str]:
     return ["full_attention"] * n
 
 
-def build_decoder(folder: Path, *, inputs_embeds: bool = False, max_length: int = MAX_LENGTH) -> tuple["onnx.ModelProto", dict]:
-    """The decoder of the text checkpoint in ``folder`` as an ONNX model (weights inline, float32).
+def build_decoder(folder: Path, *, inputs_embeds: bool = False, max_length: int = MAX_LENGTH,
+                  pending: PendingWeights | None = None) -> tuple["onnx.ModelProto", dict]:
+    """The decoder of the text checkpoint in ``folder`` as an ONNX model (float32): weights inline, or with
+    ``pending`` placeholders whose recipes read the checkpoint when the weights are written (pending.py).
 
     ``inputs_embeds=True`` writes the decoder of a vision model: it takes ``inputs_embeds`` (text
     embeddings with the image features put in at the image tokens) and the attention masks as
@@ -188,17 +227,21 @@ def build_decoder(folder: Path, *, inputs_embeds: bool = False, max_length: int 
     weights = _Weights(folder)
     cfg = weights.ckpt.config.get("text_config") or weights.ckpt.config
     spec = graph_spec_of(weights.ckpt.config)
+    if pending is not None:  # the recipes read the checkpoint until the weights are written
+        pending.on_close(weights.close)
+        return _build(weights, cfg, spec, folder, inputs_embeds, max_length, pending)
     try:
-        return _build(weights, cfg, spec, folder, inputs_embeds, max_length)
+        return _build(weights, cfg, spec, folder, inputs_embeds, max_length, None)
     finally:
         weights.close()
 
 
-def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_embeds: bool, max_length: int) -> tuple["onnx.ModelProto", dict]:
+def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_embeds: bool, max_length: int,
+           pending: PendingWeights | None) -> tuple["onnx.ModelProto", dict]:
     import numpy as np
     from onnx import TensorProto, helper
 
-    b = _Builder()
+    b = _Builder(pending)
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -228,20 +271,13 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", None])]
 
     # -- embeddings
-    embed = weights.get("model.embed_tokens.weight")
-    vocab = embed.shape[0]
+    vocab = weights.shape("model.embed_tokens.weight")[0]
     if inputs_embeds:
         x = "inputs_embeds"
     else:
-        x = b.one("Gather", [b.init("model.embed_tokens.weight", embed), "input_ids"], "/model/embed_tokens/Gather")
+        x = b.one("Gather", [_embedding(b, weights), "input_ids"], "/model/embed_tokens/Gather")
         if spec.embed_scale:
             x = b.one("Mul", [x, b.const(np.float32(math.sqrt(hidden)), np.float32)], "/model/embed_tokens/Mul")
-    if weights.has("lm_head.weight"):
-        head = weights.get("lm_head.weight")
-    else:
-        head = embed
-    head_t = np.ascontiguousarray(head.T)
-    del embed, head
 
     # -- what every attention node shares: cache lengths from the mask, rotary tables
     mask_sum = b.one("ReduceSum", ["attention_mask", b.const([1], np.int64)], "/model/attn_mask_reformat/ReduceSum", keepdims=0)
@@ -255,15 +291,14 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
         rope["local"] = (b.init("cos_cache_local", cos), b.init("sin_cache_local", sin))
 
     def matmul(inp: str, weight_name: str, node: str) -> str:
-        w = weights.get(weight_name)
-        return b.one("MatMul", [inp, b.init(weight_name, np.ascontiguousarray(w.T))], node)
+        return b.one("MatMul", [inp, _linear(b, weights, [weight_name], weight_name)], node)
 
     def rmsnorm(inp: str, weight_name: str, node: str) -> str:
-        w = b.init(weight_name, _norm_weight(weights.get(weight_name), spec))
+        w = _norm(b, weights, spec, weight_name)
         return b.one("SimplifiedLayerNormalization", [inp, w], node, axis=-1, epsilon=eps, stash_type=1)
 
     def skip_norm(inp: str, skip: str, weight_name: str, node: str) -> tuple[str, str]:
-        w = b.init(weight_name, _norm_weight(weights.get(weight_name), spec))
+        w = _norm(b, weights, spec, weight_name)
         out, _, _, total_sum = b.node("SkipSimplifiedLayerNormalization", [inp, skip, w], node, 4, "com.microsoft", epsilon=eps)
         return out, total_sum
 
@@ -278,9 +313,8 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
         else:
             normed, residual = skip_norm(x, residual, p + "input_layernorm.weight", f"{n}/input_layernorm/SkipSimplifiedLayerNorm")
         # q, k, v in one MatMul (one bigger GEMV per token instead of three)
-        qkv_w = np.concatenate([weights.get(p + f"self_attn.{t}_proj.weight") for t in "qkv"], axis=0)
-        qkv = b.one("MatMul", [normed, b.init(p + "self_attn.qkv_proj.weight", np.ascontiguousarray(qkv_w.T))], f"{n}/attn/qkv_proj/MatMul")
-        del qkv_w
+        qkv_w = _linear(b, weights, [p + f"self_attn.{t}_proj.weight" for t in "qkv"], p + "self_attn.qkv_proj.weight")
+        qkv = b.one("MatMul", [normed, qkv_w], f"{n}/attn/qkv_proj/MatMul")
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         for name in (past_k, past_v):
             graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", kv_heads, "past_sequence_length", head_dim]))
@@ -327,7 +361,8 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
             x = rmsnorm(x, p + "post_feedforward_layernorm.weight", f"{n}/post_feedforward_layernorm/SimplifiedLayerNorm")
 
     final, _ = skip_norm(x, residual, "model.norm.weight", "/model/norm/SkipSimplifiedLayerNorm")
-    logits = b.one("MatMul", [final, b.init("lm_head.weight", head_t)], "/lm_head/MatMul")
+    head = "lm_head.weight" if weights.has("lm_head.weight") else "model.embed_tokens.weight"  # tied: the embedding, transposed
+    logits = b.one("MatMul", [final, _linear(b, weights, [head], "lm_head.weight")], "/lm_head/MatMul")
     if final_softcap:
         logits = b.one("Div", [logits, b.const(np.float32(final_softcap), np.float32)], "/Div")
         logits = b.one("Tanh", [logits], "/Tanh")
@@ -350,29 +385,38 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
     return model, facts
 
 
-def build_embedding(folder: Path) -> "onnx.ModelProto":
-    """input_ids -> inputs_embeds (scaled as the model scales them): the text side of a vision model's prompt."""
+def _embedding(b: _Builder, weights: _Weights) -> str:
+    name = "model.embed_tokens.weight"
+    return b.weight(name, weights.shape(name), Recipe(lambda: weights.get(name), source=name))
+
+
+def build_embedding(folder: Path, pending: PendingWeights | None = None) -> "onnx.ModelProto":
+    """input_ids -> inputs_embeds (scaled as the model scales them): the text side of a vision model's prompt
+    (``pending``: the table as a placeholder, see :func:`build_decoder`)."""
     import numpy as np
     from onnx import TensorProto, helper
 
     weights = _Weights(folder)
+    if pending is not None:
+        pending.on_close(weights.close)
     try:
         spec = graph_spec_of(weights.ckpt.config)
         cfg = weights.ckpt.config.get("text_config") or weights.ckpt.config
-        b = _Builder()
-        embed = weights.get("model.embed_tokens.weight")
-        x = b.one("Gather", [b.init("model.embed_tokens.weight", embed), "input_ids"], "/model/embed_tokens/Gather")
+        b = _Builder(pending)
+        hidden = weights.shape("model.embed_tokens.weight")[1]
+        x = b.one("Gather", [_embedding(b, weights), "input_ids"], "/model/embed_tokens/Gather")
         if spec.embed_scale:
             x = b.one("Mul", [x, b.const(np.float32(math.sqrt(int(cfg["hidden_size"]))), np.float32)], "/model/embed_tokens/Mul")
         b.nodes.append(helper.make_node("Identity", [x], ["inputs_embeds"], name="/inputs_embeds/Identity"))
         graph = helper.make_graph(
             b.nodes, "xpack-embedding",
             [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
-            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch_size", "sequence_length", embed.shape[1]])],
+            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch_size", "sequence_length", hidden])],
             initializer=b.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="xpack")
         model.ir_version = 10
         return model
     finally:
-        weights.close()
+        if pending is None:
+            weights.close()

@@ -4,12 +4,17 @@ The steps, each in the module named for it:
 1. source.py: the checkpoint folder to export (the source, its merge with the adapters, or the text
    model of Gemma 3 with vision);
 2. torch_check.py: the torch model's logits and cache on a fixed input (a prefill and one decode step),
-   computed and released before the graph is built;
-3. raw_graph.py: the float32 graph, xpack's (decoder_graph.py: onnxruntime's fused GroupQueryAttention,
-   ~10 nodes per layer) unless ``graph="optimum"``; both take and return the same tensors. It is checked
-   against torch as optimum's ``validate_model_outputs`` does (``np.allclose`` with the config's atol);
-4. precision.py: the graph at ``--bits`` (fp16 conversion, onnxruntime's 8-bit quantizer, quantize.py's
-   4 bits), checked against torch again; both sets of figures go into the manifest.
+   computed and released before the graph is built (its layers streamed from disk when the model is large);
+3. the float32 graph, xpack's (decoder_graph.py: onnxruntime's fused GroupQueryAttention, ~10 nodes per
+   layer) unless ``graph="optimum"``; both take and return the same tensors. It is checked against torch as
+   optimum's ``validate_model_outputs`` does (``np.allclose`` with the config's atol);
+4. precision.py: the graph at ``--bits`` (fp16 conversion, quantize.py's 8 and 4 bits), checked against
+   torch again; both sets of figures go into the manifest.
+xpack's graph streams (pending.py, issue #12): it is built with a placeholder per weight, converted at
+``--bits`` while it holds no weights, and each weight is then read, converted and written alone, so a
+Gemma 3 4B export holds a few GB, not its 17 GB of float32 weights. Its float32 graph is written and checked
+(step 3) only up to FP32_CHECK_BYTES of weights; a larger export checks the artifact against torch only.
+optimum's graph and the calibrated mix need the whole float32 model in memory (raw_graph.py, calibrate/).
 Gemma 3 with vision adds ``vision.onnx`` (gemma3_vision.py) and ``embed.onnx``, its decoder taking
 ``inputs_embeds``; Llama 3.2 Vision is written as three graphs by mllama.py (``export_mllama_artifact``).
 """
@@ -30,17 +35,20 @@ from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.calibrate.mix import MixRequest
 from xpack.packager.export.calibrate.onnx_mix import calibrated_matmuls
 from xpack.packager.export.onnx.common import VISION_COMPANIONS, OnnxExport, decoder_io, quiet, require_libraries, save_model
+from xpack.packager.export.onnx.decoder_graph import build_decoder, build_embedding
 from xpack.packager.export.onnx.gemma3_vision import export_gemma3_vision
 from xpack.packager.export.onnx.mllama import export_mllama_artifact
+from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
 from xpack.packager.export.onnx.precision import VISION_DTYPE, quantize_graph, weight_node_types
 from xpack.packager.export.onnx.raw_graph import optimum_graph, xpack_graph
 from xpack.packager.export.onnx.source import copy_companions, prepare_source
 from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, torch_steps, validation_ids
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.memory_need import check_onnx_export
+from xpack.packager.io.memory_need import check_onnx_export, float32_bytes
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
-from xpack.runtimes.artifacts import EMBED_DATA_FILE, EMBED_FILE, ONNX_MODEL_FILE
+from xpack.runtimes.artifacts import EMBED_DATA_FILE, EMBED_FILE, ONNX_DATA_FILE, ONNX_MODEL_FILE
+from xpack.runtimes.torch_offload import return_freed_memory
 
 BITS = (32, 16, 8, 4)
 # Weights per quantization block, by bits. 8 bits uses 16: on the demo model (300 tokens against torch
@@ -55,6 +63,10 @@ INT4_SCHEMES = ("mixed", "plain")
 # The fused kernels sum in another order than torch's eager attention: measured <= 1e-6 on the twins
 # and ~1e-4 on the demo model; optimum's own per-model atol is 1e-5 for its traced graph.
 XPACK_GRAPH_ATOL = 1e-3
+# xpack's streamed export writes its float32 graph and checks it against torch (besides the artifact) up to this many
+# bytes of float32 weights: real Gemma 3 270M (1.07 GB), the demo model and every test twin; above, only the artifact
+# is checked (onnxruntime would hold the whole float32 graph: 17 GB for Gemma 3 4B).
+FP32_CHECK_BYTES = 2 * 10**9
 # What an export imports; xpack's own graph needs no optimum (the first entry).
 LIBRARIES = ("optimum.exporters.onnx", "onnx", "onnxruntime", "onnx_ir")
 
@@ -138,7 +150,7 @@ def export_onnx(
     arch = require_arch(ckpt.config, "ONNX export")
     spec = _spec_of(arch)
     ckpt.check_not_packed()
-    check_onnx_export(ckpt, arch.name)
+    check_onnx_export(ckpt, arch.name, bits, streamed=graph == "xpack" and mix is None)
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
     if mix is not None:
@@ -191,8 +203,12 @@ def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
         src, notes = prepare_source(full, adapters, job.arch, job.spec, work, job.merge)
         result.notes += notes
         result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
-        reference = _export_fp32(job, src, work / "raw", result)
-        _write_decoder(job, work / "raw", src, result)
+        if job.graph == "xpack" and job.mix is None:
+            reference = _torch_reference(job, src, result)
+            _write_streamed(job, src, work / "raw", reference, result)
+        else:
+            reference = _export_fp32(job, src, work / "raw", result)
+            _write_decoder(job, work / "raw", src, result)
         _write_companions(job, full, src, work / "raw", result)
         _check_artifact(job, reference, result)
     result.io = decoder_io(job.tmp_out / ONNX_MODEL_FILE)
@@ -230,6 +246,84 @@ def _export_fp32(job: _Job, src: Path, raw: Path, result: OnnxExport) -> _Refere
             f"{check['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
         )
     return _Reference(ids, window, steps, atol)
+
+
+def _torch_reference(job: _Job, src: Path, result: OnnxExport) -> _Reference:
+    """The torch model's steps on the check's input (its layers streamed from disk when it is large), then let go."""
+    start = time.perf_counter()
+    model = load_torch(src, job.spec, lean=True)
+    result.exported_class = type(model).__name__
+    ids = validation_ids(src, int(model.config.vocab_size))
+    window = getattr(model.config, "sliding_window", None)
+    steps = torch_steps(model, ids)
+    del model
+    return_freed_memory()
+    result.timings["torch_check_s"] = round(time.perf_counter() - start, 2)
+    return _Reference(ids, window, steps, XPACK_GRAPH_ATOL)
+
+
+def _write_streamed(job: _Job, src: Path, raw: Path, reference: _Reference, result: OnnxExport) -> None:
+    """xpack's graph with pending weights (pending.py): the float32 graph checked against torch when it is small, then
+    the decoder (and a vision model's embedding graph) at ``--bits`` written one weight at a time into the artifact."""
+    start = time.perf_counter()
+    pending = PendingWeights()
+    try:
+        decoder, result.graph_facts = build_decoder(src, inputs_embeds=job.vision, pending=pending)
+        embed = build_embedding(src, pending) if job.vision else None
+        result.timings["graph_s"] = round(time.perf_counter() - start, 2)
+        weights = float32_bytes(Checkpoint(src))
+        if weights <= FP32_CHECK_BYTES:
+            _check_fp32(job, decoder, embed, pending, raw, reference, result)
+        else:
+            result.validation["export"] = {
+                "skipped": f"the float32 graph ({weights / 1e9:.1f} GB of weights) is not written: the export streams one weight at a time "
+                           f"and checks the artifact against torch (above {FP32_CHECK_BYTES / 1e9:.0f} GB, pipeline.py FP32_CHECK_BYTES)",
+            }
+        start = time.perf_counter()
+        graphs = [(decoder, ONNX_MODEL_FILE, ONNX_DATA_FILE, None)]
+        if embed is not None:
+            graphs.append((embed, EMBED_FILE, EMBED_DATA_FILE, "embed_node_types"))
+        for model, name, data, key in graphs:
+            with DataFile(job.tmp_out, data) as out:
+                pending.out = out
+                model, info = quantize_graph(model, job.bits, job.block_size, job.keep_lm_head, job.spec, job.int4, tensors=pending)
+                pending.write_all(model)
+            pending.out = None
+            save_graph(model, job.tmp_out / name)
+            if key is None:
+                result.quantization = info
+                result.quantization.setdefault("node_types", weight_node_types(model))
+            else:
+                result.quantization[key] = info.get("node_types") or weight_node_types(model)
+            del model
+        if embed is not None:
+            result.embed_file, result.embed_data_file = EMBED_FILE, EMBED_DATA_FILE
+        result.timings["quantize_s"] = round(time.perf_counter() - start, 2)
+    finally:
+        pending.close()
+
+
+def _check_fp32(job: _Job, decoder, embed, pending: PendingWeights, raw: Path, reference: _Reference, result: OnnxExport) -> None:
+    """The float32 graph (a copy of the placeholders, written into ``raw``) against torch, as optimum checks its export."""
+    import copy
+
+    raw.mkdir()
+    for model, name, data in [(decoder, ONNX_MODEL_FILE, ONNX_DATA_FILE)] + ([(embed, EMBED_FILE, EMBED_DATA_FILE)] if embed is not None else []):
+        model = copy.deepcopy(model)  # placeholders only: no weights are copied
+        with DataFile(raw, data) as out:
+            pending.out = out
+            pending.write_all(model)
+        pending.out = None
+        save_graph(model, raw / name)
+    check = compare_steps(reference.steps, ort_steps(raw / ONNX_MODEL_FILE, reference.ids, job.threads, raw / EMBED_FILE if embed is not None else None,
+                                                     reference.window), reference.atol)
+    check["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
+    result.validation["export"] = check
+    if not check["within_tolerance"]:
+        result.notes.append(
+            f"the fp32 export differs from torch by more than atol {reference.atol:g} (max |logit diff| "
+            f"{check['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
+        )
 
 
 def _write_decoder(job: _Job, raw: Path, src: Path, result: OnnxExport) -> None:
@@ -282,7 +376,7 @@ def _export_vision(model_dir: Path, out: Path, bits: int, threads: int) -> dict:
 
 def _check_artifact(job: _Job, reference: _Reference, result: OnnxExport) -> None:
     """The artifact's decoder at ``--bits`` against torch, on the input the fp32 graph was checked with."""
-    if job.bits == 32:
+    if job.bits == 32 and "skipped" not in result.validation["export"]:
         result.validation["artifact"] = {"same_as": "export"}
         return
     embed = job.tmp_out / EMBED_FILE if job.vision else None

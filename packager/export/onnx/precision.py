@@ -11,10 +11,12 @@ What we do ourselves, and why:
 - Tied embeddings: the exported output head is ``MatMul(x, Transpose(embed_tokens))``, which the
   quantizer skips (its weight is not an initializer). The head is materialized as its own
   initializer ``lm_head.weight`` before quantizing, so that it is quantized like every other MatMul.
-- 8 bits: ``MatMulNBits`` with bits=8 (weight-only, per block along K, asymmetric) and
-  accuracy_level 4 (activations quantized per block to int8 in the kernel, as llama.cpp's Q8_0
-  does); the embedding table becomes an 8-bit ``GatherBlockQuantized`` (the quantizer does 4-bit
-  Gathers only, so that one is written here).
+- 8 bits: ``MatMulNBits`` with bits=8 (weight-only, per block along K, asymmetric, rounded to
+  nearest byte for byte as onnxruntime's quantizer does) and accuracy_level 4 (activations quantized
+  per block to int8 in the kernel, as llama.cpp's Q8_0 does). The weights are quantized by quantize.py
+  rather than by onnxruntime's quantizer because it works one weight at a time on a graph whose weights
+  are not in memory (pending.py, issue #12); a tied embedding reads the head's packed weight, an untied
+  one becomes an 8-bit ``GatherBlockQuantized`` (onnxruntime's quantizer does 4-bit Gathers only).
 - 16 bits between kept nodes: the fp16 converter types every float tensor fp16, so a tensor that one
   float32 node hands to another makes an fp32 -> fp16 -> fp32 round trip. Where the architecture table
   says so (``onnx.fp16_keep_fp32.between_kept_nodes``: Gemma 3, whose residual stream passes fp16's
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import ACCURACY_LEVEL
-from xpack.packager.export.onnx.quantize import EIGHT_BIT_BLOCK_SIZE, quantize_matmuls
+from xpack.packager.export.onnx.quantize import EIGHT_BIT_BLOCK_SIZE, InMemory, quantize_matmuls, quantize_tables
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -36,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SCHEMES = {
     32: "fp32",
     16: "fp16 weights and activations; numerically sensitive ops kept in fp32 (see fp16_fp32_ops / fp16_fp32_nodes)",
-    8: "int8 weight-only, block-wise asymmetric (MatMulNBits bits=8, int8 activations in the kernel); embedding GatherBlockQuantized 8-bit",
+    8: "int8 weight-only, block-wise asymmetric (MatMulNBits bits=8, int8 activations in the kernel); embedding GatherBlockQuantized 8-bit (a tied one reads the head's packed weight)",
     4: "int4 weight-only, block-wise asymmetric with searched scales (MatMulNBits bits=4, int8 activations in the kernel); 8 bits (blocks of 64) for the output head, the attention projections and the MLP of llama.cpp's use_more_bits layers, as Q4_K_M spends 6 bits there; a tied embedding reads the head's packed weight",
 }
 # The precision of a vision tower's graph at each --bits: 4-bit vision towers lose too much for too
@@ -52,18 +54,28 @@ VISION_INT8_BLOCK_SIZE = 32
 def to_fp16(model: "onnx.ModelProto", keep_ops: Iterable[str] = (), keep_nodes: Sequence[str] = ()) -> "onnx.ModelProto":
     """onnxruntime's fp16 conversion with float32 inputs/outputs (casts at the graph edges); the op types
     ``keep_ops`` (besides onnxruntime's own block list) and the nodes ``keep_nodes`` stay float32."""
+    import contextlib
+    from unittest import mock
+
+    from onnx import helper
+    from onnxruntime.transformers import float16
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops))
-    if any(n.domain == "com.microsoft" for n in model.graph.node):
-        # onnx's shape inference does not know onnxruntime's contrib ops (the fused attention and
-        # norms of xpack's graph), so their outputs would get no types and the converter no casts:
-        # onnxruntime's symbolic shape inference knows them
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    # the converter learns an initializer's shape by reading its data (numpy_helper.to_array); the shape is its dims,
+    # and the weights of a streamed graph (pending.py) are placeholders with no data to read
+    shape_from_dims = mock.patch.object(float16, "make_value_info_from_tensor",
+                                        lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    with shape_from_dims if any(t.external_data for t in model.graph.initializer) else contextlib.nullcontext():
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            # onnx's shape inference does not know onnxruntime's contrib ops (the fused attention and
+            # norms of xpack's graph), so their outputs would get no types and the converter no casts:
+            # onnxruntime's symbolic shape inference knows them
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-        return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=True)
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=False)
+            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=True)
+        return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=False)
 
 
 def keep_fp32_between(model: "onnx.ModelProto") -> int:
@@ -166,52 +178,6 @@ def materialize_output_head(model: "onnx.ModelProto") -> list[str]:
     return done
 
 
-def _quantize_gather_8bit(model: "onnx.ModelProto", block_size: int) -> list[str]:
-    """Embedding Gathers -> 8-bit ``GatherBlockQuantized`` (uint8, blocks along the hidden axis, asymmetric)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    done = []
-    for node in list(graph.node):
-        if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
-            continue
-        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        rows, cols = w.shape
-        n_blocks = -(-cols // block_size)
-        blocks = np.pad(w, ((0, 0), (0, n_blocks * block_size - cols))).reshape(rows, n_blocks, block_size)
-        lo = np.minimum(blocks.min(-1), 0.0)
-        hi = np.maximum(blocks.max(-1), 0.0)
-        scale = (hi - lo) / 255.0
-        scale[scale == 0] = 1.0
-        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
-        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
-        base = node.input[0]
-        graph.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(q.reshape(rows, -1)[:, :cols]), f"{base}_Q8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scales"),
-            numpy_helper.from_array(zero, f"{base}_zero_points"),
-        ])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        new = helper.make_node(
-            "GatherBlockQuantized", [f"{base}_Q8", node.input[1], f"{base}_scales", f"{base}_zero_points"], list(node.output),
-            name=f"{node.name or base}_Q8", domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=8,
-        )
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(position, new)
-        done.append(new.name)
-    if done:
-        used = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return done
-
-
 def weight_node_types(model: "onnx.ModelProto") -> dict[str, int]:
     """How the weights are stored: nodes that read a weight initializer, by type (float MatMul/Gather, MatMulNBits, ...)."""
     rank = {i.name: len(i.dims) for i in model.graph.initializer}
@@ -240,9 +206,10 @@ Calibrate = Callable[["onnx.ModelProto"], tuple["onnx.ModelProto", dict]]
 
 
 def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm_head: bool, spec: OnnxSpec, int4: str = "mixed",
-                   calibrate: Calibrate | None = None) -> tuple["onnx.ModelProto", dict]:
+                   calibrate: Calibrate | None = None, tensors: InMemory | None = None) -> tuple["onnx.ModelProto", dict]:
     """The float32 decoder (or embedding) graph at ``bits``, and the manifest's account of it; ``calibrate``
-    (4 or 8 bits) replaces the fixed scheme with a calibrated mix."""
+    (4 or 8 bits) replaces the fixed scheme with a calibrated mix. ``tensors``: how the weights are read and the
+    quantized ones written (pending.py's streamed graph gives its own; the fixed scheme only)."""
     info: dict = {"bits": bits, "scheme": SCHEMES[bits]}
     if bits == 32:
         return model, info
@@ -253,13 +220,24 @@ def quantize_graph(model: "onnx.ModelProto", bits: int, block_size: int, keep_lm
     if calibrate is not None:
         return _calibrated(model, calibrate, block_size, head, untied, info)
     if bits == 4:
-        return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed")
-    model = rtn_matmuls(model, bits, block_size, exclude=head if keep_lm_head else ())
-    gathers = [] if keep_lm_head else _quantize_gather_8bit(model, block_size)
+        return _quantize_int4(model, block_size, keep_lm_head, head, untied, info, mixed=int4 == "mixed", tensors=tensors)
+    # round to nearest as onnxruntime's MatMulNBitsQuantizer does (the same bytes, tests/test_onnx_quant.py), one
+    # weight at a time; a tied embedding reads the head's packed weight, an untied one is quantized alike
+    model, q = quantize_matmuls(model, 8, block_size, mixed=False, search=False, exclude=head if keep_lm_head else (),
+                                share_embedding=not keep_lm_head, tensors=tensors)
+    gathers = [] if keep_lm_head else quantize_tables(model, 8, block_size, search=False, tensors=tensors)
     return _quantized_info(
-        model, info, block_size, head, keep_lm_head, untied, "quantized", "float (--keep-lm-head)" if keep_lm_head else "quantized",
-        quantizer=f"onnxruntime MatMulNBitsQuantizer (RTN){' + xpack 8-bit GatherBlockQuantized' if gathers else ''}",
+        model, info, block_size, head, keep_lm_head, untied, "quantized", _embedding_label(keep_lm_head, q, gathers),
+        quantizer=f"xpack (packager/export/onnx/quantize.py): round to nearest, as onnxruntime's MatMulNBitsQuantizer{' + 8-bit GatherBlockQuantized' if gathers else ''}",
     )
+
+
+def _embedding_label(keep_lm_head: bool, q: dict, gathers: list[str]) -> str:
+    if keep_lm_head:
+        return "float (--keep-lm-head)"
+    if q.get("shared_embedding"):
+        return "quantized (reads the output head's packed weight)"
+    return "quantized" if gathers else "float"
 
 
 def _quantized_info(model, info: dict, block_size: int, head: list[str], keep_lm_head: bool, untied: list[str], head_label: str, embedding: str, **extra) -> tuple["onnx.ModelProto", dict]:
@@ -278,24 +256,18 @@ def _quantized_info(model, info: dict, block_size: int, head: list[str], keep_lm
     return model, info
 
 
-def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict, mixed: bool = True) -> tuple["onnx.ModelProto", dict]:
+def _quantize_int4(model: "onnx.ModelProto", block_size: int, keep_lm_head: bool, head: list[str], untied: list[str], info: dict, mixed: bool = True,
+                   tensors: InMemory | None = None) -> tuple["onnx.ModelProto", dict]:
     """4 bits as packager/export/onnx/quantize.py writes them: searched block scales and, when ``mixed``,
     llama.cpp-style 8-bit layers (on the demo model mean KL 0.046 for 1.23x the bytes of
     onnxruntime's plain int4, which measures 0.51; llama.cpp's Q4_K_M 0.076). ``mixed=False``
-    (``--int4 plain``) keeps every weight at 4 bits: the smallest, fastest file (KL 0.42)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model, q = quantize_matmuls(model, 4, block_size, mixed=mixed, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head, accuracy_level=ACCURACY_LEVEL)
-    embedding = "float (--keep-lm-head)"
-    if not keep_lm_head:
-        embedding = "quantized (reads the output head's packed weight)" if q.get("shared_embedding") else "quantized"
-        if not q.get("shared_embedding"):  # an untied embedding: onnxruntime's 4-bit GatherBlockQuantized
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
-                                             op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
-            quantizer.process()
-            model = quantizer.model.model
+    (``--int4 plain``) keeps every weight at 4 bits: the smallest, fastest file (KL 0.42). An untied embedding is
+    quantized to 4 bits in blocks of ``block_size`` with the same searched scales."""
+    model, q = quantize_matmuls(model, 4, block_size, mixed=mixed, exclude=head if keep_lm_head else (), share_embedding=not keep_lm_head,
+                                accuracy_level=ACCURACY_LEVEL, tensors=tensors)
+    gathers = [] if keep_lm_head or q.get("shared_embedding") else quantize_tables(model, 4, block_size, tensors=tensors)
     return _quantized_info(
-        model, info, block_size, head, keep_lm_head, untied, f"quantized ({8 if mixed else 4}-bit)", embedding,
+        model, info, block_size, head, keep_lm_head, untied, f"quantized ({8 if mixed else 4}-bit)", _embedding_label(keep_lm_head, q, gathers),
         quantizer=f"xpack (packager/export/onnx/quantize.py): searched block scales, {'mixed 4/8 bits' if mixed else 'every weight 4-bit (--int4 plain)'}",
         int4="mixed" if mixed else "plain",
         eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,

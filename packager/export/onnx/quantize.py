@@ -260,31 +260,50 @@ def quantize_weight(
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
     k, n = w.shape
-    blocks = _to_blocks(np.asarray(w, dtype=np.float32), block_size)
-    k_blocks = blocks.shape[1]
-    flat = blocks.reshape(-1, block_size)
-    q = np.empty(flat.shape, np.uint8)
-    scales = np.empty(flat.shape[0], np.float32)
-    zps = np.empty(flat.shape[0], np.uint8)
+    k_blocks = -(-k // block_size)
     imp = None
     if importance is not None and search:
         imp = np.zeros(k_blocks * block_size, np.float32)
         imp[:k] = np.asarray(importance, np.float32).reshape(-1)
         imp = imp.reshape(k_blocks, block_size)
-    for start in range(0, flat.shape[0], CHUNK_BLOCKS):
-        part = slice(start, start + CHUNK_BLOCKS)
+    packed = np.empty((n, k_blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, k_blocks), np.float32)
+    zero_points = np.empty((n, -(-k_blocks * bits // 8)), np.uint8)
+    # a few output rows at a time (blocks are independent): the float32 copy in blocks is never the whole weight,
+    # which for a 262208 x 2560 output head would be 2.7 GB on top of the weight itself
+    rows = max(1, CHUNK_BLOCKS // k_blocks)
+    for n0 in range(0, n, rows):
+        part = slice(n0, min(n0 + rows, n))
+        flat = _to_blocks(np.asarray(w[:, part], dtype=np.float32), block_size).reshape(-1, block_size)
         if imp is not None:
-            rows = np.arange(start, min(start + CHUNK_BLOCKS, flat.shape[0])) % k_blocks  # block b of a row: column block b % k_blocks
-            q[part], scales[part], zps[part] = search_block_params(flat[part], bits, importance=imp[rows])
+            q, s, z = search_block_params(flat, bits, importance=imp[np.arange(flat.shape[0]) % k_blocks])  # block b of a row: column block b % k_blocks
         elif search:
-            q[part], scales[part], zps[part] = search_block_params(flat[part], bits, weighted=weighted)
+            q, s, z = search_block_params(flat, bits, weighted=weighted)
         else:
-            q[part], scales[part], zps[part] = rtn_block_params(flat[part], bits)
-    if k % block_size:  # onnxruntime leaves the padding rows' codes at 0; the kernel never reads them
-        q.reshape(n, k_blocks * block_size)[:, k:] = 0
-    packed = _pack(q.reshape(n, k_blocks, block_size), bits)
-    zero_points = _pack(zps.reshape(n, k_blocks), bits, pad_value=2 ** (bits - 1))
-    return packed, scales.reshape(n, k_blocks), zero_points
+            q, s, z = rtn_block_params(flat, bits)
+        count = part.stop - part.start
+        if k % block_size:  # onnxruntime leaves the padding rows' codes at 0; the kernel never reads them
+            q.reshape(count, k_blocks * block_size)[:, k:] = 0
+        packed[part] = _pack(q.reshape(count, k_blocks, block_size), bits)
+        scales[part] = s.reshape(count, k_blocks)
+        zero_points[part] = _pack(z.reshape(count, k_blocks), bits, pad_value=2 ** (bits - 1))
+    return packed, scales, zero_points
+
+
+def weight_error(w: "np.ndarray", packed: "np.ndarray", scales: "np.ndarray", zero_points: "np.ndarray", bits: int) -> tuple[float, float]:
+    """(sum of squared errors of the quantized weight, sum of squares of ``w`` [K, N]) in float64, a few output rows
+    at a time (whole float64 copies of a large output head would be 5 GB each)."""
+    import numpy as np
+
+    k, n = w.shape
+    rows = max(1, CHUNK_BLOCKS * 32 // max(k, 1))
+    err = ref = 0.0
+    for n0 in range(0, n, rows):
+        part = slice(n0, min(n0 + rows, n))
+        original = np.asarray(w[:, part], dtype=np.float32)
+        err += float(np.square(dequantize_weight(packed[part], scales[part], zero_points[part], bits, k) - original, dtype=np.float64).sum())
+        ref += float(np.square(original, dtype=np.float64).sum())
+    return err, ref
 
 
 def dequantize_weight(packed: "np.ndarray", scales: "np.ndarray", zero_points: "np.ndarray", bits: int, k: int) -> "np.ndarray":
@@ -300,6 +319,28 @@ def dequantize_weight(packed: "np.ndarray", scales: "np.ndarray", zero_points: "
 
 # ---------------------------------------------------------------------------------------------
 # the graph
+
+
+class InMemory:
+    """How :func:`quantize_matmuls` reads and writes initializers of a graph held in memory (the default). A graph
+    whose weights are pending (pending.py: read from the checkpoint one at a time, written to the data file at once)
+    gives its own, with the same three methods."""
+
+    def fetch(self, tensor) -> "np.ndarray":
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(tensor)
+
+    def emit(self, array: "np.ndarray", name: str):
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(array, name)
+
+    def same_table(self, table, weight, w: "np.ndarray") -> bool:
+        """Whether the Gather table ``table`` is the transpose of the MatMul weight ``weight`` (whose values are ``w``)."""
+        import numpy as np
+
+        return bool(np.array_equal(self.fetch(table), w.T))
 
 
 def _layer_count(names: Iterable[str]) -> int:
@@ -334,6 +375,7 @@ def quantize_matmuls(
     weighted: bool = True,
     plan: dict[str, tuple[int, int]] | None = None,
     importance: dict[str, "np.ndarray"] | None = None,
+    tensors: InMemory | None = None,
 ) -> tuple["onnx.ModelProto", dict]:
     """Replace every MatMul whose second input is a 2-D float32 initializer [K, N] by a ``MatMulNBits``
     (in place; the model is also returned), with an ``info`` dict of what was done.
@@ -354,13 +396,14 @@ def quantize_matmuls(
     - ``plan``: weight initializer name -> (bits, block size), overriding ``bits``/``mixed`` for the weights it
       names (a calibrated mix, packager/export/calibrate/onnx_mix.py); ``importance``: weight initializer
       name -> its importance matrix [K], weighing the search's error as llama.cpp does with an imatrix.
+    - ``tensors``: how initializers are read and the new ones made (:class:`InMemory` unless given).
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
     start = time.perf_counter()
+    tensors = tensors or InMemory()
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     users: dict[str, int] = {}
@@ -395,7 +438,7 @@ def quantize_matmuls(
         if weight in done:  # one weight, several MatMuls: quantized once, at its first node's width
             node_bits, node_block, names = done[weight]
         else:
-            w = numpy_helper.to_array(tensor)
+            w = tensors.fetch(tensor)
             node_bits, node_block = (8, eight_bit_block_size) if any(p.search(node.name) for p in eight) else (bits, block_size)
             if plan and weight in plan:
                 node_bits, node_block = plan[weight]
@@ -404,18 +447,17 @@ def quantize_matmuls(
                     node_block //= 2
             packed, scales, zero_points = quantize_weight(w, node_bits, node_block, search=search, weighted=weighted,
                                                           importance=(importance or {}).get(weight))
-            err = float(np.square(dequantize_weight(packed, scales, zero_points, node_bits, k) - w, dtype=np.float64).sum())
-            ref = float(np.square(w, dtype=np.float64).sum())
+            err, ref = weight_error(w, packed, scales, zero_points, node_bits)
             sq_err, sq_ref = sq_err + err, sq_ref + ref
             names = (f"{weight}_Q{node_bits}", f"{weight}_scales", f"{weight}_zero_points")
-            new_inits += [numpy_helper.from_array(a, name) for a, name in zip((packed, scales, zero_points), names)]
+            new_inits += [tensors.emit(a, name) for a, name in zip((packed, scales, zero_points), names)]
             done[weight] = (node_bits, node_block, names)
             nodes_info[node.name or weight] = {"bits": node_bits, "block_size": node_block, "K": k, "N": n, "rel_mse": err / ref if ref else 0.0}
             for gi in tables.get((n, k), []) if k % node_block == 0 else []:
                 g = nodes[gi]
-                if gi in replaced or not np.array_equal(numpy_helper.to_array(inits[g.input[0]]), w.T):
+                if gi in replaced or not tensors.same_table(inits[g.input[0]], tensor, w):
                     continue
-                replaced[gi] = _shared_gather(g, names, scales, zero_points, node_bits, node_block, k, new_inits)
+                replaced[gi] = _shared_gather(g, names, scales, zero_points, node_bits, node_block, k, new_inits, tensors)
                 shared[g.name or g.input[0]] = node.name or weight
                 users[g.input[0]] -= 1
             del w
@@ -472,7 +514,8 @@ def quantize_matmuls(
     return model, info
 
 
-def _shared_gather(g, names: tuple[str, str, str], scales, zero_points, bits: int, block: int, hidden: int, new_inits: list) -> list:
+def _shared_gather(g, names: tuple[str, str, str], scales, zero_points, bits: int, block: int, hidden: int, new_inits: list,
+                   tensors: InMemory | None = None) -> list:
     """``Gather(table, ids)`` -> ``GatherBlockQuantized`` over the head's packed weight [V, k_blocks, blob], then a
     Reshape of [..., k_blocks, block] to [..., hidden] (hidden: whole blocks). The op wants its scales and zero
     points at data's rank ([V, k_blocks, 1]), MatMulNBits at rank 2: the head's own [V, k_blocks] scales (and, at
@@ -496,7 +539,7 @@ def _shared_gather(g, names: tuple[str, str, str], scales, zero_points, bits: in
     if bits == 8:
         nodes.append(helper.make_node("Reshape", [head_zero_points, shape3], [z_name], name=f"{base}/zero_points/Reshape"))
     else:
-        new_inits.append(numpy_helper.from_array(_unpack(zero_points, bits, k_blocks).reshape(n, k_blocks, 1).astype(np.uint8), z_name))
+        new_inits.append((tensors or InMemory()).emit(_unpack(zero_points, bits, k_blocks).reshape(n, k_blocks, 1).astype(np.uint8), z_name))
     hidden_c = f"{base}/hidden"
     return nodes + [
         helper.make_node("GatherBlockQuantized", [b_name, ids, s_name, z_name], [f"{base}/GatherBlockQuantized/output_0"],
@@ -506,3 +549,50 @@ def _shared_gather(g, names: tuple[str, str, str], scales, zero_points, bits: in
         helper.make_node("Concat", [f"{base}/Shape/output_0", hidden_c], [f"{base}/Concat/output_0"], name=f"{base}/Concat", axis=0),
         helper.make_node("Reshape", [f"{base}/GatherBlockQuantized/output_0", f"{base}/Concat/output_0"], [out], name=f"{base}/Reshape"),
     ]
+
+
+def quantize_tables(model: "onnx.ModelProto", bits: int, block_size: int, *, search: bool = True, tensors: InMemory | None = None) -> list[str]:
+    """Embedding Gathers (axis 0) over a float32 table that no MatMul shares -> ``GatherBlockQuantized`` over the table
+    quantized as a MatMulNBits weight would be ([V, k_blocks, blob], asymmetric, ``search`` as in :func:`quantize_weight`),
+    the layout a tied embedding reads from the head (:func:`_shared_gather`). One writer for every untied table, at 4
+    and 8 bits, one tensor at a time. Returns the names of the new nodes."""
+    from onnx import helper
+
+    tensors = tensors or InMemory()
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done, new_inits, rebuilt = [], [], []
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
+        if table is None or len(table.dims) != 2 or table.data_type != 1:
+            rebuilt.append(node)
+            continue
+        rows, hidden = table.dims
+        block = block_size
+        while block > 16 and hidden % block:
+            block //= 2
+        if hidden % block:  # the gathered blocks are reshaped back to whole rows
+            rebuilt.append(node)
+            continue
+        w = tensors.fetch(table).T  # [hidden, rows]: the table as the weight of a MatMul with one output per row
+        packed, scales, zero_points = quantize_weight(w, bits, block, search=search)
+        del w
+        base = node.input[0]
+        names = (f"{base}_Q{bits}", f"{base}_scales", f"{base}_zero_points")
+        stored = 3 if bits == 8 else 2  # 4-bit zero points are read unpacked (_shared_gather stores them so)
+        new_inits += [tensors.emit(a, name) for a, name in list(zip((packed, scales, zero_points), names))[:stored]]
+        replacement = _shared_gather(node, names, scales, zero_points, bits, block, hidden, new_inits, tensors)
+        rebuilt += replacement
+        done.append(replacement[-1].name)
+    if not done:
+        return done
+    graph.ClearField("node")
+    graph.node.extend(rebuilt)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    if not any(o.domain == ONNX_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ONNX_DOMAIN, 1))
+    return done

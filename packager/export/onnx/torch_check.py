@@ -13,21 +13,42 @@ from xpack.packager.export.onnx.common import first_line
 from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.onnx_base import open_session, session_options
 from xpack.runtimes.onnx_decoder import attention_bias
+from xpack.runtimes.torch_offload import lean_device_map
 
 VALIDATION_TEXT = "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. IMPRESSION: No acute abnormality."
 CPU = ("CPUExecutionProvider",)
 
 
-def load_torch(src: Path, spec: OnnxSpec):
-    """The checkpoint at ``src`` in transformers, float32, with the table's class and attention, in eval mode."""
+def load_torch(src: Path, spec: OnnxSpec, lean: bool = False):
+    """The checkpoint at ``src`` in transformers, float32, with the table's class and attention, in eval mode.
+    ``lean``: the repeated layers stream from the safetensors files at each forward (runtimes/torch_offload.py's
+    lean map) unless the whole model is at most twice what that holds, so that the check of a 4B export holds its
+    embeddings and one layer (3 GB), not 17 GB; the same float32 numbers, slower."""
+    import logging
+    import tempfile
+    import warnings
+
     import torch
     import transformers
 
     cls = getattr(transformers, spec.model_class)
+    kwargs = {"dtype": torch.float32, "attn_implementation": spec.attn_implementation, "local_files_only": True}
+    offload = None
+    if lean:
+        device_map, _ = lean_device_map(cls, src, torch.float32)
+        if device_map is not None:
+            logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its "parameters on the meta device" is the plan
+            offload = tempfile.TemporaryDirectory(prefix="xpack-offload-")  # safetensors sources are read in place
+            kwargs.update(device_map=device_map, offload_folder=offload.name)
     try:
-        model = cls.from_pretrained(str(src), dtype=torch.float32, attn_implementation=spec.attn_implementation, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+            model = cls.from_pretrained(str(src), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
+        if offload is not None:
+            offload.cleanup()
         raise XpackError(f"transformers could not load {src} for the ONNX export ({first_line(exc)})") from None
+    model.xpack_offload_folder = offload  # removed with the model (what transformers could not read in place goes there)
     return model.eval()
 
 
