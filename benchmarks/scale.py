@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
 
 import _harness as H  # noqa: E402
+from xpack.profiles.machine import resolve_for_machine  # noqa: E402
 from xpack.profiles.profile import load_profile  # noqa: E402
 from xpack.runtimes.bench import BENCH_PROMPT  # noqa: E402
 from xpack.runtimes.registry import load  # noqa: E402
@@ -235,7 +236,7 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
     vision = json.loads((base / "config.json").read_text()).get("vision_config") is not None
     r = Run(work, limit_gb * 1024)
     merged, gguf_dir, onnx4 = work / "merged", work / "gguf", work / "onnx4"
-    threads = str(load_profile("cpu16").threads or os.cpu_count())
+    threads = str(resolve_for_machine(load_profile("cpu16"))[0].threads)  # what xpack run uses on this machine: the raw loops get the same
     if "merge" in steps:
         shutil.rmtree(merged, ignore_errors=True)
         r.side("xpack merge", H.xpack("merge", "--base", base, "--adapter", adapter, "--out", merged), out=merged)

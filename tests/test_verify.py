@@ -15,6 +15,7 @@ from xpack.errors import XpackError
 from xpack.packager.export.job import export
 from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.job import merge
+from xpack.packager.verify import parity as parity_module
 from xpack.packager.verify.job import END, START, Side, _advice, parity, splice_section, update_card, verify
 from xpack.profiles.machine import machine_info
 
@@ -206,3 +207,21 @@ def test_a_failed_verdict_names_the_calibrated_export_in_the_artifacts_format(tm
     checks = [{"metric": "kl_mean", "pass": False, "limit": "<= 0.1"}]
     assert "--format onnx --bits 4 --max-kl 0.1" in _advice(tmp_path / "a", "onnx", ref, checks)
     assert "--format gguf --bits 4 --max-kl 0.1" in _advice(tmp_path / "a", "llamacpp", ref, checks)
+
+
+def test_compare_logits_row_by_row_equals_the_whole(monkeypatch):
+    """The figures computed a few rows at a time (verify's memory on a 262k vocabulary) are those of the whole arrays,
+    written out here with numpy in one piece."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 3, (37, 1000)).astype(np.float32)
+    cand = (ref + rng.normal(0, 0.3, ref.shape)).astype(np.float32)
+    lp = ref.astype(np.float64) - np.log(np.exp(ref.astype(np.float64)).sum(-1, keepdims=True))
+    lq = cand.astype(np.float64) - np.log(np.exp(cand.astype(np.float64)).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    monkeypatch.setattr(parity_module, "ROW_CHUNK_VALUES", 3000)  # 3 rows at a time
+    got = parity_module.compare_logits(ref, cand)
+    assert got["kl_mean"] == pytest.approx(kl.mean(), rel=1e-9) and got["kl_max"] == pytest.approx(kl.max(), rel=1e-9)
+    assert got["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-9)
+    assert got["max_abs_logit_error"] == float(np.abs(ref.astype(np.float64) - cand).max())
+    assert got["top1_agreement"] == float((ref.argmax(-1) == cand.argmax(-1)).mean())
+

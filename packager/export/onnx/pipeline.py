@@ -150,7 +150,8 @@ def export_onnx(
     arch = require_arch(ckpt.config, "ONNX export")
     spec = _spec_of(arch)
     ckpt.check_not_packed()
-    check_onnx_export(ckpt, arch.name, bits, streamed=graph == "xpack" and mix is None)
+    streamed = graph == "xpack" and mix is None and spec.pipeline != "mllama"  # mllama.py's graphs are built in memory
+    check_onnx_export(ckpt, arch.name, bits, streamed=streamed, vision_prefixes=_checkpoint_prefixes(arch))
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
     if mix is not None:
@@ -160,6 +161,11 @@ def export_onnx(
             raise XpackError("optimum-onnx cannot export Llama 3.2 Vision (mllama); drop --graph optimum (xpack writes its vision, cross-attention and decoder graphs)")
         return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4, merge)
     return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4, merge, mix), adapters)
+
+
+def _checkpoint_prefixes(arch: Arch) -> tuple[str, ...]:
+    """The vision parts' names as a checkpoint may spell them (canonical, and without the leading ``model.`` of older saves)."""
+    return tuple({p for v in arch.vision_prefixes for p in (v, v.removeprefix("model."))})
 
 
 def onnx_calibration_gap(model_dir: Path, graph: str, int4: str, keep_lm_head: bool, block_size_given: bool = False) -> str | None:
