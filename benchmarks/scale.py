@@ -45,9 +45,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]  # last: see _harness.py
 
 import _harness as H  # noqa: E402
+from xpack.packager.io.checkpoint import Checkpoint  # noqa: E402
 from xpack.profiles.machine import resolve_for_machine  # noqa: E402
 from xpack.profiles.profile import load_profile  # noqa: E402
 from xpack.runtimes.bench import BENCH_PROMPT  # noqa: E402
+from xpack.runtimes.onnx_decoder import attention_bias  # noqa: E402
 from xpack.runtimes.registry import load  # noqa: E402
 from xpack.runtimes.settings import GenerationSettings  # noqa: E402
 
@@ -139,8 +141,6 @@ def worker_decode_onnxruntime(folder: str, tokens: str, ids_file: str, threads: 
     import numpy as np
     import onnxruntime as ort
 
-    from xpack.runtimes.onnx_decoder import attention_bias
-
     prompt = json.loads(Path(ids_file).read_text())
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
@@ -199,7 +199,7 @@ class Run:
     def side(self, label: str, cmd: list[str], env: dict | None = None, out: Path | None = None) -> dict:
         H.log(f"{label}: {' '.join(map(str, cmd))[:160]}")
         r = H.measure([str(c) for c in cmd], label, self.logs, env=env, check=False, limit_mb=self.limit_mb)
-        row = H.brief(r)
+        row = {**H.brief(r), "rss_timeline_mb": r.get("rss_timeline_mb")}  # (seconds, MB): which phase peaked
         if r.get("killed_over_limit_mb"):
             row["result"] = f"out of memory: killed above {self.limit_mb / 1024:.0f} GB"
         elif r["returncode"] != 0:
@@ -216,8 +216,6 @@ class Run:
 
 
 def _largest_tensor_fp32(folder: Path) -> int:
-    from xpack.packager.io.checkpoint import Checkpoint
-
     best = 0
     for spec in Checkpoint(folder).specs.values():
         n = 4
