@@ -242,16 +242,21 @@ def _export_fp32(job: _Job, src: Path, raw: Path, result: OnnxExport) -> _Refere
         atol = XPACK_GRAPH_ATOL
         result.graph_facts = xpack_graph(src, raw, job.vision)
         result.timings["graph_s"] = round(time.perf_counter() - start, 2)
-    embed = raw / EMBED_FILE if job.vision else None
-    check = compare_steps(steps, ort_steps(raw / ONNX_MODEL_FILE, ids, job.threads, embed, window), atol)
+    reference = _Reference(ids, window, steps, atol)
+    _check_export(job, raw, raw / EMBED_FILE if job.vision else None, reference, result)
+    return reference
+
+
+def _check_export(job: _Job, raw: Path, embed: Path | None, reference: _Reference, result: OnnxExport) -> None:
+    """The float32 graph in ``raw`` against torch, as optimum's ``validate_model_outputs`` checks its export."""
+    check = compare_steps(reference.steps, ort_steps(raw / ONNX_MODEL_FILE, reference.ids, job.threads, embed, reference.window), reference.atol)
     check["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
     result.validation["export"] = check
     if not check["within_tolerance"]:
         result.notes.append(
-            f"the fp32 export differs from torch by more than atol {atol:g} (max |logit diff| "
+            f"the fp32 export differs from torch by more than atol {reference.atol:g} (max |logit diff| "
             f"{check['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
         )
-    return _Reference(ids, window, steps, atol)
 
 
 def _torch_reference(job: _Job, src: Path, result: OnnxExport) -> _Reference:
@@ -310,7 +315,7 @@ def _write_streamed(job: _Job, src: Path, raw: Path, reference: _Reference, resu
 
 
 def _check_fp32(job: _Job, decoder, embed, pending: PendingWeights, raw: Path, reference: _Reference, result: OnnxExport) -> None:
-    """The float32 graph (a copy of the placeholders, written into ``raw``) against torch, as optimum checks its export."""
+    """The float32 graph (a copy of the placeholders, written into ``raw``) against torch (:func:`_check_export`)."""
     import copy
 
     raw.mkdir()
@@ -321,15 +326,7 @@ def _check_fp32(job: _Job, decoder, embed, pending: PendingWeights, raw: Path, r
             pending.write_all(model)
         pending.out = None
         save_graph(model, raw / name)
-    check = compare_steps(reference.steps, ort_steps(raw / ONNX_MODEL_FILE, reference.ids, job.threads, raw / EMBED_FILE if embed is not None else None,
-                                                     reference.window), reference.atol)
-    check["reference"] = "transformers fp32 (eager attention), prefill + 1 decode step"
-    result.validation["export"] = check
-    if not check["within_tolerance"]:
-        result.notes.append(
-            f"the fp32 export differs from torch by more than atol {reference.atol:g} (max |logit diff| "
-            f"{check['max_abs_diff']['logits']:.3g}); check `xpack verify` figures before use"
-        )
+    _check_export(job, raw, raw / EMBED_FILE if embed is not None else None, reference, result)
 
 
 def _write_decoder(job: _Job, raw: Path, src: Path, result: OnnxExport) -> None:
