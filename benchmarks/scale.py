@@ -27,6 +27,10 @@ ONNX are removed once measured): about 26 GB for Gemma 3 4B.
 Usage:
   .venv/bin/python benchmarks/scale.py [--model gemma3-4b] [--steps merge,gguf,onnx,verify,decode]
                                        [--memory-limit-gb 16] [--tokens 64] [--json PATH] [--work DIR]
+                                       [--onnx-bits 4,16] [--update]
+
+``--update`` re-measures the given steps and keeps the other sides of the existing JSON (each side carries the date
+it was measured): the sides compared within one step always come from one run.
 """
 
 from __future__ import annotations
@@ -225,7 +229,8 @@ def _largest_tensor_fp32(folder: Path) -> int:
     return best
 
 
-def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float, scale: str = "full") -> dict:
+def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float, scale: str = "full",
+        onnx_bits: tuple[str, ...] = ("4", "16")) -> dict:
     cache = H.CACHE / "synthetic" / (model if scale == "full" else f"{model}-{scale}")
     if not (cache / "COMPLETE").is_file():
         H.log(f"building the synthetic {model} (benchmarks/synthetic.py)")
@@ -257,6 +262,8 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
         (lc / "f16.gguf").unlink(missing_ok=True)
     if "onnx" in steps:
         for bits, out in (("4", onnx4), ("16", work / "onnx16")):
+            if bits not in onnx_bits:
+                continue
             shutil.rmtree(out, ignore_errors=True)
             extra = ["--no-calibrate"] if bits == "4" else []
             r.side(f"xpack export onnx --bits {bits}", H.xpack("export", "--model", merged, "--format", "onnx", "--bits", bits, *extra, "--out", out), out=out)
@@ -314,6 +321,15 @@ def report(result: dict) -> None:
               f"{g['xpack_peak_rss_mb'] / 1024:.1f} GB")
 
 
+def _merged(old: dict, new: dict) -> dict:
+    """The earlier result with the sides and decode figures ``new`` measured replaced (the rest keep their dates)."""
+    for side in old.get("sides", {}).values():
+        side.setdefault("measured", old.get("machine", {}).get("date"))
+    sides = {**old.get("sides", {}), **new["sides"]}
+    return {**old, **new, "steps": sorted(set(old.get("steps", [])) | set(new["steps"]), key=STEPS.index),
+            "sides": sides, "decode": {**old.get("decode", {}), **new.get("decode", {})}}
+
+
 def run_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-4b", help="a benchmarks/synthetic.py model (default gemma3-4b)")
@@ -324,6 +340,8 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per decode run")
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts go (default benchmarks/.cache/scale/MODEL)")
     ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/scale-MODEL.json")
+    ap.add_argument("--onnx-bits", default="4,16", help="the --bits of the onnx step's xpack exports (default 4,16)")
+    ap.add_argument("--update", action="store_true", help="keep the sides of the existing JSON that these steps do not measure")
     a = ap.parse_args(argv)
     steps = H.csv(a.steps)
     if set(steps) - set(STEPS):
@@ -331,10 +349,15 @@ def run_main(argv: list[str]) -> int:
     name = a.model if a.scale == "full" else f"{a.model}-{a.scale}"
     work = a.work or H.CACHE / "scale" / name
     work.mkdir(parents=True, exist_ok=True)
-    result = {"machine": H.machine_info("torch", "transformers", "peft", "onnxruntime", "llama_cpp_python", "optimum"),
-              **run(a.model, steps, work, a.memory_limit_gb, a.tokens, a.reference_memory, a.scale)}
+    machine = H.machine_info("torch", "transformers", "peft", "onnxruntime", "llama_cpp_python", "optimum")
+    result = {"machine": machine, **run(a.model, steps, work, a.memory_limit_gb, a.tokens, a.reference_memory, a.scale, tuple(H.csv(a.onnx_bits)))}
+    for side in result["sides"].values():
+        side.setdefault("measured", machine["date"])
+    path = a.json or H.RESULTS / f"scale-{name}.json"
+    if a.update and path.is_file():
+        result = _merged(json.loads(path.read_text()), result)
     report(result)
-    H.write_json(a.json or H.RESULTS / f"scale-{name}.json", result)
+    H.write_json(path, result)
     return 0
 
 

@@ -9,6 +9,12 @@ accelerate's hooks load each layer, cast to the compute dtype, just before it ru
 are the plain model's (the same float32 weights and kernels; a test compares them on the twins), only slower:
 each forward re-reads the streamed layers (from the page cache when it holds them).
 
+The token embedding and the output head stay resident, and for Gemma 3 4B they are one 262208 x 2560 table: 2.7 GB
+in float32. When the checkpoint stores its weights in 16 bits (bf16 or fp16, as every released one does), a streamed
+model holds those tables as stored (1.3 GB) and upcasts what each forward uses: the embedding's rows for the
+tokens at hand, the head a block of rows at a time (:func:`with_stored_tables`). 16-bit to float32 is exact, so the
+numbers are the float32 model's (a test compares them on the twins).
+
 Why a device map of our own rather than ``device_map="auto"``: accelerate's ``infer_auto_device_map`` fills the
 budget in module order, so with a tied embedding it can leave the output head on disk with no weight of its own
 to read (transformers 4.57 then fails with ``KeyError: 'lm_head.weight'``), and it gives no clear error when even
@@ -17,11 +23,16 @@ one layer does not fit. Here the resident part is fixed, and a budget below it p
 
 from __future__ import annotations
 
+import json
+import struct
+import types
 from pathlib import Path
 
 from xpack.errors import XpackError
 
 GB = 1e9
+HEAD_ROWS = 16384  # rows of a 16-bit output head upcast at once: 168 MB of float32 for Gemma 3's 2560 columns
+SIXTEEN_BIT = {"BF16": "bfloat16", "F16": "float16"}
 
 
 def _blocks(model) -> list[str]:
@@ -60,9 +71,104 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def layer_sizes(model_class, folder: Path, dtype) -> tuple:
+def stored_tables(folder: Path, dtype):
+    """The 16-bit torch dtype every float tensor of the checkpoint in ``folder`` is stored in (from the safetensors
+    headers) when the compute ``dtype`` is float32: the tables can then be held as stored. None otherwise."""
+    import torch
+
+    if dtype is not torch.float32:
+        return None
+    found = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None  # the load itself says what is wrong with the file
+        found.update(v["dtype"] for k, v in header.items() if k != "__metadata__" and v.get("dtype", "").startswith(("F", "BF")))
+    if len(found) != 1 or next(iter(found)) not in SIXTEEN_BIT:
+        return None
+    return getattr(torch, SIXTEEN_BIT[found.pop()])
+
+
+def _tables(model) -> list:
+    """The token embedding and, when it has a weight of its own, the output head."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return [embedding] + ([head] if head is not None and head.weight is not embedding.weight else [])
+
+
+def _hold_as(model, table_dtype) -> None:
+    import torch
+
+    for module in _tables(model):
+        module.weight = torch.nn.Parameter(module.weight.to(table_dtype), requires_grad=False)
+
+
+def _embedding_forward(self, input_ids):
+    """The module's own forward (Gemma's scaling included) on a float32 table of just the rows ``input_ids`` use."""
+    import torch
+
+    rows, inverse = torch.unique(input_ids, return_inverse=True)
+    held = self._parameters["weight"]
+    self._parameters["weight"] = torch.nn.Parameter(held[rows].float(), requires_grad=False)
+    try:
+        return type(self).forward(self, inverse)
+    finally:
+        self._parameters["weight"] = held
+
+
+def _head_forward(self, hidden):
+    """``hidden @ W.T (+ b)`` in float32, HEAD_ROWS output rows of the 16-bit weight upcast at a time."""
+    import torch
+    from torch.nn import functional
+
+    w = self.weight
+    out = torch.cat([functional.linear(hidden, w[i:i + HEAD_ROWS].float()) for i in range(0, w.shape[0], HEAD_ROWS)], dim=-1)
+    return out if getattr(self, "bias", None) is None else out + self.bias.float()
+
+
+def with_stored_tables(model_class, table_dtype):
+    """A subclass of ``model_class`` whose token embedding and output head are created, loaded and held in
+    ``table_dtype`` (the checkpoint's own 16-bit type) and computed in float32: transformers loads a parameter in the
+    dtype the model created it with, so the float32 copy of the tables is never made. Loaded in their stored type, the
+    tables are views into the safetensors file transformers mapped, which would keep the whole mapping, and every
+    page of it the load touched, in the resident set: they get memory of their own once loaded."""
+
+    class HeldTables(model_class):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            _hold_as(self, table_dtype)
+            self.tie_weights()  # a tied head takes the held table again
+            embedding, head = self.get_input_embeddings(), self.get_output_embeddings()
+            embedding.forward = types.MethodType(_embedding_forward, embedding)
+            if head is not None:
+                head.forward = types.MethodType(_head_forward, head)
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            model = super().from_pretrained(*args, **kwargs)
+            for module in _tables(model):
+                module.weight.data = module.weight.data.clone()
+            return model
+
+    HeldTables.__name__ = HeldTables.__qualname__ = model_class.__name__
+    HeldTables.__module__ = model_class.__module__
+    return HeldTables
+
+
+def concrete_class(model_class, folder: Path):
+    """The model class an Auto class picks for the checkpoint in ``folder`` (a subclass needs the real one)."""
+    from transformers import AutoConfig
+
+    if not getattr(model_class, "_model_mapping", None):
+        return model_class
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    return model_class._model_mapping[type(config)]
+
+
+def layer_sizes(model_class, folder: Path, dtype, table_dtype=None) -> tuple:
     """(meta model, accelerate's module sizes in ``dtype``, the repeated layers) of the checkpoint in ``folder``: built on
-    the meta device from its config, nothing read."""
+    the meta device from its config, nothing read. ``table_dtype``: the embedding and head held in it (:func:`stored_tables`)."""
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig
@@ -74,13 +180,18 @@ def layer_sizes(model_class, folder: Path, dtype) -> tuple:
     # ``dtype`` argument only ever lowers a size, so a float32 plan of a bf16 checkpoint counted half the bytes
     model.to(dtype)
     model.tie_weights()
+    if table_dtype is not None:
+        _hold_as(model, table_dtype)
+        model.tie_weights()
     return model, compute_module_sizes(model), _blocks(model)
 
 
-def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[str, str] | None:
+def streamed_device_map(model_class, folder: Path, dtype, budget: int, table_dtype=None) -> dict[str, str] | None:
     """The device map that keeps the reference of ``folder`` within ``budget`` bytes of weights, or None when the whole
-    model fits (a plain load)."""
-    model, sizes, blocks = layer_sizes(model_class, folder, dtype)
+    model fits (a plain load). ``table_dtype``: the model is loaded :func:`with_stored_tables` when it streams."""
+    if layer_sizes(model_class, folder, dtype)[1][""] <= budget:
+        return None
+    model, sizes, blocks = layer_sizes(model_class, folder, dtype, table_dtype)
     total = sizes[""]
     if total <= budget:
         return None
@@ -100,22 +211,45 @@ def streamed_device_map(model_class, folder: Path, dtype, budget: int) -> dict[s
     return _map(model, placed)
 
 
-def lean_device_map(model_class, folder: Path, dtype) -> tuple[dict[str, str] | None, int]:
+def lean_device_map(model_class, folder: Path, dtype, table_dtype=None) -> dict[str, str] | None:
     """The least memory a forward can use: every repeated layer streamed, everything else resident (for a check on a
     few tokens, where the speed of each forward does not matter: the ONNX export's torch check). None when the whole
-    model takes no more than twice that. Returns the map and the bytes of weights it holds at most."""
-    model, sizes, blocks = layer_sizes(model_class, folder, dtype)
+    model takes no more than twice that. ``table_dtype``: the model is loaded :func:`with_stored_tables`."""
+    model, sizes, blocks = layer_sizes(model_class, folder, dtype, table_dtype)
     resident = sizes[""] - sum(sizes[b] for b in blocks)
     least = resident + max((sizes[b] for b in blocks), default=0)
-    if sizes[""] <= 2 * least:
-        return None, sizes[""]
-    return _map(model, {b: "disk" for b in blocks}), least
+    if layer_sizes(model_class, folder, dtype)[1][""] <= 2 * least:
+        return None
+    return _map(model, {b: "disk" for b in blocks})
 
 
 def describe(device_map: dict[str, str]) -> str:
     """One line for the report: how many layers streamed."""
     streamed = sum(1 for d in device_map.values() if d == "disk")
     return f"{streamed} of its layers streamed from the safetensors files at each forward, to stay within the memory budget"
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MB and more with its own mapping, returned to the OS when freed.
+
+    A streamed reference allocates and frees each streamed layer's float32 weights at every forward. glibc raises its
+    mmap threshold as large blocks are freed (up to 32 MB), so a Gemma 3 4B layer's attention matrices (10-21 MB) end
+    up in the heap, whose freed space fragmented and was never returned: the heap grew by 3.9 GB over one verify.
+    Process-wide and kept (the setting cannot be undone without knowing the dynamic one glibc had); a no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except OSError:
+        pass
 
 
 def return_freed_memory() -> None:

@@ -35,7 +35,15 @@ from xpack.runtimes.base import Runtime
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
-from xpack.runtimes.torch_offload import describe, return_freed_memory, streamed_device_map
+from xpack.runtimes.torch_offload import (
+    concrete_class,
+    describe,
+    map_large_allocations,
+    return_freed_memory,
+    stored_tables,
+    streamed_device_map,
+    with_stored_tables,
+)
 
 __all__ = ["PeftOnBase", "TorchRuntime", "overflows_fp16"]
 
@@ -154,6 +162,7 @@ class TorchRuntime(Runtime):
         self.peft = peft
         self.max_memory = max_memory  # bytes of weights a CPU reference may hold; the rest streams (torch_offload.py)
         self._offload_dir = None
+        self._load_class = None  # set when a streamed model holds its tables in 16 bits (torch_offload.with_stored_tables)
         super().__init__(artifact, profile)
 
     @staticmethod
@@ -192,8 +201,7 @@ class TorchRuntime(Runtime):
         if self.peft is not None and self.peft.quant_type is not None:
             kwargs.update(self._four_bit_options())
         elif self.max_memory is not None and self.device.type == "cpu":
-            model_class = transformers.AutoModelForImageTextToText if self.is_vision else transformers.AutoModelForCausalLM
-            kwargs.update(self._streamed_options(model_class, folder))
+            kwargs.update(self._streamed_options(transformers.AutoModelForImageTextToText if self.is_vision else transformers.AutoModelForCausalLM, folder))
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -201,12 +209,16 @@ class TorchRuntime(Runtime):
                 # a streamed model's device map names the direct parameters of a module that holds layers (Mllama's
                 # class_embedding): transformers places them by name, accelerate's dispatch warns that they are no module
                 warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
-                if self.is_vision:
+                if self._load_class is not None:
+                    self.model = self._load_class.from_pretrained(str(folder), **kwargs)
+                elif self.is_vision:
                     self.model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
+                else:
+                    self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+                if self.is_vision:
                     self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
                     self.tokenizer = self.processor.tokenizer
                 else:
-                    self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
                     self.processor = None
                     self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
@@ -260,9 +272,13 @@ class TorchRuntime(Runtime):
         import logging
         import tempfile
 
-        device_map = streamed_device_map(model_class, folder, self.dtype, self.max_memory)
+        tables = stored_tables(folder, self.dtype)
+        device_map = streamed_device_map(model_class, folder, self.dtype, self.max_memory, tables)
         if device_map is None:
             return {}
+        if tables is not None:
+            self._load_class = with_stored_tables(concrete_class(model_class, folder), tables)
+        map_large_allocations()
         if self.peft is not None:  # PEFT 0.18 fails on an offloaded base (KeyError in its hook handling)
             raise XpackError(f"the as-trained reference (PEFT over {folder}) does not fit in {self.max_memory / 1e9:.1f} GB and cannot stream its "
                              "layers from disk; verify against the merged checkpoint (--reference, from `xpack merge`), which can")

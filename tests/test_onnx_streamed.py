@@ -120,11 +120,13 @@ def test_streamed_export_holds_one_weight_at_a_time(deep_llama, tmp_path, bits):
 
 
 def test_lean_torch_reference_equals_the_plain_one(deep_llama):
-    """The export's torch check with every layer streamed from the safetensors files gives the plain model's numbers."""
+    """The export's torch check with every layer streamed from the safetensors files, its (untied) embedding and head held
+    in bf16 as stored, gives the plain model's numbers."""
     spec = require_arch(Checkpoint(deep_llama).config, "ONNX export").onnx
     ids = [(7 * i + 3) % 512 for i in range(12)]
     lean = load_torch(deep_llama, spec, lean=True)
     assert lean.xpack_offload_folder is not None and getattr(lean, "hf_device_map", None), "the deep twin should stream its layers"
+    assert lean.get_input_embeddings().weight.dtype == lean.get_output_embeddings().weight.dtype == torch.bfloat16
     got = torch_steps(lean, ids)
     del lean
     want = torch_steps(load_torch(deep_llama, spec), ids)

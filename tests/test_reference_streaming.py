@@ -85,6 +85,9 @@ def test_streamed_bfloat16_checkpoint_equals_plain(tmp_path, cpu):
     with load(folder, cpu, runtime="torch", max_memory=budget) as rt:  # what is in memory stays within the budget
         held = sum(p.numel() * p.element_size() for p in rt.model.parameters() if p.device.type != "meta")
         assert held <= budget and "disk" in rt.model.hf_device_map.values()
+        # the tied embedding/head is held as stored (torch_offload.with_stored_tables), everything else in float32
+        assert rt.model.get_input_embeddings().weight.dtype == torch.bfloat16 and rt.model.get_output_embeddings().weight is rt.model.get_input_embeddings().weight
+        assert rt.model.model.norm.weight.dtype == torch.float32
     plain, streamed = _run(folder, cpu, None), _run(folder, cpu, budget)
     assert "disk" in streamed["device_map"].values()
     torch.testing.assert_close(torch.from_numpy(streamed["logits"]), torch.from_numpy(plain["logits"]), atol=1e-5, rtol=0)

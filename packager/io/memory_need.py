@@ -24,18 +24,22 @@ from xpack.packager.io.checkpoint import Checkpoint
 
 ONNX_EXPORT_FACTOR = 6.2
 # the streamed ONNX export (streamed_onnx_need), measured on the synthetic Gemma 3 4B at --bits 4 (peak RSS 7.5 GB:
-# torch check 5.1 GB with its 2.7 GB float32 embedding resident, quantizing <= 5.1 GB, the vision tower 7.5 GB for its
-# 1.67 GB of float32 weights): bytes of the artifact per parameter at each --bits (4: the mixed 4/8-bit scheme, 0.84
-# measured), what onnxruntime holds per byte of artifact while running it, the largest weight's float32 copies while it
-# is quantized, the vision export's multiple of its float32 weights, and the process itself
+# torch check 5.1 GB with its 2.7 GB float32 embedding resident, quantizing <= 5.1 GB; the vision tower, then traced by
+# torch.onnx, 7.5 GB for its 1.67 GB of float32 weights, and 2.45 GB since xpack writes its graph, vision_graph.py):
+# bytes of the artifact per parameter at each --bits (4: the mixed 4/8-bit scheme, 0.84 measured), what onnxruntime
+# holds per byte of artifact while running it, the largest weight's float32 copies while it is quantized, the vision
+# export's multiple of its float32 weights (the tower in torch for the check), and the process itself
 ARTIFACT_BYTES_PER_PARAMETER = {32: 4.0, 16: 2.0, 8: 1.1, 4: 0.85}
 # fp16 on onnxruntime's CPU provider: the fp16 weights plus float32 copies where the graph optimizer folds a weight's
 # Cast; the 4B's fp16 export was killed above 16 GB in its check (1.8x its 9.1 GB artifact, so at least that)
 ORT_LOAD_FACTOR = {32: 1.3, 16: 2.5, 8: 1.3, 4: 1.3}
 QUANTIZE_FACTOR = 1.5
-VISION_EXPORT_FACTOR = 4.5
+VISION_EXPORT_FACTOR = 1.2
 PROCESS_BASE_GB = 0.8
-REFERENCE_OVERHEAD_GB = 1.0
+# verify's reference beyond its weights budget: the process and libraries, the activations and logits over the
+# evaluation text, the safetensors pages mapped while it loads. Measured on the synthetic Gemma 3 4B with
+# --reference-memory 8 and 1.0 here (7 GB of weights): peak RSS 7.95 GB while loading, 7.6 GB running
+REFERENCE_OVERHEAD_GB = 1.5
 
 
 def float32_bytes(ckpt: Checkpoint) -> int:
@@ -75,8 +79,8 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     - the torch check with its layers streamed: everything outside the repeated layers plus one layer, in float32;
     - quantizing or converting the largest weight: QUANTIZE_FACTOR x it in float32;
     - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits];
-    - a vision tower (tensors under ``vision_prefixes``), traced by torch.onnx and checked in onnxruntime whole:
-      VISION_EXPORT_FACTOR x its float32 weights.
+    - a vision tower (tensors under ``vision_prefixes``): its float32 weights in torch for the check (the graph is
+      written weight by weight and checked after the torch model is freed), VISION_EXPORT_FACTOR x them.
     Plus PROCESS_BASE_GB for the interpreter and the libraries."""
     layers: dict[str, int] = {}
     rest = largest = vision = 0

@@ -14,24 +14,23 @@ way to read images. The image side is small and has no cache or control flow, so
     ``xpack.runtimes.images.Gemma3ImagePreprocessor`` resizes to it); the batch axis is dynamic. The
     rows replace the embeddings of the image tokens (``xpack.runtimes.images.gemma3_image_tokens``).
 
-Exporter: ``torch.onnx.export(..., dynamo=False)``, the TorchScript-based exporter. The torch.export
-(dynamo) exporter, the default since torch 2.9, needs ``onnxscript``, which ``xpack[pack]`` does not
-pull in; the TorchScript one gives a clean graph here (Conv, MatMul, LayerNormalization, Softmax, tanh
-GELU, AveragePool; no custom ops) that onnxruntime's CPU provider loads as is. Opset 17 by default
-(the first with LayerNormalization; the TorchScript exporter goes up to 20, where GELU is one op).
-The torch model is loaded in float32 with eager attention.
+The graph is xpack's own (vision_graph.py): built with a placeholder per weight and written to
+``vision.onnx_data`` one weight at a time, attention as onnxruntime's fused ``MultiHeadAttention`` (a flash
+attention on CPU). It replaced ``torch.onnx.export`` of the tower, which held the model several times over and
+peaked at 6.9 GB for Gemma 3 4B (issue #12). The torch model of the check is the vision tower alone, float32,
+with transformers' SDPA attention (also flash on CPU), freed before the graph is written.
 
-The weights are always written to ``vision.onnx_data`` (as ``common.save_model`` writes the decoder's),
-whatever their size, so an artifact always has the same two files.
+The weights are always written to ``vision.onnx_data``, whatever their size, so an artifact always has the
+same two files.
 
 Precisions (``dtype``):
-- ``float32``: as exported.
+- ``float32``: as built.
 - ``float16``: onnxruntime's ``convert_float_to_float16`` with float32 inputs/outputs (casts at the
-  graph edges); LayerNormalization, Softmax and the projector's RMSNorm stay in float32.
-- ``int8``: weight-only, onnxruntime's ``MatMulNBitsQuantizer`` (bits=8, block 32, asymmetric,
-  accuracy_level 4: activations quantized to int8 per block inside the kernel) on every MatMul with a
-  weight initializer (q/k/v/out_proj, fc1/fc2, the projector); the patch-embedding Conv and the norms
-  stay float32.
+  graph edges); LayerNormalization, the attention and the projector's RMSNorm stay in float32.
+- ``int8``: weight-only MatMulNBits (bits=8, block 32, asymmetric, round to nearest: the bytes of
+  onnxruntime's ``MatMulNBitsQuantizer``, accuracy_level 4: activations quantized to int8 per block inside
+  the kernel) on every MatMul with a weight (q/k/v, out_proj, fc1/fc2, the projector); the patch-embedding
+  Conv and the norms stay float32.
 
 The graph is checked against the torch model as optimum's ``validate_model_outputs`` does (``np.allclose``
 with an absolute tolerance): on a fixed random ``pixel_values`` batch of 2 and on a synthetic image
@@ -44,7 +43,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,21 +51,24 @@ from xpack.errors import XpackError
 from xpack.packager.archs import require_arch
 from xpack.packager.export.onnx.common import (
     ACCURACY_LEVEL,
-    DEFAULT_OPSET,
     VISION_COMPANIONS,
     first_line,
     graph_io,
     quiet,
     read_config,
     require_libraries,
-    save_model,
 )
-from xpack.packager.export.onnx.precision import VISION_INT8_BLOCK_SIZE, to_fp16, vision_int8
+from xpack.packager.export.onnx.decoder_graph import OPSET
+from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
+from xpack.packager.export.onnx.precision import VISION_INT8_BLOCK_SIZE, to_fp16
+from xpack.packager.export.onnx.quantize import quantize_matmuls
+from xpack.packager.export.onnx.vision_graph import INPUT_NAME, OUTPUT_NAME, build_vision
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import Reader
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG, VISION_DATA_FILE, VISION_FILE
 from xpack.runtimes.images import Gemma3ImagePreprocessor
 from xpack.runtimes.onnx_base import open_session, session_options
+from xpack.runtimes.torch_offload import return_freed_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -82,12 +83,6 @@ __all__ = [
     "TOLERANCE",
 ]
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "image_features"
-BATCH_AXIS = "num_images"
-# the check runs a random batch of 2 images when the tower sees at most this many patches per image (_check_batch)
-BATCH_CHECK_TOKENS = 1024
-MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range that onnxruntime runs this graph with
 DTYPES = ("float32", "float16", "int8")
 _DTYPE_ALIASES = {32: "float32", 16: "float16", 8: "int8", "fp32": "float32", "fp16": "float16", "f32": "float32", "f16": "float16", "q8": "int8"}
 # Export gate, relative to the scale of the features: |onnx - torch| <= TOLERANCE * max(1, max |torch|).
@@ -95,10 +90,10 @@ _DTYPE_ALIASES = {32: "float32", 16: "float16", 8: "int8", "fp32": "float32", "f
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "int8": 5e-2}
 # Node names of the projector's RMSNorm (kept in float32 by the fp16 conversion).
 _FP16_KEEP_NODES = "/multi_modal_projector/mm_soft_emb_norm/"
-_FP16_KEEP_OPS = ("LayerNormalization", "Softmax")
+_FP16_KEEP_OPS = ("LayerNormalization", "MultiHeadAttention")
 SCHEMES = {
-    "float32": "float32 as exported",
-    "float16": "float16 weights and activations, float32 inputs/outputs; LayerNormalization, Softmax and the projector RMSNorm in float32",
+    "float32": "float32 as built",
+    "float16": "float16 weights and activations, float32 inputs/outputs; LayerNormalization, the attention and the projector RMSNorm in float32",
     "int8": f"int8 weight-only MatMulNBits (bits=8, block {VISION_INT8_BLOCK_SIZE}, asymmetric, accuracy_level {ACCURACY_LEVEL}); Conv and norms float32",
 }
 
@@ -137,7 +132,9 @@ def vision_spec(model_dir: "str | Path") -> dict:
 
 
 def load_gemma3(model_dir: "str | Path", vision_only: bool = False):
-    """``Gemma3ForConditionalGeneration`` in float32 with eager attention, from a local folder, in eval mode.
+    """``Gemma3ForConditionalGeneration`` in float32, from a local folder, in eval mode: eager attention, or with
+    ``vision_only`` transformers' SDPA (a flash attention on CPU: eager holds 1.07 GB per attention matrix for
+    MedGemma's 4096 patches x 16 heads).
     ``vision_only``: only the vision tower and projector are read (the architecture table's ``vision_prefixes``);
     the language model stays on the meta device, never read, which ``get_image_features`` does not touch: 1.7 GB
     for Gemma 3 4B instead of 17 GB (from_pretrained with the language model offloaded still peaked at 6.9 GB)."""
@@ -167,9 +164,8 @@ def _vision_parts(model_dir: Path):
 
     arch = require_arch(read_config(model_dir, "vision export"), "the vision export")
     config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    config._attn_implementation = "eager"
     with init_empty_weights():
-        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     state = {}
     ckpt = Checkpoint(model_dir)
     for path, specs in ckpt.headers.items():
@@ -188,54 +184,6 @@ def _vision_parts(model_dir: Path):
 
 # ---------------------------------------------------------------------------------------------
 # export
-
-
-def _image_features_module(model):
-    import torch
-
-    class ImageFeatures(torch.nn.Module):
-        """``get_image_features`` as transformers 4.57 writes it (Gemma3Model), over the vision modules alone: the
-        exporter reads every parameter of the module it is given, and the language model's are not loaded."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.vision_tower = inner.vision_tower
-            self.multi_modal_projector = inner.multi_modal_projector
-
-        def forward(self, pixel_values):
-            return self.multi_modal_projector(self.vision_tower(pixel_values=pixel_values).last_hidden_state)
-
-    return ImageFeatures(model).eval()
-
-
-def _torch_export(model, spec: dict, path: Path, opset: int) -> None:
-    import torch
-
-    size = spec["image_size"]
-    # one image: the batch axis is dynamic (the check runs a batch of 2 where it is cheap, _check_batch), and tracing
-    # runs the eager forward, whose attention holds 1 GB per image for MedGemma's 896x896
-    example = torch.randn(1, spec["num_channels"], size, size, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                _image_features_module(model), (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
-                do_constant_folding=True,
-            )
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise XpackError(f"torch.onnx could not export the Gemma 3 vision tower ({first_line(exc)})") from None
-
-
-def _set_output_shape(model: "onnx.ModelProto", spec: dict) -> None:
-    """The exporter leaves the token axis of the output unnamed-symbolic; it is fixed by the config."""
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    for dim, value in zip(dims, (BATCH_AXIS, spec["mm_tokens_per_image"], spec["hidden_size"])):
-        dim.Clear()
-        if isinstance(value, str):
-            dim.dim_param = value
-        else:
-            dim.dim_value = value
 
 
 def _topological_sort(model: "onnx.ModelProto") -> None:
@@ -261,22 +209,36 @@ def _topological_sort(model: "onnx.ModelProto") -> None:
 
 
 def _to_fp16(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """float16 with the LayerNorms, Softmax and the projector's RMSNorm kept in float32, nodes in dependency order."""
+    """float16 with the LayerNorms, the attention and the projector's RMSNorm kept in float32, nodes in dependency order."""
     keep = [n.name for n in model.graph.node if n.name.startswith(_FP16_KEEP_NODES)]
     model = to_fp16(model, _FP16_KEEP_OPS, keep)
     _topological_sort(model)
     return model
 
 
-def _save(model: "onnx.ModelProto", folder: Path) -> None:
-    import onnx
-
-    for name in (VISION_FILE, VISION_DATA_FILE):  # onnx appends to an existing data file
-        (folder / name).unlink(missing_ok=True)
-    save_model(model, folder, VISION_FILE, VISION_DATA_FILE)
-    onnx.checker.check_model(str(folder / VISION_FILE))
-    # onnx writes the data file owner-only (0600); give it the graph file's permissions
-    os.chmod(folder / VISION_DATA_FILE, (folder / VISION_FILE).stat().st_mode & 0o777)
+def _write(model_dir: Path, out_dir: Path, dtype: str) -> dict:
+    """``vision.onnx`` + ``vision.onnx_data`` in ``dtype``, each weight read, converted and appended one at a time.
+    No onnx.checker here: it does not know onnxruntime's SimplifiedLayerNormalization (the decoder's graph is not
+    run through it either); the graph is checked by running it against torch."""
+    for name in (VISION_FILE, VISION_DATA_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    pending = PendingWeights()
+    try:
+        graph, facts = build_vision(model_dir, pending)
+        if dtype == "float16":
+            graph = _to_fp16(graph)
+        with DataFile(out_dir, VISION_DATA_FILE) as out:
+            pending.out = out
+            if dtype == "int8":  # round to nearest: onnxruntime's MatMulNBitsQuantizer's bytes (quantize.py)
+                graph, _ = quantize_matmuls(graph, 8, VISION_INT8_BLOCK_SIZE, search=False, tensors=pending)
+            pending.write_all(graph)
+        save_graph(graph, out_dir / VISION_FILE)
+    finally:
+        pending.out = None
+        pending.close()
+    # the data file is created owner-only by some umasks; give it the graph file's permissions
+    os.chmod(out_dir / VISION_DATA_FILE, (out_dir / VISION_FILE).stat().st_mode & 0o777)
+    return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,14 +259,6 @@ def _synthetic_image(size: tuple[int, int]):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
 
 
-def _check_batch(spec: dict) -> int:
-    """Images in the random batch of the check: 2, which exercises the dynamic batch axis, unless the tower sees more
-    than BATCH_CHECK_TOKENS patches per image. Eager attention holds heads x patches^2 floats per image and layer:
-    MedGemma's 896x896 images (4096 patches, 16 heads) 1.07 GB each, so a batch of 2 would double a 3 GB check."""
-    patches = (spec["image_size"] // spec["patch_size"]) ** 2
-    return 2 if patches <= BATCH_CHECK_TOKENS else 1
-
-
 def _validation_inputs(model_dir: Path, spec: dict) -> tuple[dict, dict]:
     """{name: pixel_values} for the check, and the preprocessing figures (numpy preprocessing vs transformers)."""
     import numpy as np
@@ -313,7 +267,7 @@ def _validation_inputs(model_dir: Path, spec: dict) -> tuple[dict, dict]:
 
     size = spec["image_size"]
     rng = np.random.default_rng(0)
-    inputs = {"random": rng.standard_normal((_check_batch(spec), spec["num_channels"], size, size)).astype(np.float32)}
+    inputs = {"random": rng.standard_normal((2, spec["num_channels"], size, size)).astype(np.float32)}
     if not (model_dir / PREPROCESSOR_CONFIG).is_file():
         return inputs, {"preprocess": f"not checked: no {PREPROCESSOR_CONFIG}"}
     image = _synthetic_image((size + size // 4 + 1, size))
@@ -386,7 +340,6 @@ def export_gemma3_vision(
     out_dir: "str | Path",
     *,
     dtype: "str | int" = "float32",
-    opset: int | None = None,
     tolerance: float | None = None,
     validate: bool = True,
     copy_companions: bool = True,
@@ -395,63 +348,50 @@ def export_gemma3_vision(
     """Write ``vision.onnx`` + ``vision.onnx_data`` for the Gemma 3 checkpoint at ``model_dir`` into ``out_dir``.
 
     ``dtype``: ``float32`` (default), ``float16`` or ``int8`` (see the module docstring; 32/16/8 work too).
-    ``opset``: ONNX opset, 14-20 (default 17). ``tolerance``: the export gate relative to the features'
-    scale (default ``TOLERANCE[dtype]``). ``copy_companions``: also copy ``preprocessor_config.json`` and
-    ``processor_config.json`` (what the runtime needs to make pixel values and the prompt).
-    ``threads``: onnxruntime threads for the check (None: its default).
+    ``tolerance``: the export gate relative to the features' scale (default ``TOLERANCE[dtype]``).
+    ``copy_companions``: also copy ``preprocessor_config.json`` and ``processor_config.json`` (what the runtime
+    needs to make pixel values and the prompt). ``threads``: onnxruntime threads for the check (None: its default).
     An adapter must be merged into ``model_dir`` first (``xpack merge``): LoRA on the vision layers then
     reaches the graph.
 
-    Returns the figures: files written, graph inputs/outputs and opset, the settings, timings, and under
-    ``validation`` the max |onnx - torch| on a random batch of 2 and on a processor-made image, with the
-    tolerance, plus ``preprocess_max_abs_diff`` (numpy preprocessing vs transformers). Raises
-    :class:`XpackError` when the graph is off by more than the tolerance (and removes the files).
+    The phases never overlap in memory: torch's features for the check (the vision tower alone, then freed), the
+    graph written weight by weight, onnxruntime's features. Returns the figures: files written, graph
+    inputs/outputs and opset, the settings, timings, and under ``validation`` the max |onnx - torch| on a random
+    batch of 2 and on a processor-made image, with the tolerance, plus ``preprocess_max_abs_diff`` (numpy
+    preprocessing vs transformers). Raises :class:`XpackError` when the graph is off by more than the tolerance
+    (and removes the files).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     dtype = _normalize_dtype(dtype)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise XpackError(f"opset {opset} is not supported for the vision export; choose {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET})")
     tolerance = TOLERANCE[dtype] if tolerance is None else float(tolerance)
     spec = vision_spec(model_dir)
     require_libraries("the vision export", ("torch", "transformers", "onnx", "onnxruntime", "PIL"))
-    import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    with quiet():
-        model = load_gemma3(model_dir, vision_only=True)
-        timings["load_s"] = round(time.perf_counter() - clock, 2)
-        inputs, pre_figures = _validation_inputs(model_dir, spec) if validate else ({}, {})
-        reference = _torch_outputs(model, inputs) if validate else {}
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".xpack-vision-") as work_dir:
-            raw = Path(work_dir) / VISION_FILE
-            start = time.perf_counter()
-            _torch_export(model, spec, raw, opset)
-            del model
-            timings["export_s"] = round(time.perf_counter() - start, 2)
-            graph = onnx.load(str(raw))  # with its weights, wherever the exporter put them
-        _set_output_shape(graph, spec)
+    inputs, pre_figures, reference = {}, {}, {}
+    if validate:
+        clock = time.perf_counter()
+        with quiet():
+            inputs, pre_figures = _validation_inputs(model_dir, spec)
+            model = load_gemma3(model_dir, vision_only=True)
+            reference = _torch_outputs(model, inputs)
+        del model
+        return_freed_memory()
+        timings["torch_s"] = round(time.perf_counter() - clock, 2)
+    start = time.perf_counter()
+    facts = _write(model_dir, out_dir, dtype)
+    timings["write_s"] = round(time.perf_counter() - start, 2)
+    validation: dict[str, Any] = {"checked": False}
+    if validate:
         start = time.perf_counter()
-        if dtype == "float16":
-            graph = _to_fp16(graph)
-        elif dtype == "int8":
-            graph = vision_int8(graph)
-        if dtype != "float32":
-            timings["convert_s"] = round(time.perf_counter() - start, 2)
-        _save(graph, out_dir)
-        del graph
-        validation: dict[str, Any] = {"checked": False}
-        if validate:
-            start = time.perf_counter()
-            try:
-                validation = {"checked": True, **_check_features(reference, _ort_outputs(out_dir / VISION_FILE, inputs, threads), tolerance, dtype), **pre_figures}
-            except XpackError:  # leave no unfaithful graph behind
-                for name in (VISION_FILE, VISION_DATA_FILE):
-                    (out_dir / name).unlink(missing_ok=True)
-                raise
-            timings["validate_s"] = round(time.perf_counter() - start, 2)
+        try:
+            validation = {"checked": True, **_check_features(reference, _ort_outputs(out_dir / VISION_FILE, inputs, threads), tolerance, dtype), **pre_figures}
+        except XpackError:  # leave no unfaithful graph behind
+            for name in (VISION_FILE, VISION_DATA_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+            raise
+        timings["validate_s"] = round(time.perf_counter() - start, 2)
     copied = []
     if copy_companions:
         for name in VISION_COMPANIONS:
@@ -464,8 +404,9 @@ def export_gemma3_vision(
         "data_file": VISION_DATA_FILE,
         "files": {name: (out_dir / name).stat().st_size for name in (VISION_FILE, VISION_DATA_FILE)},
         "companions": copied,
-        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-        "opset": opset,
+        "exporter": "xpack's graph (vision_graph.py), weights streamed from the safetensors",
+        "graph_facts": facts,
+        "opset": OPSET,
         "dtype": dtype,
         "scheme": SCHEMES[dtype],
         "input": INPUT_NAME,

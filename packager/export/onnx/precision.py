@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import ACCURACY_LEVEL
+from xpack.packager.export.onnx.pending import is_pending
 from xpack.packager.export.onnx.quantize import EIGHT_BIT_BLOCK_SIZE, InMemory, quantize_matmuls, quantize_tables
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,11 +72,31 @@ def to_fp16(model: "onnx.ModelProto", keep_ops: Iterable[str] = (), keep_nodes: 
             # onnx's shape inference does not know onnxruntime's contrib ops (the fused attention and
             # norms of xpack's graph), so their outputs would get no types and the converter no casts:
             # onnxruntime's symbolic shape inference knows them
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            model = _infer_shapes(model)
             return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=True)
         return convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=list(keep_nodes), disable_shape_infer=False)
+
+
+def _infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """onnxruntime's symbolic shape inference. It reads the values of the initializers an Add or Mul takes (to follow
+    integer shape arithmetic), which a placeholder (pending.py) does not have: those are given to it as graph inputs of
+    their shape instead, and the types it finds are copied back into ``model``."""
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    placeholders = [t for t in model.graph.initializer if is_pending(t)]
+    if not placeholders:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    probe = type(model)()
+    probe.CopyFrom(model)  # placeholders hold no data: a small copy
+    kept = [t for t in probe.graph.initializer if not is_pending(t)]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    probe.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in placeholders)
+    inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def keep_fp32_between(model: "onnx.ModelProto") -> int:

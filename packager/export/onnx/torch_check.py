@@ -13,7 +13,7 @@ from xpack.packager.export.onnx.common import first_line
 from xpack.packager.verify.parity import compare_logits
 from xpack.runtimes.onnx_base import open_session, session_options
 from xpack.runtimes.onnx_decoder import attention_bias
-from xpack.runtimes.torch_offload import lean_device_map
+from xpack.runtimes.torch_offload import concrete_class, lean_device_map, map_large_allocations, stored_tables, with_stored_tables
 
 VALIDATION_TEXT = "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. IMPRESSION: No acute abnormality."
 CPU = ("CPUExecutionProvider",)
@@ -22,8 +22,9 @@ CPU = ("CPUExecutionProvider",)
 def load_torch(src: Path, spec: OnnxSpec, lean: bool = False):
     """The checkpoint at ``src`` in transformers, float32, with the table's class and attention, in eval mode.
     ``lean``: the repeated layers stream from the safetensors files at each forward (runtimes/torch_offload.py's
-    lean map) unless the whole model is at most twice what that holds, so that the check of a 4B export holds its
-    embeddings and one layer (3 GB), not 17 GB; the same float32 numbers, slower."""
+    lean map) unless the whole model is at most twice what that holds, with the embedding and head held as the
+    checkpoint stores them (16 bits) and computed in float32, so that the check of a 4B export holds its embedding
+    (1.3 GB) and one layer, not 17 GB; the same float32 numbers, slower."""
     import logging
     import tempfile
     import warnings
@@ -35,8 +36,11 @@ def load_torch(src: Path, spec: OnnxSpec, lean: bool = False):
     kwargs = {"dtype": torch.float32, "attn_implementation": spec.attn_implementation, "local_files_only": True}
     offload = None
     if lean:
-        device_map, _ = lean_device_map(cls, src, torch.float32)
+        tables = stored_tables(src, torch.float32)
+        device_map = lean_device_map(cls, src, torch.float32, tables)
         if device_map is not None:
+            cls = cls if tables is None else with_stored_tables(concrete_class(cls, src), tables)
+            map_large_allocations()
             logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its "parameters on the meta device" is the plan
             offload = tempfile.TemporaryDirectory(prefix="xpack-offload-")  # safetensors sources are read in place
             kwargs.update(device_map=device_map, offload_folder=offload.name)
@@ -93,16 +97,20 @@ def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = Non
     import numpy as np
 
     options = session_options(threads)
+    chunks = (ids[:-1], ids[-1:])
+    embedded = None
+    if embed:  # the embedding graph runs and is let go before the decoder loads: never both in memory
+        embedder = open_session(embed, options, CPU)
+        embedded = [embedder.run(None, {"input_ids": np.array([chunk], np.int64)})[0] for chunk in chunks]
+        del embedder
     session = open_session(path, options, CPU)
-    embedder = open_session(embed, options, CPU) if embed else None
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     np_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     past = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np_types[i.type]) for n, i in inputs.items() if n.startswith("past_key_values.")}
     steps, start = [], 0
-    for chunk in (ids[:-1], ids[-1:]):
-        tokens = np.array([chunk], np.int64)
-        first = {"inputs_embeds": embedder.run(None, {"input_ids": tokens})[0]} if embedder else {"input_ids": tokens}
+    for n, chunk in enumerate(chunks):
+        first = {"inputs_embeds": embedded[n]} if embedded is not None else {"input_ids": np.array([chunk], np.int64)}
         feed = {**first, "attention_mask": np.ones((1, start + len(chunk)), np.int64), **past}
         if "attention_bias" in inputs:
             feed["attention_bias"] = attention_bias(start, len(chunk))
