@@ -14,6 +14,7 @@ says which shipped profile fits this machine and adapts a profile to the machine
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -103,6 +104,8 @@ def _check_types(where: str, data: dict, spec: dict, prefix: str = "") -> None:
         types, expected = spec[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise XpackError(f"{where}: '{prefix}{key}' must be {expected}, got {_type_name(value)} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf, which pass every comparison check
+            raise XpackError(f"{where}: '{prefix}{key}' must be a finite number, got {value}")
 
 
 def _read_toml(path: Path) -> dict:
@@ -115,6 +118,8 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise XpackError(f"profile {path} is not valid TOML ({exc}); fix the file") from None
+    except UnicodeDecodeError as exc:
+        raise XpackError(f"profile {path} is not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from None
     except OSError as exc:
         raise XpackError(f"cannot read profile {path} ({exc.strerror or exc})") from None
 

@@ -28,6 +28,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from xpack.profiles.profile import Profile
 
 
+def context_room(n_prompt: int, n_ctx: int, profile_name: str) -> int:
+    """How many tokens may follow a prompt of ``n_prompt`` tokens in a context of ``n_ctx`` (the profile's): one rule
+    and one message for every runtime (issue #14: the torch runtime ran a 100k-character prompt until it was killed)."""
+    room = n_ctx - n_prompt
+    if room < 1:
+        raise XpackError(
+            f"the prompt is {n_prompt} tokens, more than the context of {n_ctx} (profile {profile_name}'s n_ctx); "
+            "shorten it or use a profile with a larger n_ctx"
+        )
+    return room
+
+
 class Runtime(abc.ABC):
     """Loads one artifact on one hardware profile; renders chats, tokenizes, generates, scores.
 

@@ -27,7 +27,7 @@ METRICS = ("load_s", "ttft_s", "prompt_tok_s", "decode_tok_s", "gen_256_s", "pea
 
 
 def measure(artifact: str, profile_name: str, runtime: str | None, runs: int, tokens: int, image: str | None,
-            peft: PeftOnBase | None = None, max_memory: int | None = None) -> dict:
+            peft: PeftOnBase | None = None, max_memory: int | None = None, check: bool = True) -> dict:
     """``peft``: adapters over the base ``artifact`` (the torch runtime's as-trained reference); ``max_memory``: the
     torch runtime's budget of weights in bytes (its layers stream beyond it)."""
     profile = load_profile(profile_name)
@@ -36,7 +36,7 @@ def measure(artifact: str, profile_name: str, runtime: str | None, runs: int, to
     notes: list[str] = []
     for _ in range(runs):
         options = {k: v for k, v in (("peft", peft), ("max_memory", max_memory)) if v is not None}
-        with load(artifact, profile, runtime=runtime, **options) as rt:
+        with load(artifact, profile, runtime=runtime, check=check, **options) as rt:
             r = rt.generate(BENCH_PROMPT, settings, image=image)
             notes = rt.notes
             rows.append(
@@ -66,7 +66,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run_isolated(artifact: Path, profile: str, runtime: str | None = None, runs: int = 3, tokens: int = BENCH_TOKENS,
-                 image: Path | None = None, peft: PeftOnBase | None = None, max_memory: int | None = None) -> dict:
+                 image: Path | None = None, peft: PeftOnBase | None = None, max_memory: int | None = None, check: bool = True) -> dict:
     """``measure`` in a fresh interpreter; a failure there is one clear line here."""
     cmd = [sys.executable, "-m", "xpack.runtimes.bench", "--artifact", str(artifact), "--profile", profile, "--runs", str(runs), "--tokens", str(tokens)]
     if runtime:
@@ -79,6 +79,8 @@ def run_isolated(artifact: Path, profile: str, runtime: str | None = None, runs:
         cmd += ["--double-quant"] if peft.double_quant else []
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
+    if not check:
+        cmd.append("--no-check")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -98,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", choices=("nf4", "fp4"), help="with --adapter: load the base 4-bit with bitsandbytes")
     ap.add_argument("--double-quant", action="store_true", help="with --quant: double quantization")
     ap.add_argument("--max-memory", type=int, help="torch runtime: bytes of weights it may hold; its layers stream beyond")
+    ap.add_argument("--no-check", action="store_true", help="skip comparing the artifact's files with its manifest.json")
     args = ap.parse_args(argv)
     try:
         peft = PeftOnBase(tuple(args.adapter), args.quant, args.double_quant) if args.adapter else None
-        result = measure(args.artifact, args.profile, args.runtime, args.runs, args.tokens, args.image, peft, args.max_memory)
+        result = measure(args.artifact, args.profile, args.runtime, args.runs, args.tokens, args.image, peft, args.max_memory, not args.no_check)
     except XpackError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,11 @@ extension, a ``{% generation %}`` block (rendered as its body), ``raise_exceptio
 (``bos_token``, ``eos_token``, ``unk_token``, ``pad_token``, ..., ``additional_special_tokens``),
 as ``tokenizer.special_tokens_map`` gives them.
 
+A template is untrusted input (it ships with a downloaded model): besides the sandbox, rendering is bounded
+(issue #14): no ``{% include %}``/``{% import %}`` (there is nothing to include), string and list repetition and
+powers capped, at most MAX_RENDER_CHARS of output and MAX_RENDER_SECONDS of time (where a timer can interrupt:
+the main thread), and whatever goes wrong inside it is one line.
+
 Templates are found where transformers looks: ``chat_template.jinja``, ``chat_template.json``
 (processors), ``tokenizer_config.json``'s ``chat_template`` (a string or a list of named
 templates), or a GGUF's ``tokenizer.chat_template`` metadata.
@@ -15,8 +20,11 @@ templates), or a GGUF's ``tokenizer.chat_template`` metadata.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +45,11 @@ END_OF_TURN_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|end_of_text|>",
 )
+
+
+MAX_RENDER_CHARS = 4_000_000  # a 128k-token conversation is ~0.5M characters
+MAX_RENDER_SECONDS = 5.0  # templates render in milliseconds
+MAX_REPEAT = 1_000_000  # the longest str/list a template may make with * (and the largest power with **)
 
 
 # tokenizer.special_tokens_map's keys (transformers' SPECIAL_TOKENS_ATTRIBUTES).
@@ -81,7 +94,21 @@ def _compile(template: str):
     def strftime_now(format):
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox with ``*`` and ``**`` bounded: ``'x' * 10**9`` would take a gigabyte before any output check."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                        raise jinja2.sandbox.SecurityError(f"the template repeats a sequence to {len(seq) * n} items (limit {MAX_REPEAT})")
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise jinja2.sandbox.SecurityError(f"the template raises a number to the power {right} (limit 64)")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
@@ -106,12 +133,50 @@ def render_chat_template(
     compiled = _compile(template)
     variables = {k: v for k, v in (special_tokens or {}).items() if v}
     variables.update(extra)
+    pieces, size = [], 0
     try:
-        return compiled.render(
-            messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-        )
+        with _time_limit(MAX_RENDER_SECONDS):
+            for piece in compiled.generate(messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables):
+                size += len(piece)
+                if size > MAX_RENDER_CHARS:
+                    raise XpackError(f"the model's chat template writes more than {MAX_RENDER_CHARS} characters for this conversation; "
+                                     "it is broken or hostile: replace it (chat_template.jinja)")
+                pieces.append(piece)
     except jinja2.exceptions.TemplateError as exc:
         raise XpackError(f"the model's chat template rejected the conversation: {exc}") from None
+    except _RenderTimeout:
+        raise XpackError(f"the model's chat template ran for more than {MAX_RENDER_SECONDS:.0f} s; it is broken or hostile: replace it "
+                         "(chat_template.jinja)") from None
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError, IndexError, RecursionError, ZeroDivisionError, MemoryError) as exc:
+        # e.g. {% include %} with no loader (TypeError), range() past the sandbox's limit (OverflowError)
+        raise XpackError(f"the model's chat template failed on this conversation ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "fix or replace it (chat_template.jinja)") from None
+    return "".join(pieces)
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Interrupt the block after ``seconds`` with a real-time timer: only in the main thread of a process on a system
+    with SIGALRM, and only when no other timer is set; elsewhere the block runs unbounded in time."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _token_text(value) -> str | None:

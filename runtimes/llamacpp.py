@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import MainFile, gguf_models, read_manifest
-from xpack.runtimes.base import Runtime
+from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.gpu_memory import process_gpu_mb
@@ -325,13 +325,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         return measured
 
     def _check_room(self, n_prompt: int, n_ctx: int) -> int:
-        room = n_ctx - n_prompt
-        if room < 1:
-            raise XpackError(
-                f"the prompt is {n_prompt} tokens, more than the context of {n_ctx} (profile {self.profile.name}'s n_ctx); "
-                "shorten it or use a profile with a larger n_ctx"
-            )
-        return room
+        return context_room(n_prompt, n_ctx, self.profile.name)
 
     def _sample(self, llm, prompt: list[int], settings: GenerationSettings, on_token, start: float | None = None, reset: bool = True) -> dict:
         """Sample the answer to ``prompt``; with ``reset=False`` the prompt is already evaluated (image path)."""

@@ -69,9 +69,17 @@ def fold_system(messages: Sequence[dict]) -> list[dict] | None:
     return [{"role": "user", "content": content}, *messages[2:]]
 
 
+# the largest image xpack decodes (issue #14: a 12000 x 12000 PNG took 1.1 GB with Pillow's warning, 20000 x 20000 a
+# traceback): 64 million pixels, e.g. 8000 x 8000, 192 MB as RGB; above it, one line before any decoding
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 def load_image(path: "str | os.PathLike", exif_transpose: bool = False):
-    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing or unreadable.
+    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing, unreadable or larger than
+    MAX_IMAGE_PIXELS (read from its header, before anything is decoded).
     ``exif_transpose``: apply the EXIF orientation first, as transformers' ``load_image`` does for a path."""
+    import warnings
+
     path = Path(path)
     if not path.is_file():
         raise XpackError(f"image {path} does not exist or is not a file")
@@ -79,15 +87,24 @@ def load_image(path: "str | os.PathLike", exif_transpose: bool = False):
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise XpackError("reading --image needs Pillow; install it with `pip install pillow`") from None
+    too_large = (f"image {path} has more than {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels, the most xpack decodes (the models "
+                 "see 896 x 896 or 560 x 560 tiles); downscale it first")
     try:
-        with Image.open(path) as probe:
-            probe.verify()
-        with Image.open(path) as img:
-            if exif_transpose:
-                from PIL import ImageOps
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own warning becomes our one line
+            with Image.open(path) as probe:
+                width, height = probe.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise XpackError(f"{too_large} ({width} x {height})")
+                probe.verify()
+            with Image.open(path) as img:
+                if exif_transpose:
+                    from PIL import ImageOps
 
-                return ImageOps.exif_transpose(img).convert("RGB")
-            return img.convert("RGB")
+                    return ImageOps.exif_transpose(img).convert("RGB")
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise XpackError(too_large) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 from xpack.errors import XpackError
 from xpack.runtimes.artifacts import MainFile, read_json
-from xpack.runtimes.base import Runtime
+from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gpu_memory import process_gpu_mb
 from xpack.runtimes.messages import load_image
@@ -68,7 +68,15 @@ def open_session(path: Path, options, providers: Sequence):
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise XpackError(f"onnxruntime could not load {path} ({first[:300]}); check that the .onnx file and its .onnx_data are complete") from None
+        raise XpackError(f"onnxruntime could not load {path} ({clip(first)}); check that the .onnx file and its .onnx_data are complete") from None
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` within ``limit`` characters, cut between words with an ellipsis (onnxruntime's messages can run on)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
+    return f"{cut} ..."
 
 
 def _ignore(_token: int) -> None:
@@ -274,13 +282,7 @@ class OnnxRuntimeBase(TemplateChat, Runtime):
     def _generate(self, text, settings: GenerationSettings, image, on_token) -> dict:
         self._check_open()
         prompt, encode_s, state = self._prompt(text, image)
-        n_ctx = self.n_ctx
-        if len(prompt) >= n_ctx:
-            raise XpackError(
-                f"the prompt is {len(prompt)} tokens, more than the context of {n_ctx} (profile {self.profile.name}'s n_ctx); "
-                "shorten it or use a profile with a larger n_ctx"
-            )
-        limit = min(settings.max_tokens, n_ctx - len(prompt))
+        limit = min(settings.max_tokens, context_room(len(prompt), self.n_ctx, self.profile.name))
         stop_ids = frozenset() if settings.ignore_eos else self.stop_ids
         rng = self._np.random.default_rng(settings.seed)
         run = TokenRun()

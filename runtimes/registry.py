@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from xpack.errors import XpackError
 from xpack.profiles.machine import resolve_for_machine
 from xpack.runtimes.artifacts import PATH_KINDS, gguf_models, read_manifest
+from xpack.runtimes.integrity import require_intact
 
 if TYPE_CHECKING:  # pragma: no cover
     from xpack.profiles.profile import Profile
@@ -69,16 +70,14 @@ def artifact_formats(path: "str | os.PathLike") -> list[str]:
     if not path.is_dir():
         return []
     manifest_format = read_manifest(path).get("format")
-    if isinstance(manifest_format, str) and manifest_format:
-        return [manifest_format.lower()]
-    found = []
+    found = [manifest_format.lower()] if isinstance(manifest_format, str) and manifest_format else []  # first: what the folder says it is
     if gguf_models(path):
         found.append("gguf")
     if any(path.glob("*.onnx")) or any(path.glob("onnx/*.onnx")):
         found.append("onnx")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         found.append("torch")
-    return found
+    return list(dict.fromkeys(found))  # every format the folder holds: the profile's preference picks (runtime_for)
 
 
 def runtime_for(path: "str | os.PathLike", profile: "Profile | None" = None) -> str:
@@ -92,15 +91,16 @@ def runtime_for(path: "str | os.PathLike", profile: "Profile | None" = None) -> 
     formats = artifact_formats(path)
     if not formats:
         raise XpackError(f"cannot tell how to run {path}: pass {PATH_KINDS}")
-    if len(formats) > 1:
-        order = list(profile.formats) if profile is not None else ["gguf", "onnx", "torch"]
+    if len(formats) > 1 and profile is not None:  # without a profile: the manifest's format, else gguf, onnx, torch
+        order = list(profile.formats)
         formats.sort(key=lambda f: order.index(f) if f in order else len(order))
     return _runtime_of_format(formats[0], path)
 
 
-def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = None, **options) -> Runtime:
+def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = None, check: bool = True, **options) -> Runtime:
     """Load the artifact at ``path`` on ``profile`` with ``runtime`` (default: the one ``runtime_for`` picks).
 
+    ``check``: first compare the artifact's files with the sha256 its manifest.json holds (runtimes/integrity.py).
     ``options`` go to the runtime's constructor (the torch runtime's ``peft``: adapters over a base).
 
     The profile is first adapted to this machine (``resolve_for_machine``: threads clamped to the
@@ -112,6 +112,8 @@ def load(path: "str | os.PathLike", profile: "Profile", runtime: str | None = No
     if not path.exists():
         raise XpackError(f"{path} does not exist; pass {PATH_KINDS}")
     cls.locate(path)
+    if check:  # files against their manifest (a stamp makes a repeat free); runtimes/integrity.py
+        require_intact(path)
     profile, notes = resolve_for_machine(profile)
     rt = cls(path, profile, **options)
     rt.notes.extend(notes)

@@ -146,10 +146,10 @@ def with_stored_tables(model_class, table_dtype):
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
-            model = super().from_pretrained(*args, **kwargs)
-            for module in _tables(model):
+            loaded = super().from_pretrained(*args, **kwargs)  # (model, loading info) with output_loading_info
+            for module in _tables(loaded[0] if isinstance(loaded, tuple) else loaded):
                 module.weight.data = module.weight.data.clone()
-            return model
+            return loaded
 
     HeldTables.__name__ = HeldTables.__qualname__ = model_class.__name__
     HeldTables.__module__ = model_class.__module__

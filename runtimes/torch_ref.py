@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 from xpack.errors import XpackError
-from xpack.runtimes.base import Runtime
+from xpack.paths import temp_dir
+from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
@@ -154,6 +155,16 @@ class _Streamer:
         self._emit(final=True)
 
 
+def _require_matching_weights(folder: Path, architecture: str, loading: dict) -> None:
+    """The reference every parity figure stands on runs only the checkpoint's own weights: transformers fills a missing
+    weight with random values (and warns), which answered random text (issue #14)."""
+    missing, unexpected = list(loading.get("missing_keys") or []), list(loading.get("unexpected_keys") or [])
+    if missing or unexpected:
+        parts = [f"{len(m)} {what} (e.g. {m[0]})" for m, what in ((missing, "missing"), (unexpected, "unexpected")) if m]
+        raise XpackError(f"the weights of {folder} do not match {architecture}: {' and '.join(parts)}; transformers would fill the "
+                         "missing ones with random values. Use a checkpoint saved by transformers or `xpack merge`")
+
+
 class TorchRuntime(Runtime):
     name = "torch"
     formats = ("torch",)
@@ -176,6 +187,7 @@ class TorchRuntime(Runtime):
         try:
             import torch
             import transformers
+            from safetensors import SafetensorError
         except ImportError as exc:
             raise XpackError(f"the torch runtime needs torch and transformers ({exc}); install them with `pip install 'xpack[pack]'`") from None
         from transformers.utils import logging as hf_logging
@@ -209,22 +221,20 @@ class TorchRuntime(Runtime):
                 # a streamed model's device map names the direct parameters of a module that holds layers (Mllama's
                 # class_embedding): transformers places them by name, accelerate's dispatch warns that they are no module
                 warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
-                if self._load_class is not None:
-                    self.model = self._load_class.from_pretrained(str(folder), **kwargs)
-                elif self.is_vision:
-                    self.model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), **kwargs)
-                else:
-                    self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+                model_class = self._load_class or (transformers.AutoModelForImageTextToText if self.is_vision else transformers.AutoModelForCausalLM)
+                self.model, loading = model_class.from_pretrained(str(folder), output_loading_info=True, **kwargs)
                 if self.is_vision:
                     self.processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
                     self.tokenizer = self.processor.tokenizer
                 else:
                     self.processor = None
                     self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise XpackError(f"transformers could not load {folder} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: e.g. a truncated file
+            raise XpackError(f"transformers could not load {folder} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                             "check that its safetensors files are complete") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+        _require_matching_weights(folder, self.architecture, loading)
         if "device_map" not in kwargs:  # a 4-bit or streamed model is placed by its device_map and cannot be moved
             self.model.to(self.device)
         if self.peft is not None:
@@ -270,7 +280,6 @@ class TorchRuntime(Runtime):
     def _streamed_options(self, model_class, folder: Path) -> dict:
         """from_pretrained's options that keep the weights within ``max_memory``: none when the model fits."""
         import logging
-        import tempfile
 
         tables = stored_tables(folder, self.dtype)
         device_map = streamed_device_map(model_class, folder, self.dtype, self.max_memory, tables)
@@ -285,7 +294,7 @@ class TorchRuntime(Runtime):
         self.streamed = describe(device_map)
         self.notes.append(f"the torch reference holds at most {self.max_memory / 1e9:.2f} GB of weights: {self.streamed}")
         logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its "parameters on the meta device" is the plan here
-        self._offload_dir = tempfile.TemporaryDirectory(prefix="xpack-offload-")  # safetensors sources are read in place; kept for others
+        self._offload_dir = temp_dir("offload")  # safetensors sources are read in place; kept for others
         return {"device_map": device_map, "offload_folder": self._offload_dir.name}
 
     def _with_adapters(self, model, folder: Path):
@@ -304,6 +313,13 @@ class TorchRuntime(Runtime):
             peft_model.base_model.set_adapter(names)
         _switch_off_bf16_cpu_path(peft_model)
         return peft_model
+
+    @property
+    def n_ctx(self) -> int:
+        """The profile's context, within the positions the model has (``max_position_embeddings``)."""
+        text_config = getattr(self.model.config, "text_config", None) or self.model.config
+        positions = getattr(text_config, "max_position_embeddings", None)
+        return min(self.profile.n_ctx, int(positions)) if positions else self.profile.n_ctx
 
     def _end_of_turn_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -408,7 +424,7 @@ class TorchRuntime(Runtime):
         torch = self._torch
         inputs = self._inputs(text, image)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        config = self._generation_config(settings, settings.max_tokens)
+        config = self._generation_config(settings, min(settings.max_tokens, context_room(prompt_tokens, self.n_ctx, self.profile.name)))
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
             if self.device.type == "cuda":

@@ -15,7 +15,7 @@ from xpack.cli import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["merge"], ["export"], ["verify"], ["demo"], ["run"], ["profiles"], ["profiles", "list"], ["profiles", "show"], ["profiles", "detect"]]
+COMMANDS = [[], ["merge"], ["export"], ["verify"], ["demo"], ["run"], ["check"], ["profiles"], ["profiles", "list"], ["profiles", "show"], ["profiles", "detect"]]
 
 
 def _help(args):

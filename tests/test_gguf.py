@@ -219,7 +219,8 @@ def test_export_folder_manifest_card_modelfile(twin_factory, exports):
     assert on_disk["source"]["files"]["model.safetensors"] == sha256_file(twin_factory.get("gemma3_vision").model_dir / "model.safetensors")
     card = (out / "README.md").read_text()
     fm = front_matter(card)
-    assert fm["quantized_by"].startswith("xpack") and "gguf" in fm["tags"] and fm["base_model"]
+    assert fm["quantized_by"].startswith("xpack") and "gguf" in fm["tags"]
+    assert "base_model" not in fm and str(twin_factory.root) not in card  # a local base: no hub id, no path of this machine
     assert "--mmproj" in card and "ollama create" in card and "## Limitations" in card
     assert (out / "Modelfile").read_text().startswith("# ollama Modelfile")
     assert f"FROM ./{manifest['gguf_file']}" in (out / "Modelfile").read_text()

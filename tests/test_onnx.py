@@ -333,7 +333,8 @@ def test_export_folder_manifest_and_card(twin_factory, exports):
     assert on_disk["source"]["files"]["model.safetensors"] == sha256_file(twin_factory.get("gemma3").model_dir / "model.safetensors")
     card = (out / "README.md").read_text()
     fm = front_matter(card)
-    assert fm["base_model"] and {"onnx", "xpack", "int4"} <= set(fm["tags"]) and fm["library_name"] == "onnxruntime"
+    assert {"onnx", "xpack", "int4"} <= set(fm["tags"]) and fm["library_name"] == "onnxruntime"
+    assert "base_model" not in fm and str(twin_factory.root) not in card  # a local base: no hub id, no path of this machine
     assert "xpack run --artifact" in card and "ORTModelForCausalLM" in card and "## Limitations" in card and "block" in card
     assert runtime_for(out) == "onnx" and runtime_for(out / "model.onnx") == "onnx"
 
@@ -394,8 +395,10 @@ def test_runtime_errors(exports, tmp_path, cpu):
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "model.onnx_data").write_bytes(b"\0" * 16)
-    with pytest.raises(XpackError, match="onnxruntime could not load"):
+    with pytest.raises(XpackError, match="model.onnx_data: 16 bytes, the manifest says"):  # the manifest check first
         load(broken, cpu)
+    with pytest.raises(XpackError, match="onnxruntime could not load"):
+        load(broken, cpu, check=False)
     (broken / "manifest.json").write_text(json.dumps({"format": "onnx", "onnx_file": "gone.onnx"}))
     with pytest.raises(XpackError, match="names onnx_file gone.onnx, which is missing"):
         load(broken, cpu)

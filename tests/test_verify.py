@@ -64,6 +64,8 @@ def test_damaged_gguf_fails(llama_set, tmp_path):
         f.seek(int(tensor.data_offset))
         f.write(noise.tobytes())
     r = _verify("--artifact", damaged, "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark")
+    assert r.exit_code == 1 and f"Error: {path}: sha256" in r.output, r.output  # its manifest says so first
+    r = _verify("--artifact", damaged, "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--no-check")
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and ("kl_mean" in r.output or "top1_agreement" in r.output)
 

@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 from xpack import __version__
+from xpack.packager.io.sources import HUB_ID
 from xpack.packager.io.tensors import sha256_file
 from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE
+from xpack.runtimes.integrity import write_stamp
 
 DEFAULT_INTENDED_USE = (
     "The intended use is that of the adapter merged here; its own documentation did not state one. "
@@ -80,6 +82,19 @@ def render(template: str, **data) -> str:
     return env.get_template(template).render(**data)
 
 
+def hub_id(*candidates) -> str | None:
+    """The first candidate that is a Hugging Face model id (owner/name[@revision]) and not a path on this machine: what
+    a card's ``base_model`` may say, since the Hub reads it as a model id (issue #14: the demo's card named a cache
+    folder). None when there is none: the key is then left out."""
+    for c in candidates:
+        if not isinstance(c, str) or c.startswith((".", "/", "~")) or Path(c).expanduser().exists():
+            continue
+        ref = c.partition("@")[0]
+        if HUB_ID.match(ref):
+            return ref
+    return None
+
+
 def yaml_block(data: dict) -> str:
     import yaml
 
@@ -106,4 +121,6 @@ def write_manifest(folder: Path, data: dict, hashes: dict[str, str] | None = Non
         "files": {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in file_table(folder, hashes, skip=(MANIFEST_FILE,))},
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    for name, entry in manifest["files"].items():  # just hashed: the first load need not read them again
+        write_stamp(folder / name, entry["sha256"])
     return manifest

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from xpack.errors import XpackError
+from xpack.errors import XpackError, require_modules
 from xpack.packager.demo.base_model import demo_adapter_dir, demo_base_dir
 from xpack.packager.demo.models import DEFAULT_MODEL, builtin_model
 from xpack.packager.export.job import Calibration, export
@@ -42,8 +42,12 @@ def _onnx_available() -> bool:
     return "onnx" in RUNTIMES
 
 
+DEMO_MODULES = ("torch", "transformers", "safetensors", "gguf", "llama_cpp")  # merge, GGUF export, the runtimes, verify
+
+
 def run_demo(out: Path, force: bool = False, max_tokens: int = 60, verify_runs: int = 1, model: str = DEFAULT_MODEL) -> dict:
     """The demo on one built-in model, everything under ``out``."""
+    require_modules("xpack demo", DEMO_MODULES)  # before the cache folder is made: a missing extra leaves nothing behind
     spec = builtin_model(model)
     out = Path(out)
     exports = [e for e in DEMO_EXPORTS if e[1] != "onnx" or _onnx_available()]

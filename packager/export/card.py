@@ -22,7 +22,7 @@ QUANT_NOTES = {
 def write_gguf_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str],
                     result, quant: str, hashes: dict[str, str], gguf_file: str, mmproj: str | None) -> None:
     base_name = _base_name(src, ckpt, source_manifest)
-    fm = _front_matter(src, base_name, "gguf", bool(mmproj), ["gguf", "llama.cpp", "xpack", quant.lower()])
+    fm = _front_matter(src, _base_hub_id(src, ckpt, source_manifest), "gguf", bool(mmproj), ["gguf", "llama.cpp", "xpack", quant.lower()])
     files = [
         {"name": f, "role": i["role"], "quant": i["quant"], "size": _size((tmp / f).stat().st_size), "sha256": hashes[f]}
         for f, i in result.files.items()
@@ -61,7 +61,7 @@ def _calibration_fields(cal: dict | None) -> dict | None:
 def write_onnx_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, source_manifest: dict, adapter_refs: list[str],
                     result, label: str, hashes: dict[str, str]) -> None:
     base_name = _base_name(src, ckpt, source_manifest)
-    fm = _front_matter(src, base_name, "onnxruntime", bool(result.vision), ["onnx", "onnxruntime", "xpack", label])
+    fm = _front_matter(src, _base_hub_id(src, ckpt, source_manifest), "onnxruntime", bool(result.vision), ["onnx", "onnxruntime", "xpack", label])
     files = [{"name": f, "size": _size((tmp / f).stat().st_size), "sha256": h} for f, h in hashes.items()]
     total = sum((tmp / f).stat().st_size for f in hashes)
     art = result.validation.get("artifact") or {}
@@ -93,11 +93,11 @@ def _common_fields(out_name: str, src: Source, ckpt: Checkpoint, source_manifest
         "title": out_name,
         "out_name": out_name,
         "base_name": base_name,
-        "adapters": adapter_refs,
+        "adapters": [_public_name(a) for a in adapter_refs],
         "xpack_version": __version__,
-        "source": src.ref,
+        "source": _public_name(src.ref),
         "source_manifest": bool(source_manifest),
-        "source_base": (source_manifest or {}).get("base", {}).get("ref"),
+        "source_base": _public_name((source_manifest or {}).get("base", {}).get("ref")),
         "architecture": "/".join(ckpt.architectures) or ckpt.model_type,
         "example_prompt": EXAMPLE_PROMPT,
         "gen": GenerationSettings(),
@@ -126,19 +126,35 @@ def _vision_card_facts(tmp: Path, result) -> dict:
     }
 
 
+def _public_name(ref: str | None) -> str | None:
+    """A model or adapter as a card may name it: its hub id, else its folder's name, never a path of this machine."""
+    if not ref:
+        return ref
+    return cards.hub_id(ref) or Path(ref.rstrip("/")).name
+
+
+def _base_hub_id(src, ckpt: Checkpoint, source_manifest: dict) -> str | None:
+    """The base model's hub id, from what the source says of it (its manifest's base and adapters, the source itself,
+    its config's ``_name_or_path``), never a path of this machine; None when nothing names one."""
+    base = (source_manifest or {}).get("base") or {}
+    adapters = (source_manifest or {}).get("adapters") or []
+    return cards.hub_id(base.get("repo_id"), base.get("ref"), *[a.get("base_model_name_or_path") for a in adapters if isinstance(a, dict)],
+                        src.repo_id, ckpt.config.get("_name_or_path"))
+
+
 def _base_name(src, ckpt: Checkpoint, source_manifest: dict) -> str:
-    if source_manifest and source_manifest.get("base"):
-        b = source_manifest["base"]
-        return b.get("repo_id") or b.get("ref") or src.ref
-    return src.repo_id or ckpt.config.get("_name_or_path") or src.path.name
+    """How the card's text names the base: its hub id, else the source folder's name (not its path)."""
+    base = (source_manifest or {}).get("base") or {}
+    return _base_hub_id(src, ckpt, source_manifest) or (Path(base["path"]).name if base.get("path") else src.path.name)
 
 
-def _front_matter(src, base_name: str, library: str, vision: bool, tags: list[str]) -> dict:
-    """The card's YAML front matter; the license is the source card's when it names one."""
+def _front_matter(src, base_id: str | None, library: str, vision: bool, tags: list[str]) -> dict:
+    """The card's YAML front matter; the license is the source card's when it names one; ``base_model`` only when the
+    base has a hub id."""
     src_card = src.path / CARD_FILE
     license_ = cards.front_matter(src_card.read_text(errors="replace")).get("license") if src_card.is_file() else None
     return {
-        "base_model": base_name,
+        **({"base_model": base_id} if base_id else {}),
         "quantized_by": f"xpack {__version__}",
         "library_name": library,
         "pipeline_tag": "image-text-to-text" if vision else "text-generation",

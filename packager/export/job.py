@@ -22,7 +22,9 @@ from xpack.packager.io.tensors import sha256_file
 from xpack.packager.merge.lora import Adapter, parse_adapter_spec
 from xpack.packager.merge.stream import MergeSettings, load_adapters
 from xpack.runtimes.artifacts import read_manifest
+from xpack.runtimes.integrity import require_intact, stamped_sha256
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # what --name may be: the stem of a file inside --out
 FORMATS = ("gguf", "onnx")
 CALIBRATED_BITS = (4, 8)  # --bits that give xpack's calibrated mix (GGUF's others are llama.cpp's plain types)
 
@@ -62,7 +64,7 @@ class _Inputs:
     def manifest_fields(self, ckpt: Checkpoint, source_manifest: dict) -> dict:
         """What every export's manifest says about where it came from (sha256 of every source file)."""
         return {
-            "source": {**self.src.describe(), "files": {p.name: sha256_file(p) for p in _source_files(ckpt)}},
+            "source": {**self.src.describe(), "files": {p.name: stamped_sha256(p) or sha256_file(p) for p in _source_files(ckpt)}},
             "source_manifest": {k: source_manifest.get(k) for k in ("kind", "base", "created")} if source_manifest else None,
             "adapters": [{**s.describe(), **a.summary()} for s, a in zip(self.adapter_srcs, self.adapters)],
             "qlora": self.merge.qlora.describe() if self.merge.qlora else None,  # the adapters' merge base: null is the 16-bit weights
@@ -81,6 +83,8 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
     out = Path(out)
     if fmt not in FORMATS:
         raise XpackError(f"unknown format {fmt}; choose one of {', '.join(FORMATS)}")
+    if name is not None:
+        check_name(name)
     merge = MergeSettings(allow_pickle=allow_pickle, qlora_base=qlora_base, double_quant=double_quant, qlora_blocksize=qlora_blocksize)
     if merge.qlora and not adapters:
         raise XpackError("--qlora-base says how to merge an --adapter, and there is none; give --adapter or drop --qlora-base")
@@ -132,6 +136,7 @@ def export(model: str, fmt: str, out: Path, *, bits: int | None = None, quant: s
 
 def _resolve_inputs(model: str, adapters, merge: MergeSettings) -> _Inputs:
     src = resolve(model, "model")
+    require_intact(src.path, "the source checkpoint")  # a folder xpack wrote: its files against its manifest
     specs = [parse_adapter_spec(a) for a in adapters]
     adapter_srcs = [resolve(ref, "adapter") for ref, _ in specs]
     loaded = load_adapters([(s.path, w) for s, (_, w) in zip(adapter_srcs, specs)], merge.allow_pickle)
@@ -234,6 +239,14 @@ def _onnx_artifacts(tmp: Path, result, label: str) -> dict:
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:
     return [*ckpt.weight_files, ckpt.path / "config.json", *ckpt.companion_files()]
+
+
+def check_name(name: str) -> None:
+    """``--name`` is the stem of files written inside ``--out``: a plain file name, never a path (issue #14: a
+    ``--name /elsewhere/x`` wrote and overwrote files outside ``--out``)."""
+    if not NAME.fullmatch(name) or name in (".", "..") or name.startswith("."):
+        raise XpackError(f"--name {name!r} is not a file name stem: use letters, digits, '.', '_' and '-' "
+                         "(no path; the files go into --out)")
 
 
 def _model_name(path: Path) -> str:

@@ -1,15 +1,22 @@
-"""Write an output folder atomically: build it in a temporary sibling, rename into place.
+"""Write an output folder atomically: claim the destination, build in a temporary sibling, rename into place.
 
-A failed or interrupted run leaves nothing at the destination (and no temporary folder).
+A failed or interrupted run (an error, Ctrl-C, SIGTERM) leaves nothing at the destination and no temporary
+folder; a killed one (SIGKILL) leaves a temporary folder that the next run removes (xpack.paths.sweep_stale).
+Two runs never write one destination: the first holds a lock on it for its whole run, the second is refused
+at its start, and the final rename refuses a destination that appeared meanwhile instead of replacing it.
 """
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.paths import owned_prefix, sweep_stale
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -20,22 +27,106 @@ def check_destination(out: Path, force: bool) -> None:
         raise XpackError(f"output path {out} exists and is not a folder; choose another --out")
 
 
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.xpack-lock"
+
+
+@contextlib.contextmanager
+def claim(out: Path):
+    """Hold an exclusive lock on ``out`` for the whole run; a second claim is refused in one line.
+
+    flock: the kernel drops the lock when its process dies, even by SIGKILL, so a crash never leaves the
+    destination claimed. The lock file is removed at the end; a claimant that opened it just before checks that
+    what it locked is still the file at that path, else it locks the new one.
+    """
+    path = lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise XpackError(
+                f"another xpack run (pid {holder}) is writing {out}; wait for it to finish or choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError when ``dst`` exists: one system call
+    (Linux renameat2 RENAME_NOREPLACE), so nothing that appeared at ``dst`` is ever replaced. Where the call is
+    missing (not Linux, an old libc or a file system without it) a check then a rename comes closest."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, force: bool = False):
-    """Yield a fresh temporary folder; on success it replaces ``out``, on any error it is removed."""
+    """Yield a fresh temporary folder; on success it becomes ``out`` (replacing it only with ``force``), on any
+    error it is removed."""
     out = Path(out)
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.xpack-tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    sweep_stale(out.parent, Path(tempfile.gettempdir()))
+    with claim(out):
+        check_destination(out, force)  # a run that held the claim before us may have finished it
+        tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
+        try:
+            yield tmp
+            _put_in_place(tmp, out, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _sibling_prefix(out: Path, kind: str) -> str:
+    """``.<out name>.xpack-<kind>.<pid>.``: hidden beside ``out``, named for it and for this process."""
+    return "." + out.name + owned_prefix(kind, hidden=True)
+
+
+def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.xpack-old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
+    if force and out.exists():
+        old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
+        os.rename(out, old / out.name)
+    try:
+        rename_noreplace(tmp, out)
+    except FileExistsError:
+        if old is not None:  # keep what --force was to replace rather than lose both
+            with contextlib.suppress(OSError):
+                rename_noreplace(old / out.name, out.parent / f"{out.name}.replaced")
+        raise XpackError(
+            f"{out} appeared while this run was working (not by xpack, which holds a lock on it); it was left "
+            f"untouched and this run's output was discarded; remove it or choose another --out, then run again"
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def resolve(ref: str, what: str) -> Source:
             raise XpackError(f"{what} {ref} is a file; pass the folder that holds it")
         return Source(ref, local.resolve())
     ref_id, _, revision = ref.partition("@")
-    if not _HUB_ID.match(ref_id):
+    if not HUB_ID.match(ref_id):
         raise XpackError(f"{what} {ref} is neither a local folder nor a Hugging Face hub id (owner/name)")
     return _from_hub(ref, ref_id, revision or None, what)
 

@@ -208,6 +208,25 @@ def read_all_f32(path: Path) -> tuple[dict[str, "np.ndarray"], set[str]]:
         return out, {s.dtype for s in r.specs.values()}
 
 
+# what an export says of a checkpoint tensor holding NaN or inf (require_finite)
+NON_FINITE = "in the checkpoint: no quantization can make a working artifact of it (a diverged fine-tune or a damaged file?)"
+
+
+def all_finite(arr: "np.ndarray") -> bool:
+    """Whether every value of a float array is finite, without a mask as large as it: the float64 sum of float32 or
+    float16 values cannot overflow, so it is NaN or inf exactly when a value is."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the sum: the answer, not a warning
+        return bool(np.isfinite(arr.sum(dtype=np.float64)))
+
+
+def require_finite(arr: "np.ndarray", name: str, what: str) -> None:
+    """A one-line error naming the tensor when ``arr`` holds NaN or inf (issue #14: a NaN merge was written silently)."""
+    if not all_finite(arr):
+        raise XpackError(f"{name} holds NaN or inf values {what}")
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

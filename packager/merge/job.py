@@ -107,13 +107,14 @@ def _write_card(tmp: Path, out_name: str, base_src: Source, ckpt: Checkpoint, ad
     for t in adapter_texts:
         for k, v in cards.card_sections(t).items():
             sections.setdefault(k, []).append(v)
-    base_name = _name_of(base_src, loaded[0].config.get("base_model_name_or_path") if loaded else None)
+    base_id = cards.hub_id(base_src.repo_id, *[a.config.get("base_model_name_or_path") for a in loaded])
+    base_name = base_id or base_src.path.name  # the card never names a path of this machine (issue #14)
     license_ = next((fm["license"] for fm in [*adapter_fms, base_fm] if fm.get("license")), None)
     tags = ["xpack", "lora", "merged", "peft-merged"]
     for fm in adapter_fms:
         tags += [t for t in (fm.get("tags") or []) if isinstance(t, str) and t not in tags and not t.startswith("base_model:")]
     fm = {
-        "base_model": base_name,
+        **({"base_model": base_id} if base_id else {}),
         "library_name": "transformers",
         "pipeline_tag": arch.pipeline_tag,
         "tags": tags,
@@ -160,6 +161,9 @@ def _adapter_row(src: Source, a: Adapter, arch, result: MergeResult) -> dict:
     targets = s["target_modules"]
     s["targets"] = ", ".join(targets) if isinstance(targets, list) else f"`{targets}` (regex)"
     s["name"] = _name_of(src)
+    trained_on = s.get("base_model_name_or_path")
+    if isinstance(trained_on, str):  # the adapter's config often names a folder of the training machine: its name only
+        s["base_model_name_or_path"] = cards.hub_id(trained_on) or Path(trained_on).name
     s["parts"] = _parts(a, arch)
     s["weights_sha256"] = result.input_hashes[str(a.files[-1])][:16] + "…"
     return s

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpack.errors import XpackError
+from xpack.packager.io.sources import HUB_ID
 from xpack.packager.io.tensors import read_all_f32
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -275,11 +276,18 @@ def _make_module(adapter_dir: Path, config: dict, name: str, p: dict) -> LoraMod
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
-    """``PATH_OR_ID[:WEIGHT]`` -> (source, weight). A Windows drive letter or hub revision is not a weight."""
+    """``PATH_OR_ID[:WEIGHT]`` -> (source, weight). A Windows drive letter or hub revision is not a weight; a weight
+    that is no finite number after an existing folder or a hub id is a one-line error (issue #14: ``ad:abc`` blamed
+    the path, ``ad:nan`` merged a NaN model)."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not (sep and head):
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if Path(head).expanduser().is_dir() or HUB_ID.match(head):
+            raise XpackError(f"the adapter weight in {spec!r} is {tail!r}, not a number; write PATH:WEIGHT, e.g. {head}:0.5") from None
+        return spec, 1.0
+    if not math.isfinite(weight):
+        raise XpackError(f"the adapter weight in {spec!r} is {tail}, not a finite number; write PATH:WEIGHT, e.g. {head}:0.5")
+    return head, weight

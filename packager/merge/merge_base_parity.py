@@ -11,7 +11,6 @@ sibling folder by the same streaming merge and removed afterwards.
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from xpack.packager.merge.qlora_detect import four_bit_evidence, likely_qlora_ba
 from xpack.packager.merge.stream import MergeSettings, run_merge
 from xpack.packager.verify.job import eval_text
 from xpack.packager.verify.parity import compare_logits
+from xpack.paths import temp_dir
 from xpack.profiles.profile import load_profile
 from xpack.runtimes.registry import load
 from xpack.runtimes.torch_ref import PeftOnBase
@@ -71,7 +71,7 @@ def measure(ckpt: Checkpoint, adapters: list[Adapter], written: Path, settings: 
     references = {"as_trained": PeftOnBase(adapter_paths, trained.quant_type, trained.double_quant), "base_16bit": PeftOnBase(adapter_paths)}
     profile = load_profile(PROFILE)
     text = eval_text(None)
-    with tempfile.TemporaryDirectory(prefix=f".{written.name}.merge-base-", dir=written.parent) as folder:
+    with temp_dir("merge-base", dir=written.parent) as folder:
         run_merge(ckpt, adapters, Path(folder), other)
         merges = {"qlora": written, "plain": Path(folder)} if qlora_written else {"qlora": Path(folder), "plain": written}
         scored = {key: _score(ckpt.path, profile, text, peft) for key, peft in references.items()}

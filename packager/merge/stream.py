@@ -25,6 +25,7 @@ from xpack.packager.io.tensors import (
     TensorSpec,
     from_f32,
     plan_shards,
+    require_finite,
     sha256_file,
     to_f32,
 )
@@ -156,6 +157,30 @@ def _mismatch(name: str, base_shape, other_shape, adapter: Adapter) -> XpackErro
     )
 
 
+def _unmatched_target_notes(adapters: list[Adapter], specs) -> list[str]:
+    """What an adapter config's target_modules names that matches no module of the base (PEFT's rule: the module's
+    name, or its last dotted parts; a string is a regex over whole names). The merge follows the adapter's weights,
+    so such a name changes nothing, silently, unless it is said (issue #14)."""
+    modules = {n.rsplit(".", 1)[0] for n in specs if n.endswith((".weight", ".bias"))}
+    notes = []
+    for adapter in adapters:
+        targets = adapter.config.get("target_modules")
+        if targets == "all-linear":  # PEFT's shorthand, not a regex
+            continue
+        if isinstance(targets, str):
+            pattern = re.compile(targets)
+            unmatched = [] if any(pattern.fullmatch(m) for m in modules) else [targets]
+        elif isinstance(targets, (list, tuple)):
+            unmatched = [t for t in targets if isinstance(t, str) and not any(m == t or m.endswith("." + t) for m in modules)]
+        else:
+            continue
+        if unmatched:
+            notes.append(f"adapter {adapter.path}: target_modules names {', '.join(map(repr, sorted(unmatched)))}, which matches no module of "
+                         f"the base model: nothing was merged there (its weights changed {len(adapter.modules)} modules); "
+                         "check that the adapter was trained on this base")
+    return notes
+
+
 def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], settings: MergeSettings) -> MergePlan:
     """Decide, before reading any weight, what each output tensor is made of; fail early on mismatches."""
     arch = find_arch(ckpt.config) or GENERIC
@@ -200,6 +225,7 @@ def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], settings: MergeSetting
                     ops[key].replaced = True
 
     plan.ops = list(ops.values())
+    plan.notes += _unmatched_target_notes(adapters, specs)
     _note_tied_embedding_change(ckpt, arch, plan, resolver)
     if settings.qlora is not None:
         _mark_4bit_weights(plan, settings.qlora)
@@ -297,6 +323,8 @@ def apply_op(op: TensorOp, base: "np.ndarray", base_dtype: str) -> "np.ndarray":
             W += delta
     for adapter, mod in op.bias_deltas:
         W += mod.B_bias * np.float32(mod.scale * adapter.weight)
+    adapters = ", ".join(str(a.path) for a, _ in op.loras + op.bias_deltas)
+    require_finite(W, op.out_name, f"after merging {adapters or 'the 4-bit base'} into it: check the adapter's weights (a diverged training run?)")
     return from_f32(W, out, inplace=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 from dataclasses import dataclass
 from importlib import resources
@@ -185,13 +186,13 @@ def _messages(item: dict) -> list[dict]:
 
 
 def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list[dict], max_tokens: int,
-              images: list[Path] = (), continuations: list[list[int]] | None = None, options: dict | None = None) -> Side:
+              images: list[Path] = (), continuations: list[list[int]] | None = None, options: dict | None = None, check: bool = True) -> Side:
     """Evaluate one model. With images, each is scored teacher-forced on the prompt's tail plus a
     continuation (the reference's own greedy answer, so both sides score the same tokens).
     ``options``: the runtime's (the as-trained reference's adapters)."""
 
     greedy = GenerationSettings(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)
-    with load(path, profile, runtime=runtime, **(options or {})) as rt:
+    with load(path, profile, runtime=runtime, check=check, **(options or {})) as rt:
         ids = rt.tokenize(text)
         logits = rt.logits(ids)
         answers = []
@@ -327,11 +328,12 @@ def machine_label() -> str:
 
 def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, prompts_file: Path | None = None, text_file: Path | None = None,
            runs: int = 3, max_tokens: int = 64, benchmark: bool = True, runtime: str | None = None,
-           images_dir: Path | None = None, cache: dict | None = None, reference_memory: float | None = None) -> dict:
+           images_dir: Path | None = None, cache: dict | None = None, reference_memory: float | None = None, check: bool = True) -> dict:
     """The verification report. ``reference``: the merged checkpoint's folder, or a ``Reference`` (the model
     as trained: ``reference.choose_reference``). ``cache`` (a dict the caller keeps) shares the reference's
     evaluation and benchmark between calls that verify several artifacts of one reference on one profile.
-    ``reference_memory``: GB the CPU reference may use; beyond it (or what is available) its layers stream from disk."""
+    ``reference_memory``: GB the CPU reference may use; beyond it (or what is available) its layers stream from disk.
+    ``check``: compare both sides' files with their manifest.json first (runtimes/integrity.py)."""
     cache = {} if cache is None else cache
     artifact = Path(artifact)
     ref = reference if isinstance(reference, Reference) else merged_reference(reference)
@@ -346,10 +348,10 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
     cls, label = precision_class(artifact, runtime)
     key = (ref.label, profile.name, text, json.dumps(prompts, sort_keys=True), max_tokens, tuple(map(str, images)))
     if key not in cache:
-        cache[key] = _run_side(ref.path, profile, "torch", text, prompts, max_tokens, images, options=options)
+        cache[key] = _run_side(ref.path, profile, "torch", text, prompts, max_tokens, images, options=options, check=check)
     ref_side = cache[key]
     continuations = [r["greedy"]["ids"] for r in ref_side.images or []]
-    art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None)
+    art_side = _run_side(artifact, profile, runtime, text, prompts, max_tokens, images, continuations if images else None, check=check)
     figures = parity(art_side, ref_side, load_tokenizer(ref.path))
     checks = judge(figures, cls)
     report = {
@@ -376,11 +378,11 @@ def verify(artifact: Path, reference: Path | Reference, profile_name: str, *, pr
         report["advice"] = _advice(artifact, runtime, ref, checks)
     if benchmark:
         image = images[0] if images else None
-        art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image)
+        art_bench = run_isolated(artifact, profile_name, runtime=runtime, runs=runs, image=image, check=check)
         bench_key = ("bench", ref.label, profile_name, runs, str(image))
         if bench_key not in cache:
             cache[bench_key] = run_isolated(ref.path, profile_name, runtime="torch", runs=runs, image=image, peft=ref.peft,
-                                            max_memory=options.get("max_memory"))
+                                            max_memory=options.get("max_memory"), check=check)
         ref_bench = cache[bench_key]
         report["benchmark"] = {"artifact": art_bench, "reference": ref_bench, "speedup_decode": _ratio(art_bench, ref_bench, "decode_tok_s"),
                                "speedup_256": _ratio(ref_bench, art_bench, "gen_256_s")}
@@ -506,13 +508,35 @@ def splice_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) if path.exists() else path.parent.is_dir() and os.access(path.parent, os.W_OK)
+
+
+def check_outputs(artifact: Path, card: bool, out_file: Path | None) -> None:
+    """What verify will write (``--update-card``: the artifact's card and manifest; ``--out``: the report), checked
+    before the run: a missing folder or a read-only artifact crashed after the whole run, losing the report (issue #14)."""
+    if out_file is not None:
+        parent = Path(out_file).absolute().parent
+        if not parent.is_dir():
+            raise XpackError(f"--out {out_file}: the folder {parent} does not exist; create it or write the report elsewhere")
+        if Path(out_file).is_dir() or not _writable(Path(out_file)):
+            raise XpackError(f"--out {out_file} cannot be written (a folder, or no write permission); give a writable file path")
+    if card:
+        folder = artifact if artifact.is_dir() else artifact.parent
+        if not (folder / MANIFEST_FILE).is_file():
+            raise XpackError(f"{folder} has no manifest.json: --update-card works on folders written by xpack export or merge")
+        for path in (folder / CARD_FILE, folder / MANIFEST_FILE):
+            if not _writable(path):
+                raise XpackError(f"--update-card cannot write {path} (no write permission); make the artifact writable, "
+                                 "or drop --update-card and keep the report with --out FILE")
+
+
 def update_card(artifact: Path, report: dict) -> Path:
     """Write the report into the artifact's README.md and manifest.json (per profile, idempotent)."""
 
     folder = artifact if artifact.is_dir() else artifact.parent
+    check_outputs(artifact, True, None)
     manifest = read_manifest(folder)
-    if not manifest:
-        raise XpackError(f"{folder} has no manifest.json: --update-card works on folders written by xpack export or merge")
     verification = dict(manifest.get("verification") or {})
     verification[report["profile"]["name"]] = _entry(report)
     card_path = folder / CARD_FILE

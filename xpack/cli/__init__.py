@@ -10,10 +10,11 @@ from __future__ import annotations
 import click
 
 from xpack import __version__
+from xpack.cli.check import check
 from xpack.cli.demo import demo
 from xpack.cli.export import export
 from xpack.cli.merge import merge
-from xpack.cli.params import XpackGroup
+from xpack.cli.params import PROCESS, XpackGroup
 from xpack.cli.profiles import profiles
 from xpack.cli.run import run
 from xpack.cli.verify import verify
@@ -32,9 +33,10 @@ def cli():
     """
 
 
-for _command in (merge, export, demo, run, profiles, verify):
+for _command in (merge, export, demo, run, profiles, verify, check):
     cli.add_command(_command)
 
 
 def main() -> None:
+    PROCESS["ends_with_command"] = True
     cli(prog_name="xpack")

@@ -2,27 +2,91 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import click
 
-from xpack.errors import XpackError
+from xpack.errors import Terminated, XpackError, missing_module_error, os_error_message
 from xpack.packager.io.tensors import parse_size
 from xpack.packager.merge.lora import parse_adapter_spec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises :class:`Terminated` in the main thread (Python's default for it is to
+    die at once, leaving temporary folders behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _in_finalizer(frame):  # raised there, it would be printed as "Exception ignored" and dropped
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()  # so: delivered again just after
+            return
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        # In the `xpack` process the work is over here: a SIGTERM now would only hide its exit code. Else (a
+        # caller's process, tests) the caller's handler comes back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if PROCESS["ends_with_command"] else previous)
+
+
+PROCESS = {"ends_with_command": False}  # set by xpack.cli.main: this process is the `xpack` command
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` or a weakref finalizer, where Python drops exceptions."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code.co_qualname.endswith("finalize.__call__"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class XpackGroup(click.Group):
-    """Turns :class:`XpackError` into click's one-line ``Error: ...`` and a non-zero exit."""
+    """Turns :class:`XpackError` into click's one-line ``Error: ...`` on stderr and a non-zero exit; with ``--json``
+    the same line also goes to stdout as ``{"error": ...}``, so a machine reading stdout is never left with nothing."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["xpack_json"] = "--json" in args
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _sigterm_raises():
+                return super().invoke(ctx)
+        except Terminated as exc:  # the temporary output is already gone (packager/io/atomic.py)
+            click.echo(f"Error: stopped by signal {signal.Signals(exc.signum).name}; nothing unfinished was left behind", err=True)
+            ctx.exit(128 + exc.signum)
         except XpackError as exc:
-            raise click.ClickException(str(exc)) from None
+            self._fail(ctx, exc)
+        except ImportError as exc:  # an optional extra that is not installed: which one to install, in one line
+            error = missing_module_error(exc, f"xpack {ctx.invoked_subcommand or ''}".strip())
+            if error is None:
+                raise
+            self._fail(ctx, error)
+        except OSError as exc:  # a full disk, a read-only --out: one line (the output's temporary folder is already gone)
+            error = os_error_message(exc, f"xpack {ctx.invoked_subcommand or ''}".strip())
+            if error is None:
+                raise
+            self._fail(ctx, error)
+
+    @staticmethod
+    def _fail(ctx, exc: XpackError):
+        if ctx.meta.get("xpack_json"):
+            click.echo(json.dumps({"error": str(exc)}))
+        raise click.ClickException(str(exc)) from None
 
 
 class ModelRef(click.ParamType):
@@ -36,7 +100,7 @@ class ModelRef(click.ParamType):
     def convert(self, value, param, ctx):
         ref = value
         if self.weighted:
-            ref, _ = parse_adapter_spec(value)
+            ref, _ = parse_adapter_spec(value)  # a bad weight is an XpackError: one line, as every user error
         path = Path(ref).expanduser()
         if path.exists():
             if not path.is_dir():
@@ -89,3 +153,12 @@ def qlora_options(*blocksize_aliases: str):
         return f
 
     return decorate
+
+
+def no_check_option():
+    """``--no-check``: skip comparing an artifact's files with its manifest.json before loading (runtimes/integrity.py)."""
+    return click.option(
+        "--no-check", "no_check", is_flag=True,
+        help="Do not compare the artifact's files with the sha256 values in its manifest.json before loading "
+        "(checked once per file: a stamp in xpack's cache makes later loads free until the file changes).",
+    )

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from xpack.cli.params import no_check_option
+from xpack.errors import XpackError
 from xpack.profiles.machine import resolve_for_machine
 from xpack.profiles.profile import load_profile, profile_names
 from xpack.runtimes.messages import to_messages, user_message
@@ -19,6 +21,17 @@ _GEN = GenerationSettings()  # the defaults shown in `xpack run --help` (written
 
 def _gen_help(text: str, field: str) -> str:
     return f"{text}  [default: {getattr(_GEN, field)}]"
+
+
+def _require_utf8(option: str, text: str | None) -> None:
+    """A command-line text that is not UTF-8 reaches Python as lone surrogates (PEP 383), which no tokenizer takes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start].encode("utf-8", "surrogateescape")
+        raise XpackError(f"{option} is not UTF-8 text (byte 0x{raw[0]:02x} at character {exc.start}); pass it in UTF-8") from None
 
 
 @click.command()
@@ -35,8 +48,9 @@ def _gen_help(text: str, field: str) -> str:
 @click.option("--repetition-penalty", type=float, help=_gen_help("Penalty for repeated tokens; 1 turns it off.", "repetition_penalty"))
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.  [default: a new one each run]")
 @click.option("--runtime", "runtime_name", type=click.Choice(sorted(RUNTIMES)), help="Force a runtime instead of picking it from the artifact.")
+@no_check_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the result (text, token counts, timings, peak memory) as JSON instead of streaming.")
-def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, runtime_name, as_json):
+def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, runtime_name, no_check, as_json):
     """Run an artifact on a hardware profile: stream the answer, then report speed and memory.
 
     The runtime follows the artifact (GGUF: llama.cpp; Hugging Face checkpoint: transformers) and
@@ -50,6 +64,8 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
     """
     if bool(prompt is not None) == bool(interactive):
         raise click.UsageError("give exactly one of --prompt TEXT or --interactive")
+    for option, text in (("--prompt", prompt), ("--system", system)):
+        _require_utf8(option, text)
 
     settings = _GEN.with_overrides(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
@@ -59,7 +75,7 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
         click.echo(f"note: {note}", err=True)
     name = runtime_name or runtime_for(artifact, profile)
     click.echo(f"loading {artifact} with the {name} runtime on profile {profile.name} ({profile.device}, {profile.threads} threads)", err=True)
-    with load(artifact, profile, name) as rt:
+    with load(artifact, profile, name, check=not no_check) as rt:
         click.echo(f"loaded in {rt.load_s:.2f} s", err=True)
         stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
 
@@ -81,16 +97,20 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
             answer(to_messages([user_message(prompt, with_image=image is not None)], system=system))
             return
         messages = [] if system is None else [{"role": "system", "content": system}]
-        stdin = click.get_text_stream("stdin")
+        stdin = click.get_binary_stream("stdin")  # bytes: a line that is not UTF-8 is said and skipped, not a traceback
         tty = stdin.isatty()
         first = True
         while True:
             if tty:
                 click.echo("> ", nl=False, err=True)
-            line = stdin.readline()
-            if not line:
+            raw = stdin.readline()
+            if not raw:
                 break
-            text = line.strip()
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                click.echo(f"note: that line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at {exc.start}); skipped, type it again", err=True)
+                continue
             if text in ("exit", "quit"):
                 break
             if not text:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from xpack.cli.params import emit
+from xpack.cli.params import emit, no_check_option
+from xpack.packager.verify.job import check_outputs
 from xpack.packager.verify.job import update_card as write_card
 from xpack.packager.verify.job import verify as do_verify
 from xpack.packager.verify.reference import choose_reference
@@ -91,10 +92,11 @@ def _mm(stat: dict, scale: float = 1.0) -> str:
 @click.option("--no-benchmark", is_flag=True, help="Parity only: skip the speed and memory runs.")
 @click.option("--update-card", is_flag=True, help="Write the results into the artifact's README.md and manifest.json.")
 @click.option("--strict", is_flag=True, help="Also fail (exit 1) when the profile's reference load/256-token/memory figures are missed.")
+@no_check_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report to this file.")
 @click.pass_context
-def verify(ctx, artifact, reference, reference_base, reference_adapters, reference_quant, reference_double_quant, profile, prompts_file, text_file, images_dir, runs, max_tokens, reference_memory, no_benchmark, update_card, strict, as_json, out_file):
+def verify(ctx, artifact, reference, reference_base, reference_adapters, reference_quant, reference_double_quant, profile, prompts_file, text_file, images_dir, runs, max_tokens, reference_memory, no_benchmark, update_card, strict, no_check, as_json, out_file):
     """Measure an artifact against the torch reference: output parity, speed and memory.
 
     Parity: teacher-forced KL divergence (mean, 99th percentile), top-1 agreement, max logit error
@@ -116,9 +118,10 @@ def verify(ctx, artifact, reference, reference_base, reference_adapters, referen
         --reference-quant nf4 --reference-double-quant --profile cpu16 --no-benchmark
     """
 
+    check_outputs(artifact, update_card, out_file)
     ref = choose_reference(reference, reference_base, reference_adapters, reference_quant, reference_double_quant)
     report = do_verify(artifact, ref, profile, prompts_file=prompts_file, text_file=text_file, runs=runs,
-                       max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir, reference_memory=reference_memory)
+                       max_tokens=max_tokens, benchmark=not no_benchmark, images_dir=images_dir, reference_memory=reference_memory, check=not no_check)
     if update_card:
         report["card"] = str(write_card(artifact, report))
     if out_file:

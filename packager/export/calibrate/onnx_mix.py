@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +44,7 @@ from xpack.packager.export.onnx.quantize import (
 )
 from xpack.packager.export.onnx.torch_check import ort_steps
 from xpack.packager.io.checkpoint import Checkpoint
+from xpack.paths import temp_dir
 from xpack.runtimes.artifacts import ONNX_MODEL_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -331,7 +331,7 @@ def _measure(model: onnx.ModelProto, reference: Reference, threads: int, window:
     """The file size of ``model`` and its KL on the calibration text (onnxruntime prefill logits vs torch)."""
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="xpack-onnx-mix-") as work:
+    with temp_dir("onnx-mix") as work:
         save_model(model, Path(work))
         nbytes = sum(p.stat().st_size for p in Path(work).iterdir())
         path = Path(work) / ONNX_MODEL_FILE

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -25,10 +24,12 @@ from xpack.errors import XpackError
 from xpack.packager.archs import Arch, require_arch
 from xpack.packager.export.calibrate.qerror import row_bytes
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.tensors import from_f32, to_f32
+from xpack.packager.io.tensors import NON_FINITE, from_f32, require_finite, to_f32
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, TensorOp, apply_op, plan_merge, run_merge, stream_base
+from xpack.paths import temp_dir, temp_file
 from xpack.runtimes.artifacts import PREPROCESSOR_CONFIG
+from xpack.runtimes.chat import find_chat_template
 from xpack.runtimes.gguf_header import read_gguf_header
 from xpack.runtimes.llama_import import load_llama_cpp
 
@@ -217,6 +218,9 @@ def write_vocab(writer, vocab: Vocab, model_dir: Path, add_space_prefix: bool | 
     if add_space_prefix is not None:
         writer.add_add_space_prefix(add_space_prefix)
     special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    # the chat template by xpack's one rule (runtimes/chat.py: chat_template.jinja first, as transformers reads it), not
+    # gguf-py's, which prefers tokenizer_config.json's: one checkpoint, one template in every artifact (issue #14)
+    special.chat_template = find_chat_template(model_dir)
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -359,6 +363,9 @@ def _materialize(t: GgufTensor, base: "np.ndarray", base_dtype: str) -> "np.ndar
         w = _permute(w, t.permute_heads)  # a row permutation: exact in any dtype
     if st == t.gtype and not t.shift:
         w = np.ascontiguousarray(w)
+        flat = w.reshape(-1)
+        for i in range(0, flat.size, _CHUNK_BYTES // 4):  # the values as stored, checked a chunk at a time
+            require_finite(to_f32(flat[i : i + _CHUNK_BYTES // 4], st), t.op.source, NON_FINITE)
         return w.view(np.uint8) if t.gtype == "BF16" else w
     out_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.gtype]
     out = np.empty(w.shape, dtype=out_dtype)
@@ -366,6 +373,7 @@ def _materialize(t: GgufTensor, base: "np.ndarray", base_dtype: str) -> "np.ndar
     step = max(1, _CHUNK_BYTES // (4 * max(1, flat_in[0].size)))
     for i in range(0, flat_in.shape[0], step):
         piece = to_f32(flat_in[i : i + step], st)
+        require_finite(piece, t.op.source, NON_FINITE)
         if t.shift:
             piece = piece + np.float32(t.shift)
         flat_out[i : i + step] = from_f32(piece, "BF16") if t.gtype == "BF16" else piece
@@ -535,7 +543,7 @@ def plain_size(model_dir: Path, quant: str, threads: int = 0) -> dict:
     params.ftype = quant_types()[quant]
     params.nthread = threads or os.cpu_count() or 1
     params.dry_run = True
-    with tempfile.TemporaryDirectory(prefix="xpack-gguf-size-") as work:
+    with temp_dir("gguf-size") as work:
         raw = Path(work) / "header.gguf"
         quiet, level = logging.getLogger("gguf"), logging.getLogger("gguf").level
         quiet.setLevel(logging.ERROR)  # gguf-py's "writing header.gguf, total_size = 1.1G" says nothing true of a size estimate
@@ -643,7 +651,7 @@ def _captured_fds():
 
     sys.stdout.flush()
     sys.stderr.flush()
-    with tempfile.NamedTemporaryFile(prefix="xpack-llama-", suffix=".log") as f:
+    with temp_file("llama", suffix=".log") as f:
         saved = [os.dup(1), os.dup(2)]
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -742,7 +750,7 @@ def export_gguf(
     result = GgufExport(arch=arch.name, vocab={"model": vocab.model, "pre": vocab.pre, "tokens": listed})
     ftype_inter = quant_types()["F32" if inter == "F32" else inter]
     final = tmp_out / f"{name}-{quant}.gguf"
-    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-gguf-") as work:
+    with temp_dir("gguf", dir=tmp_out.parent) as work:
         raw = final if quant == inter or (quant == "F32" and inter == "F32") else Path(work) / f"{name}-{inter}.gguf"
         _write_gguf(raw, g.arch, _text_kv(arch, cfg, vocab, model_dir, name, ftype_inter), tensors, ckpt)
         if raw != final and mixer is not None:

@@ -61,7 +61,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +83,7 @@ from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
 from xpack.packager.verify.parity import compare_logits
+from xpack.paths import temp_dir
 from xpack.runtimes.artifacts import MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE, MLLAMA_FORMAT, MLLAMA_META_FILE, VISION_FILE
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
 
@@ -471,7 +471,7 @@ def export_mllama_artifact(
         )
     result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=MLLAMA_DECODER_FILE, data_file=None, exported_class="MllamaForConditionalGeneration")
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=tmp_out.parent, prefix=".xpack-onnx-") as work_dir, quiet():
+    with temp_dir("onnx", dir=tmp_out.parent) as work_dir, quiet():
         work = Path(work_dir)
         source = ckpt.path
         if adapters:  # the adapter reaches the vision layers too: merge the whole checkpoint first

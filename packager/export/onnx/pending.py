@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from xpack.packager.export.onnx.quantize import InMemory
+from xpack.packager.io.tensors import NON_FINITE, require_finite
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -31,8 +32,6 @@ PENDING = "xpack-pending"  # the external data location of a placeholder: no fil
 ALIGN_THRESHOLD, ALIGN_LARGE, ALIGN_SMALL = 1 << 20, 1 << 16, 64
 # an initializer a converter made inline (a constant of the fp16 casts) goes to the data file above this size
 INLINE_LIMIT = 1024
-
-
 @dataclass(frozen=True)
 class Recipe:
     """How one pending weight is made: ``make`` gives its float32 values; ``source`` names the checkpoint tensor it
@@ -117,8 +116,15 @@ class PendingWeights(InMemory):
 
     def fetch(self, tensor) -> "np.ndarray":
         if is_pending(tensor):
-            return self.recipes[tensor.name].make()
+            return self.make(tensor.name)
         return super().fetch(tensor)
+
+    def make(self, name: str) -> "np.ndarray":
+        """The weight's float32 values from its recipe; NaN or inf in them is a one-line error naming it."""
+        recipe = self.recipes[name]
+        values = recipe.make()
+        require_finite(values, recipe.source or name, NON_FINITE)
+        return values
 
     def emit(self, array: "np.ndarray", name: str):
         if self.out is None:
@@ -142,7 +148,7 @@ class PendingWeights(InMemory):
         written = 0
         for tensor in model.graph.initializer:
             if is_pending(tensor):
-                values = _as(self.recipes[tensor.name].make(), tensor.data_type)
+                values = _as(self.make(tensor.name), tensor.data_type)
             elif tensor.data_location != TensorProto.EXTERNAL and len(tensor.raw_data) > INLINE_LIMIT:
                 values = numpy_helper.to_array(tensor)
             else:
@@ -159,7 +165,7 @@ class PendingWeights(InMemory):
 
         for tensor in model.graph.initializer:
             if is_pending(tensor):
-                tensor.CopyFrom(numpy_helper.from_array(self.recipes[tensor.name].make(), tensor.name))
+                tensor.CopyFrom(numpy_helper.from_array(self.make(tensor.name), tensor.name))
 
 
 def _as(values: "np.ndarray", data_type: int) -> "np.ndarray":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.memory_need import check_onnx_export, float32_bytes
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
+from xpack.paths import temp_dir
 from xpack.runtimes.artifacts import EMBED_DATA_FILE, EMBED_FILE, ONNX_DATA_FILE, ONNX_MODEL_FILE
 from xpack.runtimes.torch_offload import return_freed_memory
 
@@ -199,7 +199,7 @@ def _check_calibrated(arch: Arch, spec: OnnxSpec, bits: int, graph: str, int4: s
 def _export_decoder(job: _Job, adapters: list[Adapter]) -> OnnxExport:
     result = OnnxExport(arch=job.arch.name, graph=job.graph)
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=job.tmp_out.parent, prefix=".xpack-onnx-") as work_dir, quiet():
+    with temp_dir("onnx", dir=job.tmp_out.parent) as work_dir, quiet():
         work = Path(work_dir)
         full = job.ckpt
         if job.vision and adapters:  # the vision tower takes the adapter too: merge the whole checkpoint once

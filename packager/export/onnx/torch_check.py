@@ -11,6 +11,7 @@ from xpack.errors import XpackError
 from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import first_line
 from xpack.packager.verify.parity import compare_logits
+from xpack.paths import temp_dir
 from xpack.runtimes.onnx_base import open_session, session_options
 from xpack.runtimes.onnx_decoder import attention_bias
 from xpack.runtimes.torch_offload import concrete_class, lean_device_map, map_large_allocations, stored_tables, with_stored_tables
@@ -26,7 +27,6 @@ def load_torch(src: Path, spec: OnnxSpec, lean: bool = False):
     checkpoint stores them (16 bits) and computed in float32, so that the check of a 4B export holds its embedding
     (1.3 GB) and one layer, not 17 GB; the same float32 numbers, slower."""
     import logging
-    import tempfile
     import warnings
 
     import torch
@@ -42,7 +42,7 @@ def load_torch(src: Path, spec: OnnxSpec, lean: bool = False):
             cls = cls if tables is None else with_stored_tables(concrete_class(cls, src), tables)
             map_large_allocations()
             logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its "parameters on the meta device" is the plan
-            offload = tempfile.TemporaryDirectory(prefix="xpack-offload-")  # safetensors sources are read in place
+            offload = temp_dir("offload")  # safetensors sources are read in place
             kwargs.update(device_map=device_map, offload_folder=offload.name)
     try:
         with warnings.catch_warnings():
