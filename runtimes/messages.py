@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -74,37 +75,53 @@ def fold_system(messages: Sequence[dict]) -> list[dict] | None:
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+def check_image(path: "str | os.PathLike") -> tuple[int, int]:
+    """An image file's (width, height), read from its header: one clear line when it is missing, unreadable or
+    larger than MAX_IMAGE_PIXELS. Nothing is decoded, so `xpack run` says it before loading a model."""
+    with _image_errors(Path(path)) as Image:
+        with Image.open(path) as probe:
+            width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise XpackError(f"{_too_large(Path(path))} ({width} x {height})")
+            probe.verify()
+    return width, height
+
+
 def load_image(path: "str | os.PathLike", exif_transpose: bool = False):
-    """Open an image file as an RGB ``PIL.Image``; one clear line when it is missing, unreadable or larger than
-    MAX_IMAGE_PIXELS (read from its header, before anything is decoded).
+    """Open an image file as an RGB ``PIL.Image`` after :func:`check_image`.
     ``exif_transpose``: apply the EXIF orientation first, as transformers' ``load_image`` does for a path."""
+    check_image(path)
+    with _image_errors(Path(path)) as Image:
+        with Image.open(path) as img:
+            if exif_transpose:
+                from PIL import ImageOps
+
+                return ImageOps.exif_transpose(img).convert("RGB")
+            return img.convert("RGB")
+
+
+def _too_large(path: Path) -> str:
+    return (f"image {path} has more than {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels, the most xpack decodes (the models "
+            "see 896 x 896 or 560 x 560 tiles); downscale it first")
+
+
+@contextlib.contextmanager
+def _image_errors(path: Path):
+    """Pillow, with its errors (and its decompression-bomb warning) turned into one line about ``path``."""
     import warnings
 
-    path = Path(path)
     if not path.is_file():
         raise XpackError(f"image {path} does not exist or is not a file")
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise XpackError("reading --image needs Pillow; install it with `pip install pillow`") from None
-    too_large = (f"image {path} has more than {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels, the most xpack decodes (the models "
-                 "see 896 x 896 or 560 x 560 tiles); downscale it first")
+        raise XpackError("reading --image needs Pillow, which is not installed: pip install 'xpack[onnx]'") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own warning becomes our one line
-            with Image.open(path) as probe:
-                width, height = probe.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise XpackError(f"{too_large} ({width} x {height})")
-                probe.verify()
-            with Image.open(path) as img:
-                if exif_transpose:
-                    from PIL import ImageOps
-
-                    return ImageOps.exif_transpose(img).convert("RGB")
-                return img.convert("RGB")
+            yield Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise XpackError(too_large) from None
+        raise XpackError(_too_large(path)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise XpackError(f"{path} is not a readable image ({type(exc).__name__}); pass a PNG or JPEG file") from None
 

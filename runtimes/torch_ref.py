@@ -33,7 +33,7 @@ from typing import Sequence
 from xpack.errors import XpackError
 from xpack.paths import temp_dir
 from xpack.runtimes.base import Runtime, context_room
-from xpack.runtimes.chat import END_OF_TURN_TOKENS
+from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
 from xpack.runtimes.torch_offload import (
@@ -360,12 +360,13 @@ class TorchRuntime(Runtime):
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             raise XpackError(f"{self.artifact} has no chat template; add chat_template.jinja or a tokenizer_config.json chat_template")
-        import jinja2
-
-        try:
-            return self._templater.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-        except jinja2.exceptions.TemplateError as exc:
-            raise XpackError(f"the model's chat template rejected the conversation: {exc}") from None
+        # The template transformers chose, rendered by xpack's bounded sandbox (runtimes/chat.py) instead of
+        # apply_chat_template's: the same output, but a hostile template cannot run for ever or fill the memory.
+        template = self._templater.chat_template
+        if isinstance(template, dict):  # named templates: transformers renders "default"
+            template = template.get("default") or next(iter(template.values()))
+        special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        return ChatTemplate(template, special).render(messages, add_generation_prompt)
 
     def _adds_special(self, text: str) -> bool:
         bos = self.tokenizer.bos_token

@@ -448,3 +448,34 @@ def test_read_only_out_is_one_line(twin_factory, tmp_path):
         assert "stopped: the file system is read-only" in line
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_json_usage_error_goes_to_stdout_too(tmp_path):
+    """Row 17: a usage error (an --artifact that does not exist, caught by click) left stdout empty with --json too."""
+    result = CliRunner().invoke(cli, ["run", "--artifact", str(tmp_path / "nothing.gguf"), "--profile", "cpu16", "--prompt", "hi", "--json"])
+    assert result.exit_code == 2
+    assert "does not exist" in json.loads(result.stdout)["error"]
+
+
+def test_image_over_the_limit_is_said_before_the_model_loads(twin_factory, tmp_path):
+    """Row 11 through `xpack run`: the image's header is read first, so a text-only artifact or a long load does not
+    hide the image's problem."""
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "big.png")
+    twin = twin_factory.get("llama")
+    line = _one_line_error(CliRunner().invoke(cli, ["run", "--artifact", str(twin.model_dir), "--profile", "cpu16", "--prompt", "hi",
+                                                    "--image", str(tmp_path / "big.png")]))
+    assert "big.png has more than 64 million pixels" in line
+
+
+@pytest.mark.parametrize("template, says", [("{% include 'x.jinja' %}", "TypeError"), ("{{ 'ab' * 1000000000 }}", "repeats a sequence")])
+def test_torch_runtime_renders_in_the_bounded_sandbox(twin_factory, tmp_path, template, says):
+    """Row 12 on the torch runtime: it rendered with transformers' apply_chat_template, whose sandbox has no size or
+    time cap: `'ab' * 10**9` grew until the kernel killed the process (rc -9 after 107 s, SmolLM2)."""
+    twin = twin_factory.get("llama")
+    folder = tmp_path / "hostile"
+    shutil.copytree(twin.model_dir, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    line = _one_line_error(CliRunner().invoke(cli, ["run", "--artifact", str(folder), "--profile", "cpu16", "--prompt", "hi", "--runtime", "torch"]))
+    assert "chat template" in line and says in line

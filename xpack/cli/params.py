@@ -66,6 +66,11 @@ class XpackGroup(click.Group):
         try:
             with _sigterm_raises():
                 return super().invoke(ctx)
+        except click.ClickException as exc:  # a usage error: with --json, stdout says it too
+            if ctx.meta.get("xpack_json") and not ctx.meta.get("xpack_json_said"):
+                ctx.meta["xpack_json_said"] = True
+                click.echo(json.dumps({"error": exc.format_message()}))
+            raise
         except Terminated as exc:  # the temporary output is already gone (packager/io/atomic.py)
             click.echo(f"Error: stopped by signal {signal.Signals(exc.signum).name}; nothing unfinished was left behind", err=True)
             ctx.exit(128 + exc.signum)
@@ -84,7 +89,8 @@ class XpackGroup(click.Group):
 
     @staticmethod
     def _fail(ctx, exc: XpackError):
-        if ctx.meta.get("xpack_json"):
+        if ctx.meta.get("xpack_json") and not ctx.meta.get("xpack_json_said"):
+            ctx.meta["xpack_json_said"] = True
             click.echo(json.dumps({"error": str(exc)}))
         raise click.ClickException(str(exc)) from None
 

@@ -12,7 +12,7 @@ from xpack.cli.params import no_check_option
 from xpack.errors import XpackError
 from xpack.profiles.machine import resolve_for_machine
 from xpack.profiles.profile import load_profile, profile_names
-from xpack.runtimes.messages import to_messages, user_message
+from xpack.runtimes.messages import check_image, to_messages, user_message
 from xpack.runtimes.registry import RUNTIMES, load, runtime_for
 from xpack.runtimes.settings import GenerationSettings
 
@@ -66,6 +66,8 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
         raise click.UsageError("give exactly one of --prompt TEXT or --interactive")
     for option, text in (("--prompt", prompt), ("--system", system)):
         _require_utf8(option, text)
+    if image is not None:
+        check_image(image)  # its header, before a model is loaded
 
     settings = _GEN.with_overrides(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
