@@ -6,8 +6,8 @@ LoRA; SmolLM2-135M-Instruct + its LoRA), from the same merged checkpoint:
 - llama.cpp's plain Q4_K_M and Q8_0 (``xpack export --quant``: xpack writes the F16/F32 GGUF as llama.cpp's
   convert_hf_to_gguf.py does, benchmarks/gguf.py checks that, and llama.cpp's own quantizer makes the type);
 - xpack's calibrated mix ``--bits 4`` and ``--bits 8`` (within the plain size + 5%) and ``--bits 4 --max-kl 0.1``;
-- xpack's ONNX int4 and int8: the calibrated mix (``--bits 4/8``, within the Q4_K_M / Q8_0 GGUF's size + 5%) and
-  the fixed scheme (``--no-calibrate``), and ONNX fp16 on Gemma 3.
+- xpack's ONNX int4 and int8: the calibrated mix (``--bits 4/8``, within the Q4_K_M / Q8_0 GGUF's size + 5%;
+  ``--bits 4 --max-kl 0.1``) and the fixed scheme (``--no-calibrate``), and ONNX fp16 on Gemma 3.
 
 Each artifact: file size, teacher-forced mean KL and top-1 against the torch fp32 merged model on verify's
 evaluation text (disjoint from the calibration text; `xpack verify --no-benchmark`), export wall time, and
@@ -45,6 +45,7 @@ VARIANTS = {
     "llama.cpp Q8_0": ("gguf", ["--quant", "Q8_0"], None),
     "xpack --bits 8": ("gguf", ["--bits", "8"], "llama.cpp Q8_0"),
     "ONNX int4": ("onnx", ["--bits", "4"], "llama.cpp Q4_K_M"),
+    "ONNX int4 --max-kl 0.1": ("onnx", ["--bits", "4", "--max-kl", "0.1"], "llama.cpp Q4_K_M"),
     "ONNX int4 fixed": ("onnx", ["--bits", "4", "--no-calibrate"], "llama.cpp Q4_K_M"),
     "ONNX int8": ("onnx", ["--bits", "8"], "llama.cpp Q8_0"),
     "ONNX int8 fixed": ("onnx", ["--bits", "8", "--no-calibrate"], "llama.cpp Q8_0"),

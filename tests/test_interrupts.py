@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from xpack.cli import cli
 from xpack.errors import XpackError
-from xpack.packager.io.atomic import atomic_dir, claim, lock_path
+from xpack.packager.io.atomic import atomic_dir, claim, lock_path, sweep_stale_locks
 from xpack.paths import owned_prefix, stale_entries
 
 
@@ -47,6 +47,13 @@ def test_a_second_run_to_a_claimed_out_is_refused(twin_factory, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert r.output.strip().splitlines()[-1] == f"Error: another xpack run (pid {os.getpid()}) is writing {out}; wait for it to finish or choose another --out"
     assert not out.exists() and not lock_path(out).exists()
+
+
+def test_a_held_claim_is_not_swept(tmp_path):
+    out = tmp_path / "out"
+    with claim(out):
+        assert sweep_stale_locks(tmp_path) == [] and lock_path(out).exists()
+    assert not lock_path(out).exists()
 
 
 def test_a_killed_holder_leaves_no_claim(tmp_path):
@@ -111,6 +118,7 @@ def test_leftovers_of_dead_runs_are_swept_and_said(twin_factory, tmp_path, monke
     dead = _dead_pid()
     stale = [tmp_path / f".merged.xpack-tmp.{dead}.abc123", tmp_path / f".xpack-gguf.{dead}.x", systmp / f"xpack-llama.{dead}.y.log"]
     live = [tmp_path / f".other.xpack-tmp.{os.getpid()}.def456"]
+    (tmp_path / ".killed.xpack-lock").write_text(str(dead))  # a killed run's claim: no process holds its lock
     for p in stale[:2] + live:
         p.mkdir()
         (p / "part.bin").write_bytes(b"\0" * 1000)
@@ -120,6 +128,7 @@ def test_leftovers_of_dead_runs_are_swept_and_said(twin_factory, tmp_path, monke
     assert r.exit_code == 0, r.output
     assert "xpack: removed 3 temporary file(s) left by interrupted runs" in r.output
     assert not any(p.exists() for p in stale) and live[0].exists()  # a live run's folder is not touched
+    assert not (tmp_path / ".killed.xpack-lock").exists()
 
 
 def test_temporary_names_carry_the_owner(tmp_path):

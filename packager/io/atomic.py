@@ -67,6 +67,27 @@ def claim(out: Path):
         os.close(fd)
 
 
+def sweep_stale_locks(folder: Path) -> list[Path]:
+    """Remove the lock files a killed run left in ``folder`` (no process holds their lock). Taking the lock before
+    the unlink keeps this safe against a run claiming it at the same moment (see :func:`claim`)."""
+    removed = []
+    for path in Path(folder).glob(".*.xpack-lock"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:  # held by a live run, or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -97,6 +118,7 @@ def atomic_dir(out: Path, force: bool = False):
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out.parent, Path(tempfile.gettempdir()))
+    sweep_stale_locks(out.parent)
     with claim(out):
         check_destination(out, force)  # a run that held the claim before us may have finished it
         tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
