@@ -23,8 +23,11 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.paths import cache_home
-from xpack.runtimes.artifacts import MANIFEST_FILE, read_manifest
+from xpack.runtimes.artifacts import CARD_FILE, MANIFEST_FILE, MODELFILE, read_manifest
 
+# What no runtime reads: the card and the ollama Modelfile, which users edit before publishing. `xpack check`
+# covers them; the check at load does not refuse an artifact for an edited card.
+NOT_LOADED = (CARD_FILE, MODELFILE)
 READ_BYTES = 8 << 20  # per read: large enough that syscalls cost nothing beside hashing
 
 
@@ -151,12 +154,13 @@ def check_files(folder: Path, names: list[str] | None = None, use_stamps: bool =
 
 
 def require_intact(path: Path, what: str = "this artifact") -> CheckReport | None:
-    """Before a runtime or an export reads ``path``: its files against its manifest (stamps make a repeat free).
+    """Before a runtime or an export reads ``path``: the files it may read against its manifest (stamps make a
+    repeat free; the card and Modelfile are not among them).
     One line naming the first bad file; None when there is no manifest to check against."""
     folder = artifact_folder(Path(path))
     if folder is None:
         return None
-    names = [Path(path).name] if Path(path).is_file() else None
+    names = [Path(path).name] if Path(path).is_file() else [n for n in manifest_files(folder) if n not in NOT_LOADED]
     report = check_files(folder, names, use_stamps=True)
     if not report.ok:
         raise XpackError(

@@ -128,3 +128,13 @@ def test_check_without_a_manifest_is_one_line(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["check", str(tmp_path)])
     assert r.exit_code == 1 and r.output.strip() == f"Error: {tmp_path} has no manifest.json; xpack check needs a folder written by `xpack merge` or `xpack export`"
+
+
+def test_an_edited_card_does_not_stop_a_run_but_check_says_it(artifact):
+    """Users edit the card (and the Modelfile) before publishing: no runtime reads them, so loading does not refuse
+    the artifact; `xpack check` still reports every file that differs from the manifest."""
+    with open(artifact / "README.md", "a") as f:
+        f.write("\nReviewed by the radiology team.\n")
+    assert integrity.require_intact(artifact).ok
+    r = CliRunner().invoke(cli, ["check", str(artifact)])
+    assert r.exit_code == 1 and "BAD README.md: " in r.output
