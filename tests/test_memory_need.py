@@ -46,3 +46,13 @@ def test_streamed_onnx_need_is_a_phase_not_the_model(twin_factory):
     for bits in (4, 32):
         need = memory_need.streamed_onnx_need(ckpt, bits) - memory_need.PROCESS_BASE_GB * 1e9
         assert outside + layer0 <= need < ONNX_EXPORT_FACTOR * weights
+
+
+def test_an_mllama_export_that_cannot_fit_points_where_it_can_go(twin_factory, tmp_path, monkeypatch):
+    """llama.cpp has no mllama: the refusal does not send the user to GGUF (whose refusal sends them back to ONNX)."""
+    twin = twin_factory("mllama")
+    monkeypatch.setattr(memory_need, "available_bytes", lambda: 1)
+    r = CliRunner().invoke(cli, ["export", "--model", str(twin.model_dir), "--format", "onnx", "--bits", "4", "--no-calibrate",
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "needs about" in r.output and "export GGUF" not in r.output, r.output
+    assert "run the merged checkpoint with the torch runtime" in r.output

@@ -103,11 +103,15 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     return int(max(torch_check, quantize, check, VISION_EXPORT_FACTOR * 4 * vision) + PROCESS_BASE_GB * 1e9)
 
 
-def check_onnx_export(ckpt: Checkpoint, arch_name: str, bits: int = 32, streamed: bool = False, vision_prefixes: tuple[str, ...] = ()) -> None:
+def check_onnx_export(ckpt: Checkpoint, arch_name: str, bits: int = 32, streamed: bool = False, vision_prefixes: tuple[str, ...] = (),
+                      gguf_supported: bool = True) -> None:
+    """``gguf_supported``: whether the refusal may point at GGUF (llama.cpp cannot run every architecture)."""
     weights = float32_bytes(ckpt)
     need = streamed_onnx_need(ckpt, bits, vision_prefixes) if streamed else int(ONNX_EXPORT_FACTOR * weights)
-    require_memory(need, f"exporting {arch_name} ({weights / 4e9:.1f}B parameters) to ONNX at --bits {bits}",
-                   "export GGUF (it streams one tensor at a time), or use a machine with more memory")
+    instead = ("export GGUF (it streams one tensor at a time), or use a machine with more memory" if gguf_supported else
+               "use a machine with more memory, or run the merged checkpoint with the torch runtime (its layers stream from disk within "
+               "the profile's memory; llama.cpp has no GGUF for this architecture)")
+    require_memory(need, f"exporting {arch_name} ({weights / 4e9:.1f}B parameters) to ONNX at --bits {bits}", instead)
 
 
 def reference_budget(reference: Path, cap_gb: float | None = None) -> int | None:

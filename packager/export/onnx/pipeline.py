@@ -151,7 +151,8 @@ def export_onnx(
     spec = _spec_of(arch)
     ckpt.check_not_packed()
     streamed = graph == "xpack" and mix is None and spec.pipeline != "mllama"  # mllama.py's graphs are built in memory
-    check_onnx_export(ckpt, arch.name, bits, streamed=streamed, vision_prefixes=_checkpoint_prefixes(arch))
+    check_onnx_export(ckpt, arch.name, bits, streamed=streamed, vision_prefixes=_checkpoint_prefixes(arch),
+                      gguf_supported=arch.gguf is None or not arch.gguf.unsupported)
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
     if mix is not None:
