@@ -131,6 +131,18 @@ def test_leftovers_of_dead_runs_are_swept_and_said(twin_factory, tmp_path, monke
     assert not (tmp_path / ".killed.xpack-lock").exists()
 
 
+def test_a_claimed_output_keeps_its_temporary_folder_whatever_its_pid(tmp_path):
+    """A run in another pid namespace (a container sharing the folder) has a pid that looks dead from here; its claim
+    on --out still says it is alive."""
+    folder = tmp_path / f".shared.xpack-tmp.{_dead_pid()}.abc"
+    folder.mkdir()
+    with claim(tmp_path / "shared"):
+        with atomic_dir(tmp_path / "other"):
+            assert folder.exists()
+    with atomic_dir(tmp_path / "third"):
+        assert not folder.exists()  # nobody claims "shared" now: swept
+
+
 def test_temporary_names_carry_the_owner(tmp_path):
     assert owned_prefix("gguf", hidden=True) == f".xpack-gguf.{os.getpid()}."
     with atomic_dir(tmp_path / "out") as tmp:

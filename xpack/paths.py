@@ -61,11 +61,15 @@ def stale_entries(folder: Path) -> list[Path]:
     return stale
 
 
-def sweep_stale(*folders: Path) -> list[Path]:
-    """Remove the leftovers of killed xpack runs in ``folders`` (default: the system temp folder); say so on stderr."""
+def sweep_stale(*folders: Path, in_use=None) -> list[Path]:
+    """Remove the leftovers of killed xpack runs in ``folders`` (default: the system temp folder); say so on stderr.
+    ``in_use(path)``: a second opinion that keeps an entry whose pid looks dead (a run in another pid namespace, a
+    container sharing the folder, still holds its claim)."""
     removed = []
     for folder in folders or (Path(tempfile.gettempdir()),):
         for path in stale_entries(folder):
+            if in_use is not None and in_use(path):
+                continue
             try:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,6 +68,28 @@ def claim(out: Path):
         os.close(fd)
 
 
+_SIBLING = re.compile(r"^\.(?P<out>.+)\.xpack-(tmp|old)\.\d+\.")
+
+
+def _claimed(entry: Path) -> bool:
+    """Whether the output a temporary sibling belongs to is claimed now: its lock held by a live run, which a pid
+    check cannot see from another pid namespace (containers sharing a folder)."""
+    m = _SIBLING.match(entry.name)
+    if not m:
+        return False
+    try:
+        fd = os.open(entry.parent / f".{m['out']}.xpack-lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def sweep_stale_locks(folder: Path) -> list[Path]:
     """Remove the lock files a killed run left in ``folder`` (no process holds their lock). Taking the lock before
     the unlink keeps this safe against a run claiming it at the same moment (see :func:`claim`)."""
@@ -117,7 +140,7 @@ def atomic_dir(out: Path, force: bool = False):
     out = Path(out)
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent, Path(tempfile.gettempdir()))
+    sweep_stale(out.parent, Path(tempfile.gettempdir()), in_use=_claimed)
     sweep_stale_locks(out.parent)
     with claim(out):
         check_destination(out, force)  # a run that held the claim before us may have finished it
