@@ -79,7 +79,10 @@ def run_case(case: str, repeats: int, cold: bool = False) -> dict:
     walls: dict[str, list[float]] = {s: [] for s in sides}
     for r in range(repeats):
         for side in (sides if r % 2 == 0 else reversed(list(sides))):  # interleaved, alternating who goes first
-            drop_page_cache() if cold else H.warm_cache(files)
+            if cold:
+                drop_page_cache()
+            else:
+                H.warm_cache(files)
             walls[side].append(timed(sides[side]))
             H.log(f"{case} run {r + 1}/{repeats}: {side} {walls[side][-1]:.2f} s")
     require_intact(folder)  # stamps every file (a run that finds them stamped reads nothing)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from xpack.errors import XpackError
+from xpack.runtimes.integrity import sha256_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -227,12 +228,9 @@ def require_finite(arr: "np.ndarray", name: str, what: str) -> None:
         raise XpackError(f"{name} holds NaN or inf values {what}")
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)  # hashlib releases the GIL on large blocks: hashing threads run in parallel
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    """The file's sha256: runtimes/integrity.py's reader (one reused buffer), the one that `xpack check` uses."""
+    return sha256_of(path)
 
 
 def parse_size(text: str) -> int:
