@@ -109,12 +109,13 @@ def _embedding_forward(self, input_ids):
     import torch
 
     rows, inverse = torch.unique(input_ids, return_inverse=True)
-    held = self._parameters["weight"]
+    held, padding = self._parameters["weight"], getattr(self, "padding_idx", None)
     self._parameters["weight"] = torch.nn.Parameter(held[rows].float(), requires_grad=False)
+    self.padding_idx = None  # it only stops the gradient of its row, and names a row of the whole table (Mllama's 128004)
     try:
         return type(self).forward(self, inverse)
     finally:
-        self._parameters["weight"] = held
+        self._parameters["weight"], self.padding_idx = held, padding
 
 
 def _head_forward(self, hidden):
@@ -174,8 +175,9 @@ def layer_sizes(model_class, folder: Path, dtype, table_dtype=None) -> tuple:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    build = getattr(model_class, "from_config", None) or model_class._from_config  # an Auto class, or a model class itself
     with init_empty_weights():
-        model = model_class.from_config(config)
+        model = build(config)
     # in ``dtype`` itself: the meta model takes the config's dtype (bfloat16 for real checkpoints), and accelerate's
     # ``dtype`` argument only ever lowers a size, so a float32 plan of a bf16 checkpoint counted half the bytes
     model.to(dtype)
@@ -268,3 +270,39 @@ def return_freed_memory() -> None:
             libc.malloc_trim(0)
     except OSError:  # not glibc: nothing to trim
         pass
+
+
+HEAD_CHUNKS = "xpack_head_chunks"  # the name transformers' AttentionInterface knows head_chunked_attention by
+
+
+def head_chunked_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' ``eager_attention_forward`` (float32 softmax, additive mask, no dropout in eval) computed one head at
+    a time: the same numbers, with one head's [queries, keys] scores in memory instead of all of them.
+
+    Why: Llama 3.2 11B Vision's tower attends over its 4 tiles at once (6432 patches), and eager attention holds
+    16 x 6432^2 float32 scores (2.6 GB) two or three times over; one head at a time holds 165 MB. What is traced from it
+    (the mllama ONNX vision graph) runs the same way in onnxruntime. transformers' sdpa would not do: on CPU with a mask
+    its kernel materializes the scores too."""
+    import torch
+
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for h in range(query.shape[1]):
+        k, v = key[:, h // groups : h // groups + 1], value[:, h // groups : h // groups + 1]
+        scores = torch.matmul(query[:, h : h + 1], k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        scores = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        outputs.append(torch.matmul(scores, v))
+    return torch.cat(outputs, dim=1).transpose(1, 2).contiguous(), None
+
+
+def chunk_vision_attention(model) -> None:
+    """Have a vision model's tower (its ``config.vision_config``) attend one head at a time (:func:`head_chunked_attention`)."""
+    from transformers import AttentionInterface
+
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None:
+        return
+    AttentionInterface.register(HEAD_CHUNKS, head_chunked_attention)
+    vision._attn_implementation = HEAD_CHUNKS

@@ -37,6 +37,7 @@ from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
 from xpack.runtimes.torch_offload import (
+    chunk_vision_attention,
     concrete_class,
     describe,
     map_large_allocations,
@@ -174,6 +175,7 @@ class TorchRuntime(Runtime):
         self.max_memory = max_memory  # bytes of weights a CPU reference may hold; the rest streams (torch_offload.py)
         self._offload_dir = None
         self._load_class = None  # set when a streamed model holds its tables in 16 bits (torch_offload.with_stored_tables)
+        self.streamed: str | None = None  # set when its layers stream from disk (_streamed_options): one line for the report
         super().__init__(artifact, profile)
 
     @staticmethod
@@ -237,6 +239,8 @@ class TorchRuntime(Runtime):
         _require_matching_weights(folder, self.architecture, loading)
         if "device_map" not in kwargs:  # a 4-bit or streamed model is placed by its device_map and cannot be moved
             self.model.to(self.device)
+        if self.streamed:  # within a memory budget: the vision tower attends one head at a time (the same numbers)
+            chunk_vision_attention(self.model)
         if self.peft is not None:
             self.model = self._with_adapters(self.model, folder)
         self.model.eval()

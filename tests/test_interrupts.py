@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from xpack.cli import cli
 from xpack.errors import XpackError
-from xpack.packager.io.atomic import atomic_dir, claim, lock_path, sweep_stale_locks
+from xpack.packager.io.atomic import atomic_dir, claim, lock_path, sweep_stale_locks, waiting_for
 from xpack.paths import owned_prefix, stale_entries
 
 
@@ -64,6 +64,24 @@ def test_a_killed_holder_leaves_no_claim(tmp_path):
     with claim(out):  # the kernel dropped the dead process's lock
         pass
     assert not lock_path(out).exists()
+
+
+def test_a_shared_cache_waits_for_the_run_that_fills_it(tmp_path):
+    """The demo models in $XPACK_HOME: a second run waits for the first (and then finds the model made) instead of being
+    refused, as a second writer of a user's --out is."""
+    lock = tmp_path / ".demo.xpack-wait"
+    code = (f"from xpack.packager.io.atomic import waiting_for; import pathlib, time\nwith waiting_for(pathlib.Path({str(lock)!r})):\n"
+            "    print('held', flush=True); time.sleep(1.5)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said, start = [], time.monotonic()
+    with waiting_for(lock, said.append):
+        waited = time.monotonic() - start
+    holder.wait(timeout=30)
+    assert said and "waiting for another xpack run" in said[0] and waited > 0.5
+    with waiting_for(lock, said.append):  # free now: no wait, nothing said
+        pass
+    assert len(said) == 1
 
 
 def test_an_out_that_appears_meanwhile_is_never_replaced(tmp_path):

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from xpack.cli import cli
 from xpack.packager.archs import require_arch
-from xpack.packager.export.onnx import pipeline
+from xpack.packager.export.onnx import pipeline, torch_check
 from xpack.packager.export.onnx.decoder_graph import build_decoder, build_embedding
 from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
 from xpack.packager.export.onnx.pipeline import default_block_size
@@ -24,6 +24,7 @@ from xpack.packager.export.onnx.precision import quantize_graph
 from xpack.packager.export.onnx.torch_check import load_torch, torch_steps
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.memory_need import float32_bytes
+from xpack.runtimes import torch_offload
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,34 @@ def test_large_export_checks_the_artifact_against_torch(twin_factory, tmp_path, 
     if bits == 32:
         assert artifact["within_tolerance"], artifact
     assert "not checked on its own" in (out / "README.md").read_text()
+
+
+def test_large_mllama_export_streams_its_reference_and_writes_the_same_artifact(twin_factory, tmp_path, monkeypatch):
+    """Llama 3.2 Vision at the 11B size: its graphs are traced from a weightless model and written one weight at a time
+    (mllama_trace.py), its torch reference streams every layer from the safetensors, and no float32 graph is written.
+    The artifact is the one the small-model path writes, byte for byte, and its figures against torch are the same."""
+    twin = twin_factory.get("mllama")
+
+    def export(out, streamed: bool):
+        args = ["export", "--model", str(twin.model_dir), "--adapter", str(twin.adapter_dir), "--format", "onnx", "--bits", "4", "--out", str(out)]
+        with monkeypatch.context() as m:
+            if streamed:
+                def every_layer_streamed(model_class, folder, dtype, table_dtype=None):
+                    model, _, blocks = torch_offload.layer_sizes(model_class, folder, dtype, table_dtype)
+                    return torch_offload._map(model, {b: "disk" for b in blocks})
+
+                m.setattr(pipeline, "FP32_CHECK_BYTES", 0)
+                m.setattr(torch_check, "lean_device_map", every_layer_streamed)
+            r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "manifest.json").read_text())["validation"]
+
+    plain, streamed = export(tmp_path / "plain", False), export(tmp_path / "streamed", True)
+    assert plain["export"]["within_tolerance"] and plain["export"]["figures"]["wrapper_max_abs_diff"] < 1e-4
+    assert "are not written" in streamed["export"]["skipped"]
+    for name in ("vision.onnx", "cross_kv.onnx", "decoder.onnx"):
+        for suffix in ("", ".data"):
+            assert (tmp_path / "plain" / f"{name}{suffix}").read_bytes() == (tmp_path / "streamed" / f"{name}{suffix}").read_bytes(), name + suffix
+    a, b = plain["artifact"]["logits"], streamed["artifact"]["logits"]
+    assert a["top1_agreement"] == b["top1_agreement"] and a["top1_agreement"] >= 0.5
+    np.testing.assert_allclose(a["max_abs_logit_error"], b["max_abs_logit_error"], atol=1e-5)

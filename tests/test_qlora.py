@@ -150,12 +150,17 @@ def test_dequant_quant_is_bitsandbytes_bit_for_bit(twin_factory, name, dtype):
     """Every 4-bit tensor, every setting: float32 weights, and the same rounded to bfloat16 (a bf16 checkpoint).
 
     The reference is bitsandbytes' CPU dequantize_4bit where it is right (rows a whole number of blocks),
-    its flat-block kernel elsewhere (see the module docstring). The demo model in bfloat16 takes block size 64
-    only, the one transformers uses (BitsAndBytesConfig has no block size): 210 tensors x 8 settings is ~40 s here.
+    its flat-block kernel elsewhere (see the module docstring). The demo model (real weights) is compared on its first
+    and last layers, each of the seven projections (14 of its 210 tensors: the whole model took 5.5 minutes of the
+    suite here); in bfloat16 with block size 64 only, the one transformers uses (BitsAndBytesConfig has no block size).
     """
     import bitsandbytes.functional as F
 
     tensors = _quantized_tensors(_model_dir(twin_factory, name))
+    if name == "demo":
+        layers = sorted({int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", n) for n in tensors) if m})
+        tensors = {n: w for n, w in tensors.items() if re.search(rf"\.layers\.({layers[0]}|{layers[-1]})\.", n)}
+        assert len(tensors) == 14, sorted(tensors)
     combos = [c for c in COMBOS if c[2] == 64] if (name, dtype) == ("demo", "BF16") else COMBOS
     compared = {"cpu kernel": 0, "flat-block kernel": 0}
     for (quant_type, double_quant, blocksize), (tname, w) in itertools.product(combos, tensors.items()):

@@ -18,7 +18,7 @@ from xpack.packager.io import memory_need
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.runtimes.registry import load
 from xpack.runtimes.settings import GenerationSettings
-from xpack.runtimes.torch_offload import layer_sizes
+from xpack.runtimes.torch_offload import _embedding_forward, layer_sizes
 from xpack.runtimes.torch_ref import PeftOnBase
 
 GREEDY = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
@@ -160,3 +160,17 @@ def test_closed_streamed_reference_is_freed(twin_factory, cpu):
     model = weakref.ref(rt.model)
     rt.close()
     assert model() is None
+
+
+def test_embedding_held_in_16_bits_ignores_a_padding_row_it_does_not_gather():
+    """A streamed model's embedding upcasts only the rows a forward uses; a padding_idx (Mllama's 128004) names a row of
+    the whole table and must not be checked against that smaller one: the numbers are the plain embedding's."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 8, padding_idx=40)
+    ids = torch.tensor([[3, 7, 3, 12]])
+    expected = table(ids)
+    table.weight = torch.nn.Parameter(table.weight.to(torch.bfloat16).float().to(torch.bfloat16), requires_grad=False)
+    got = _embedding_forward(table, ids)
+    torch.testing.assert_close(got, table.weight[ids].float(), rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
+    assert table.padding_idx == 40 and table.weight.dtype == torch.bfloat16

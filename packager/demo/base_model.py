@@ -25,7 +25,7 @@ from xpack.packager.demo.models import DEFAULT_MODEL, BuiltinModel, builtin_mode
 from xpack.packager.demo.tokenizer_bpe import build_bpe_tokenizer
 from xpack.packager.demo.tokenizer_check import check_tokenizer
 from xpack.packager.demo.tokenizer_spm import build_spm_tokenizer, repair_whitespace_pieces
-from xpack.packager.io.atomic import atomic_dir
+from xpack.packager.io.atomic import atomic_dir, waiting_for
 from xpack.paths import cache_home
 from xpack.runtimes.chat import END_OF_TURN_TOKENS
 
@@ -80,6 +80,13 @@ def demo_base_dir(model: str = DEFAULT_MODEL, force: bool = False) -> Path:
     target = _target(spec)
     if _is_complete(target) and not force:
         return target
+    with waiting_for(target.parent / f".{target.name}.xpack-wait", _say):  # two runs at once: the second uses the first's
+        if _is_complete(target) and not force:
+            return target
+        return _materialize_into(spec, target)
+
+
+def _materialize_into(spec: BuiltinModel, target: Path) -> Path:
     source = gguf_path(spec)
     _say(f"materializing {spec.title} into {target} (once; takes a minute)")
     try:

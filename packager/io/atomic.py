@@ -68,6 +68,25 @@ def claim(out: Path):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def waiting_for(path: Path, say=None):
+    """An exclusive flock on ``path`` (created if needed), waiting for another process that holds it: for a shared cache
+    that two runs may fill at once (the demo models in ``$XPACK_HOME``), where the second should use what the first
+    made rather than be refused as a second writer of a user's ``--out`` is. ``say`` is called once if it waits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say is not None:
+                say(f"waiting for another xpack run that is preparing {path.name.removeprefix('.').removesuffix('.xpack-wait')}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock file stays: removing it would let a third run lock a new file while the second holds the old
+
+
 _SIBLING = re.compile(r"^\.(?P<out>.+)\.xpack-(tmp|old)\.\d+\.")
 
 

@@ -46,38 +46,38 @@ still in torch 2.13, and what optimum-onnx uses too) with ``dynamic_axes`` for t
 past and vision-token axes; the decoder is traced with a non-empty past and several new tokens so
 that no size is frozen. The torch.export-based exporter (``dynamo=True``, torch's default) needs the
 ``onnxscript`` package, which is not among xpack's dependencies (``No module named 'onnxscript'``).
-Weights go inline into each .onnx, or into one ``<graph>.onnx.data`` beside it past 1 GiB.
+The graphs are traced from a model that holds no weights and written one weight at a time
+(mllama_trace.py, pending.py), and the torch reference streams its layers from the safetensors when
+the model is large (runtimes/torch_offload.py), so Llama 3.2 11B Vision (43 GB in float32) exports
+within a few GB (issue #12). Each graph's weights go into ``<graph>.onnx.data`` beside it.
 
 ``xpack export --format onnx`` of an mllama checkpoint (:func:`export_mllama_artifact`) merges the
-adapter into the whole checkpoint first (it reaches the vision layers too), exports the graphs and,
-below 32 bits, quantizes the decoder and cross K/V graphs at ``--bits`` and the vision graph at 8 bits,
-checked against the fp32 graphs.
+adapter into the whole checkpoint first (it reaches the vision layers too), checks the float32
+graphs against torch where they are small enough to run, and below 32 bits writes the decoder and
+cross K/V graphs at ``--bits`` and the vision graph at 8 bits, checked against torch.
 """
+
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
-import os
 import shutil
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.packager.archs import require_arch
 from xpack.packager.archs.onnx_spec import OnnxSpec
-from xpack.packager.export.onnx.common import (
-    DEFAULT_OPSET,
-    VISION_COMPANIONS,
-    OnnxExport,
-    decoder_io,
-    first_line,
-    quiet,
-    read_config,
-    require_libraries,
-)
+from xpack.packager.export.onnx.common import DEFAULT_OPSET, VISION_COMPANIONS, OnnxExport, decoder_io, first_line, quiet, read_config, require_libraries
+from xpack.packager.export.onnx.decoder_graph import _Weights
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
-from xpack.packager.export.onnx.precision import SCHEMES, VISION_DTYPE, quantize_graph, vision_int8, weight_node_types
+from xpack.packager.export.onnx.mllama_trace import parameter_names, to_placeholders, traced_graph, weightless_model
+from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
+from xpack.packager.export.onnx.precision import SCHEMES, VISION_DTYPE, VISION_INT8_BLOCK_SIZE, quantize_graph, weight_node_types
+from xpack.packager.export.onnx.quantize import quantize_matmuls
+from xpack.packager.export.onnx.torch_check import load_torch
 from xpack.packager.io.atomic import atomic_dir
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.merge.lora import Adapter
@@ -86,6 +86,7 @@ from xpack.packager.verify.parity import compare_logits
 from xpack.paths import temp_dir
 from xpack.runtimes.artifacts import MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE, MLLAMA_FORMAT, MLLAMA_META_FILE, VISION_FILE
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
+from xpack.runtimes.torch_offload import chunk_vision_attention, return_freed_memory
 
 __all__ = ["export_mllama", "export_mllama_artifact", "load_mllama"]
 
@@ -95,7 +96,6 @@ FORMAT_VERSION = 1
 LOGIT_RTOL = 1e-3
 # The torch wrappers against transformers, before exporting (same rule; measured on the twin: <= 1.2e-7).
 WRAPPER_RTOL = 1e-4
-EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to <graph>.onnx.data (protobuf's limit is 2 GiB)
 # What the output folder gets from the checkpoint besides the graphs.
 COMPANIONS = (
     "config.json",
@@ -110,30 +110,7 @@ COMPANIONS = (
 
 
 # ---------------------------------------------------------------------------------------------
-# loading, export, validation
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """libtorch's tracer prints "In-place op on output of tensor.shape" to fd 2 directly (the vision tower's
-    ``num_patches += 1``, harmless: those sizes are static); python-level errors still raise as usual."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # pytest's capture, notebooks: nothing to silence
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, fd)
-    finally:
-        os.close(saved)
+# the torch reference
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -143,21 +120,18 @@ def _read_config(model_dir: Path) -> dict:
     return config
 
 
-def load_mllama(model_dir: "str | Path"):
-    """``MllamaForConditionalGeneration`` in fp32, eager attention, eval mode (the reference the export is checked against)."""
-    import torch
-    import transformers
+def _spec(model_dir: Path) -> OnnxSpec:
+    spec = require_arch(_read_config(model_dir), "ONNX export").onnx
+    if spec is None:
+        raise XpackError(f"{model_dir}: the mllama architecture table has no onnx section")
+    return spec
 
+
+def load_mllama(model_dir: "str | Path", lean: bool = False):
+    """``MllamaForConditionalGeneration`` in fp32, eager attention, eval mode (the reference the export is checked
+    against); ``lean``: its repeated layers stream from the safetensors when the model is large (torch_check.load_torch)."""
     model_dir = Path(model_dir)
-    _read_config(model_dir)
-    with quiet():
-        try:
-            model = transformers.MllamaForConditionalGeneration.from_pretrained(
-                str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise XpackError(f"transformers could not load {model_dir} ({first_line(exc)})") from None
-    return model.eval()
+    return load_torch(model_dir, _spec(model_dir), lean=lean)
 
 
 def _layout(model) -> dict:
@@ -236,7 +210,7 @@ def _hf_logits(model, input_ids: list[int], image: dict | None, num_tiles: int |
         return model(**kwargs).logits[0].float().numpy()
 
 
-def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> float:
+def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> tuple[float, float]:
     """(max |logit diff|, max |logit|) of the torch wrappers against MllamaForConditionalGeneration on ``case``
     (a prefill of all but the last token, then that token as a cached step)."""
     import numpy as np
@@ -261,82 +235,97 @@ def _check_wrappers(model, wraps: dict, layout: dict, case: dict) -> float:
     return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 
 
-def _export_graph(module, args, path: Path, input_names, output_names, dynamic_axes, opset: int, output_shapes: dict | None = None) -> None:
-    """torch.onnx's TorchScript exporter into a scratch folder, then saved as ``path`` alone (weights inline), or with
-    one ``<name>.data`` file beside it when they pass 1 GiB (the exporter itself writes one file per tensor past 2 GiB)."""
+@dataclass
+class _Reference:
+    """transformers' logits on the check's case, computed before any graph is built (the model let go since)."""
+
+    case: dict
+    image_logits: "object"  # [S, vocab]: the prompt around <|image|>, with the image
+    text_ids: list[int]
+    text_logits: "object"  # [S - 1, vocab]: the same tokens without <|image|> and without the image
+    figures: dict = field(default_factory=dict)
+
+
+def _torch_reference(model_dir: Path) -> _Reference:
+    """The torch model's logits on the check's case, with the image and text only. Its layers stream from the
+    safetensors when the model is large (torch_check.load_torch's lean map); a model held whole also runs the export
+    wrappers against transformers (a difference is a one-line error: an unsupported transformers version)."""
+    import transformers
+
+    start = time.perf_counter()
+    model = load_mllama(model_dir, lean=True)
+    streamed = getattr(model, "xpack_offload_folder", None) is not None
+    layout = _layout(model)
+    case = _validation_inputs(layout)
+    if streamed:  # its vision tower attends one head at a time: the same numbers, 165 MB of scores instead of 2.6 GB at 11B
+        chunk_vision_attention(model)
+    image = _hf_logits(model, case["input_ids"], case, case["num_tiles"])
+    text_ids = [t for t in case["input_ids"] if t != layout["image_token_id"]]
+    text = _hf_logits(model, text_ids, None)
+    figures: dict = {"torch_layers_streamed": streamed}
+    if not streamed:
+        wrapper_diff, scale = _check_wrappers(model, wrap_mllama(model), layout, case)
+        tolerance = WRAPPER_RTOL * max(1.0, scale)
+        if not wrapper_diff <= tolerance:
+            raise XpackError(
+                f"the mllama export wrapper differs from transformers {transformers.__version__} by {wrapper_diff:.3g} in the logits "
+                f"(tolerance {tolerance:.3g}); this transformers version is not supported, use 4.57"
+            )
+        figures["wrapper_max_abs_diff"] = wrapper_diff
+    del model
+    return_freed_memory()
+    figures["torch_s"] = round(time.perf_counter() - start, 2)
+    return _Reference(case, image, text_ids, text, figures)
+
+
+# ---------------------------------------------------------------------------------------------
+# the graphs
+
+
+def _trace_all(model_dir: Path, pending: PendingWeights, work: Path, opset: int) -> tuple[dict, dict]:
+    """The three graphs of ``model_dir`` with placeholder weights (mllama_trace.py): ({file: graph}, the meta file's facts)."""
     import onnx
     import torch
+    import transformers
 
-    scratch = path.parent / f".{path.stem}-export"
-    scratch.mkdir()
-    try:
-        with quiet(), _native_stderr_silenced(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(scratch / path.name),
-                dynamo=False,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-        model = onnx.load(str(scratch / path.name), load_external_data=True)
-        for output in model.graph.output:  # the tracer names derived sizes after its nodes ("Reshape..._dim_2"): state them
-            for i, size in enumerate((output_shapes or {}).get(output.name, ())):
-                dim = output.type.tensor_type.shape.dim[i]
-                if isinstance(size, str):
-                    dim.dim_param = size
-                else:
-                    dim.dim_value = int(size)
-        if sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, str(path))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _export_all(model, wraps: dict, layout: dict, case: dict, folder: Path, opset: int) -> None:
-    import torch
-
+    model = weightless_model(model_dir)
+    layout = _layout(model)
+    wraps = wrap_mllama(model)
+    case = _validation_inputs(layout)
+    weights = _Weights(model_dir)
+    pending.on_close(weights.close)
     names = _io_names(layout)
     kvh, hd = layout["num_key_value_heads"], layout["head_dim"]
-    # vision
-    vision_args = (case["pixel_values"], case["aspect_ratio_ids"], case["aspect_ratio_mask"])
+    graphs: dict = {}
+
+    def trace(key: str, file: str, args, inputs, outputs, axes, shapes) -> None:
+        try:
+            graph = traced_graph(wraps[key], args, work / f".trace-{key}", inputs, outputs, axes, opset, shapes)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise XpackError(f"torch.onnx could not export the mllama {key} graph ({first_line(exc)})") from None
+        to_placeholders(graph, parameter_names(wraps[key], model), weights, pending)
+        graphs[file] = graph
+
     vision_in = ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"]
-    batch = {0: "batch"}
-    _export_graph(
-        wraps["vision"], vision_args, folder / VISION_FILE, vision_in, ["cross_attention_states"],
-        {n: batch for n in vision_in + ["cross_attention_states"]}, opset,
-        {"cross_attention_states": ("batch", layout["max_num_tiles"] * layout["tokens_per_tile"], layout["hidden_size"])},
-    )
-    # cross keys/values
+    trace("vision", VISION_FILE, tuple(case[n] for n in vision_in), vision_in, ["cross_attention_states"],
+          {n: {0: "batch"} for n in vision_in + ["cross_attention_states"]},
+          {"cross_attention_states": ("batch", layout["max_num_tiles"] * layout["tokens_per_tile"], layout["hidden_size"])})
+    # cross keys/values: traced on stand-in states of the real shape (the trace does not depend on their values)
+    vision_tokens = layout["max_num_tiles"] * layout["tokens_per_tile"]
+    states = torch.zeros((1, vision_tokens, layout["hidden_size"]))
     with torch.no_grad():
-        states = wraps["vision"](*vision_args)
         cross = tuple(wraps["cross_kv"](states))
     kv_axes = {0: "batch", 2: "vision_tokens"}
-    _export_graph(
-        wraps["cross_kv"], (states,), folder / MLLAMA_CROSS_KV_FILE, ["cross_attention_states"], names["cross"],
-        {"cross_attention_states": {0: "batch", 1: "vision_tokens"}, **{n: kv_axes for n in names["cross"]}}, opset,
-        {n: ("batch", kvh, "vision_tokens", hd) for n in names["cross"]},
-    )
+    trace("cross_kv", MLLAMA_CROSS_KV_FILE, (states,), ["cross_attention_states"], names["cross"],
+          {"cross_attention_states": {0: "batch", 1: "vision_tokens"}, **{n: kv_axes for n in names["cross"]}},
+          {n: ("batch", kvh, "vision_tokens", hd) for n in names["cross"]})
     # decoder: traced with a non-empty past and several new tokens, so that no size is taken for a constant
     past_len, seq = 3, 4
     gen = torch.Generator().manual_seed(1)
     past = tuple(torch.randn((1, kvh, past_len, hd), generator=gen) for _ in names["past"])
     ids = torch.tensor([case["input_ids"][past_len : past_len + seq]])
-    vision_tokens = layout["max_num_tiles"] * layout["tokens_per_tile"]
-    decoder_args = (
-        ids,
-        torch.ones((1, past_len + seq), dtype=torch.long),
-        torch.arange(past_len, past_len + seq)[None],
-        torch.zeros((1, 1, seq, vision_tokens)),
-        torch.ones((1, 1, seq, 1)),
-        past,
-        cross,
-    )
+    decoder_args = (ids, torch.ones((1, past_len + seq), dtype=torch.long), torch.arange(past_len, past_len + seq)[None],
+                    torch.zeros((1, 1, seq, vision_tokens)), torch.ones((1, 1, seq, 1)), past, cross)
     decoder_in = ["input_ids", "attention_mask", "position_ids", "cross_attention_mask", "full_text_row_masked_out_mask"]
     axes = {
         "input_ids": {0: "batch", 1: "sequence"},
@@ -349,101 +338,120 @@ def _export_all(model, wraps: dict, layout: dict, case: dict, folder: Path, opse
         **{n: kv_axes for n in names["cross"]},
         **{n: {0: "batch", 2: "total_sequence"} for n in names["present"]},
     }
-    _export_graph(
-        wraps["decoder"], decoder_args, folder / MLLAMA_DECODER_FILE, decoder_in + names["past"] + names["cross"], ["logits"] + names["present"], axes, opset,
-        {"logits": ("batch", "sequence", layout["vocab_size"]), **{n: ("batch", kvh, "total_sequence", hd) for n in names["present"]}},
-    )
+    trace("decoder", MLLAMA_DECODER_FILE, decoder_args, decoder_in + names["past"] + names["cross"], ["logits"] + names["present"], axes,
+          {"logits": ("batch", "sequence", layout["vocab_size"]), **{n: ("batch", kvh, "total_sequence", hd) for n in names["present"]}})
+    meta = {
+        "format": MLLAMA_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "files": {"vision": VISION_FILE, "cross_kv": MLLAMA_CROSS_KV_FILE, "decoder": MLLAMA_DECODER_FILE},
+        **layout,
+        "eos_token_ids": _eos_ids(model),
+        "bos_token_id": model.config.text_config.bos_token_id,
+        "dtype": "float32",
+        "opset": opset,
+        "exporter": f"torch.onnx.export(dynamo=False, export_params=False) (TorchScript) of a weightless model, the weights written by xpack; "
+                    f"torch {torch.__version__}, onnx {onnx.__version__}",
+        "transformers": transformers.__version__,
+    }
+    return graphs, meta
 
 
-def _validate(model, folder: Path, layout: dict, case: dict) -> dict:
-    """The graphs (through the runtime's pipeline) against torch: a prefill with the image, one cached decoding step, text only."""
-    import numpy as np
+def _write_graphs(graphs: dict, pending: PendingWeights, folder: Path, quantize=None) -> dict:
+    """Each graph into ``folder`` as ``<file>`` + ``<file>.data``, its weights made and written one at a time;
+    ``quantize(file, graph) -> (graph, account)`` first when given. Returns the accounts by file."""
+    accounts = {}
+    for file, graph in list(graphs.items()):
+        opset = {o.domain: o.version for o in graph.opset_import}.get("", None)
+        with DataFile(folder, f"{file}.data") as out:
+            pending.out = out
+            if quantize is not None:
+                graph, accounts[file] = quantize(file, graph)
+                for o in graph.opset_import:  # the quantizer raises the opset; the traced graph's ops (ReduceMean axes) are of its own
+                    if o.domain in ("", "ai.onnx") and opset is not None:
+                        o.version = opset
+            pending.write_all(graph)
+        pending.out = None
+        save_graph(graph, folder / file)
+    return accounts
 
+
+def _write_meta(folder: Path, meta: dict, source: Path) -> None:
+    """``mllama_onnx.json`` and the checkpoint's tokenizer, processor and generation files."""
+    for name in COMPANIONS:
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+    (folder / MLLAMA_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks
+
+
+def _run_graphs(folder: Path, reference: _Reference) -> tuple:
+    """The graphs of ``folder`` through the runtime's pipeline on the reference's case: (prefill, step, text) logits."""
+    case = reference.case
     pipe = MllamaOnnx(folder)
     ids = case["input_ids"]
     n = len(ids) - 1
-    ref = _hf_logits(model, ids, case, case["num_tiles"])  # full forward: its last row is what a cached step must give
     image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
     cmask, rmask = pipe.masks(ids, image)
     prefill, past = pipe.run(ids[:n], pipe.empty_past(), image.cross_kv, cmask[:, :, :n], rmask[:, :, :n], 0)
     step, _ = pipe.run(ids[n:], past, image.cross_kv, cmask[:, :, n:], rmask[:, :, n:], n)
-    text_ids = [t for t in ids if t != layout["image_token_id"]]
-    text_ref = _hf_logits(model, text_ids, None)
-    text = pipe.logits(text_ids)
-    scale = float(max(np.abs(ref).max(), np.abs(text_ref).max()))
-    return {
+    del image, past
+    text = pipe.logits(reference.text_ids)
+    return prefill, step, text
+
+
+def _validate(folder: Path, reference: _Reference, atol: float | None = None) -> dict:
+    """The float32 graphs against torch: a prefill with the image, one cached decoding step, text only; beyond the
+    tolerance a one-line error."""
+    import numpy as np
+
+    prefill, step, text = _run_graphs(folder, reference)
+    ref, n = reference.image_logits, len(reference.case["input_ids"]) - 1
+    scale = float(max(np.abs(ref).max(), np.abs(reference.text_logits).max()))
+    figures = {
         "prefill_max_abs_diff": float(np.abs(prefill - ref[:n]).max()),
         "decode_step_max_abs_diff": float(np.abs(step - ref[n:]).max()),
-        "text_only_max_abs_diff": float(np.abs(text - text_ref).max()),
+        "text_only_max_abs_diff": float(np.abs(text - reference.text_logits).max()),
         "prefill_top1_agreement": float((prefill.argmax(-1) == ref[:n].argmax(-1)).mean()),
         "logit_scale": scale,
         "prefill_tokens": n,
-        "image_tiles": case["num_tiles"],
+        "image_tiles": reference.case["num_tiles"],
+        **reference.figures,
+    }
+    tolerance = float(atol if atol is not None else LOGIT_RTOL * max(1.0, scale))
+    worst = max(figures["prefill_max_abs_diff"], figures["decode_step_max_abs_diff"], figures["text_only_max_abs_diff"])
+    figures.update(atol=tolerance, passed=worst <= tolerance)
+    if not worst <= tolerance:
+        raise XpackError(f"the exported mllama graphs differ from torch by {worst:.3g} in the logits (tolerance {tolerance:.3g}); nothing was written")
+    return figures
+
+
+def _artifact_check(folder: Path, reference: _Reference, bits: int) -> dict:
+    """The graphs at ``bits`` against torch on the same case (KL, top-1, max logit error); non-finite logits refuse."""
+    import numpy as np
+
+    prefill, step, text = _run_graphs(folder, reference)
+    got = np.concatenate([prefill, step, text])
+    if not np.isfinite(got).all():
+        raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
+    expected = np.concatenate([reference.image_logits, reference.text_logits])
+    figures = compare_logits(expected, got)
+    return {
+        "tokens": int(len(got)), "finite": True, "max_abs_diff": {"logits": figures.get("max_abs_logit_error")}, "logits": figures,
+        "reference": "transformers fp32 (eager attention): a synthetic image, a prefill around <|image|> + one cached step, and the text alone",
     }
 
 
-def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int | None = None, force: bool = False, atol: float | None = None) -> dict:
-    """Export a Llama 3.2 Vision checkpoint (merge an adapter first) to ``vision.onnx``, ``cross_kv.onnx``, ``decoder.onnx``.
-
-    ``out_dir`` gets the three graphs, ``mllama_onnx.json`` (layout, files, figures) and the checkpoint's
-    tokenizer, processor and generation files; it is written atomically (refused if it exists, unless
-    ``force``). Returns the metadata written to ``mllama_onnx.json``; its ``validation`` holds the max
-    |logit difference| against torch of a prefill with an image, of one cached decoding step and of a
-    text-only prefill. Raises :class:`XpackError` when one is above ``atol`` (default:
-    ``LOGIT_RTOL * max(1, max |torch logit|)``).
-    """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    require_libraries("the mllama ONNX export", ("torch", "transformers", "onnx", "onnxruntime", "numpy"))
-    import onnx
-    import torch
-    import transformers
-
-    _read_config(model_dir)
-    started = time.perf_counter()
-    opset = int(opset or DEFAULT_OPSET)
-    model = load_mllama(model_dir)
-    layout = _layout(model)
-    wraps = wrap_mllama(model)
-    case = _validation_inputs(layout)
-    wrapper_diff, scale = _check_wrappers(model, wraps, layout, case)
-    wrapper_tolerance = WRAPPER_RTOL * max(1.0, scale)
-    if not wrapper_diff <= wrapper_tolerance:
-        raise XpackError(
-            f"the mllama export wrapper differs from transformers {transformers.__version__} by {wrapper_diff:.3g} in the logits "
-            f"(tolerance {wrapper_tolerance:.3g}); this transformers version is not supported, use 4.57"
-        )
-    with atomic_dir(out_dir, force=force) as tmp:
-        try:
-            _export_all(model, wraps, layout, case, tmp, opset)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise XpackError(f"torch.onnx could not export the mllama graphs ({first_line(exc)})") from None
-        for name in COMPANIONS:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        meta = {
-            "format": MLLAMA_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "files": {"vision": VISION_FILE, "cross_kv": MLLAMA_CROSS_KV_FILE, "decoder": MLLAMA_DECODER_FILE},
-            **layout,
-            "eos_token_ids": _eos_ids(model),
-            "bos_token_id": model.config.text_config.bos_token_id,
-            "dtype": "float32",
-            "opset": opset,
-            "exporter": f"torch.onnx.export(dynamo=False) (TorchScript), torch {torch.__version__}, onnx {onnx.__version__}",
-            "transformers": transformers.__version__,
-            "source": str(model_dir),
-        }
-        (tmp / MLLAMA_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        figures = _validate(model, tmp, layout, case)
-        tolerance = float(atol if atol is not None else LOGIT_RTOL * max(1.0, figures["logit_scale"]))
-        worst = max(figures["prefill_max_abs_diff"], figures["decode_step_max_abs_diff"], figures["text_only_max_abs_diff"])
-        figures.update(wrapper_max_abs_diff=wrapper_diff, atol=tolerance, passed=worst <= tolerance)
-        if not worst <= tolerance:
-            raise XpackError(f"the exported mllama graphs differ from torch by {worst:.3g} in the logits (tolerance {tolerance:.3g}); nothing was written")
-        meta["validation"] = figures
-        meta["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / MLLAMA_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
+def _export_check(figures: dict) -> dict:
+    """The float32 graphs' figures (prefill with an image, one cached step, text only) as the manifest's export check."""
+    worst = max(figures.get(k, 0.0) for k in ("prefill_max_abs_diff", "decode_step_max_abs_diff", "text_only_max_abs_diff"))
+    return {
+        "tokens": figures.get("prefill_tokens", 0) + 1, "atol": figures.get("atol"), "rtol": 0.0, "within_tolerance": bool(figures.get("passed")),
+        "finite": True, "max_abs_diff": {"logits": worst, "present (max over layers)": None},
+        "figures": figures, "reference": "transformers fp32 (eager attention): prefill with an image, one cached step, text only",
+    }
 
 
 def _eos_ids(model) -> list[int]:
@@ -456,20 +464,53 @@ def _eos_ids(model) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the artifact of `xpack export --format onnx`
+# entry points
+
+
+def export_mllama(model_dir: "str | Path", out_dir: "str | Path", *, opset: int | None = None, force: bool = False, atol: float | None = None) -> dict:
+    """Export a Llama 3.2 Vision checkpoint (merge an adapter first) to ``vision.onnx``, ``cross_kv.onnx``, ``decoder.onnx``
+    in float32.
+
+    ``out_dir`` gets the three graphs (weights in ``<graph>.data``), ``mllama_onnx.json`` (layout, files, figures) and
+    the checkpoint's tokenizer, processor and generation files; it is written atomically (refused if it exists, unless
+    ``force``). Returns the metadata written to ``mllama_onnx.json``; its ``validation`` holds the max |logit
+    difference| against torch of a prefill with an image, of one cached decoding step and of a text-only prefill.
+    Raises :class:`XpackError` when one is above ``atol`` (default: ``LOGIT_RTOL * max(1, max |torch logit|)``).
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    require_libraries("the mllama ONNX export", ("torch", "transformers", "onnx", "onnxruntime", "numpy"))
+    _read_config(model_dir)
+    started = time.perf_counter()
+    reference = _torch_reference(model_dir)
+    with atomic_dir(out_dir, force=force) as tmp:
+        pending = PendingWeights()
+        try:
+            graphs, meta = _trace_all(model_dir, pending, tmp, int(opset or DEFAULT_OPSET))
+            _write_graphs(graphs, pending, tmp)
+        finally:
+            pending.close()
+        meta["source"] = str(model_dir)
+        _write_meta(tmp, meta, model_dir)
+        meta["validation"] = _validate(tmp, reference, atol)
+        meta["seconds"] = round(time.perf_counter() - started, 2)
+        _write_meta(tmp, meta, model_dir)
+    return meta
 
 
 def export_mllama_artifact(
     ckpt: Checkpoint, adapters: list[Adapter], tmp_out: Path, bits: int, spec: OnnxSpec, block_size: int, keep_lm_head: bool, int4: str,
-    merge: MergeSettings,
+    merge: MergeSettings, check_fp32: bool = True,
 ) -> OnnxExport:
-    """The three graphs of ``ckpt`` (adapters merged first, as ``merge`` says) at ``bits`` in ``tmp_out``, and the export's account."""
+    """The three graphs of ``ckpt`` (adapters merged first, as ``merge`` says) at ``bits`` in ``tmp_out``, and the export's
+    account. ``check_fp32``: below 32 bits, also write the float32 graphs and check them against torch (the pipeline
+    turns it off for a model whose float32 graphs onnxruntime could not hold); the artifact is checked either way."""
     if bits not in spec.bits:
         raise XpackError(
             f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
             f"use --bits {', '.join(str(b) for b in spec.bits)}"
         )
-    result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=MLLAMA_DECODER_FILE, data_file=None, exported_class="MllamaForConditionalGeneration")
+    result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=MLLAMA_DECODER_FILE, data_file=f"{MLLAMA_DECODER_FILE}.data",
+                        exported_class="MllamaForConditionalGeneration")
     clock = time.perf_counter()
     with temp_dir("onnx", dir=tmp_out.parent) as work_dir, quiet():
         work = Path(work_dir)
@@ -478,15 +519,49 @@ def export_mllama_artifact(
             (work / "merged").mkdir()
             result.notes += list(run_merge(ckpt, adapters, work / "merged", merge).plan.notes)
             source = work / "merged"
-        meta = export_mllama(source, work / "mllama")
+        result.timings["prepare_s"] = round(time.perf_counter() - clock, 2)
+        reference = _torch_reference(source)
+        result.timings["torch_check_s"] = reference.figures["torch_s"]
+        pending = PendingWeights()
+        try:
+            start = time.perf_counter()
+            graphs, meta = _trace_all(source, pending, work, spec.opset or DEFAULT_OPSET)
+            meta["source"] = ckpt.path.name
+            result.timings["graph_s"] = round(time.perf_counter() - start, 2)
+            if bits == 32 or check_fp32:
+                fp32 = tmp_out if bits == 32 else work / "fp32"
+                fp32.mkdir(exist_ok=True)
+                _write_graphs(graphs if bits == 32 else copy.deepcopy(graphs), pending, fp32)  # placeholders: no weights are copied
+                _write_meta(fp32, meta, source)
+                meta["validation"] = _validate(fp32, reference)
+                result.validation["export"] = _export_check(meta["validation"])
+            else:
+                result.validation["export"] = {
+                    "skipped": "the float32 graphs are not written: the export streams one weight at a time and checks the artifact against torch "
+                               "(above pipeline.py FP32_CHECK_BYTES)",
+                }
+            if bits != 32:
+                start = time.perf_counter()
+                meta["dtype"] = f"{bits}-bit weights (MatMulNBits), vision 8-bit"
+
+                def quantize(file: str, graph):
+                    if file == VISION_FILE:  # round to nearest: onnxruntime's MatMulNBitsQuantizer's bytes (quantize.py)
+                        graph, _ = quantize_matmuls(graph, 8, VISION_INT8_BLOCK_SIZE, search=False, share_embedding=False, tensors=pending)
+                        return graph, {"bits": 8, "node_types": weight_node_types(graph)}
+                    return quantize_graph(graph, bits, block_size, keep_lm_head, spec, int4, tensors=pending)
+
+                accounts = _write_graphs(graphs, pending, tmp_out, quantize)
+                result.timings["quantize_s"] = round(time.perf_counter() - start, 2)
+        finally:
+            pending.close()
+        del graphs
+        _write_meta(tmp_out, meta, source)
         if bits != 32:
-            result.quantization, result.validation["artifact"] = _quantize_graphs(work / "mllama", work / "fp32", bits, spec, block_size, keep_lm_head, int4)
-        for path in (work / "mllama").iterdir():
-            shutil.move(str(path), tmp_out / path.name)
-    for name in (f"{MLLAMA_DECODER_FILE}.data", f"{MLLAMA_DECODER_FILE}_data"):
-        if (tmp_out / name).is_file():
-            result.data_file = name
-    result.validation["export"] = _export_check(meta.get("validation") or {})
+            start = time.perf_counter()
+            result.validation["artifact"] = _artifact_check(tmp_out, reference, bits)
+            result.timings["artifact_check_s"] = round(time.perf_counter() - start, 2)
+            result.quantization = {**accounts[MLLAMA_DECODER_FILE], "graphs": {f: a.get("node_types") or {} for f, a in accounts.items()},
+                                   "vision": "int8 weight-only (MatMulNBits bits=8)"}
     result.validation.setdefault("artifact", {"same_as": "export"})
     result.vision = {"onnx_file": VISION_FILE, "cross_kv_file": MLLAMA_CROSS_KV_FILE, "precision": VISION_DTYPE[bits],
                      "files": [VISION_FILE, f"{VISION_FILE}.data", MLLAMA_CROSS_KV_FILE, f"{MLLAMA_CROSS_KV_FILE}.data"]}
@@ -495,61 +570,3 @@ def export_mllama_artifact(
     result.opset = int(result.io["opset"].get("ai.onnx", 0))
     result.timings["total_s"] = round(time.perf_counter() - clock, 2)
     return result
-
-
-def _export_check(figures: dict) -> dict:
-    """export_mllama's figures (prefill with an image, one cached step, text only) as the manifest's export check."""
-    worst = max(figures.get(k, 0.0) for k in ("prefill_max_abs_diff", "decode_step_max_abs_diff", "text_only_max_abs_diff"))
-    return {
-        "tokens": figures.get("tokens"), "atol": figures.get("atol"), "rtol": 0.0, "within_tolerance": bool(figures.get("passed")),
-        "finite": True, "max_abs_diff": {"logits": worst, "present (max over layers)": None},
-        "figures": figures, "reference": "transformers fp32 (eager attention): prefill with an image, one cached step, text only",
-    }
-
-
-def _quantize_graphs(folder: Path, keep: Path, bits: int, spec: OnnxSpec, block_size: int, keep_lm_head: bool, int4: str) -> tuple[dict, dict]:
-    """Quantize the three graphs in ``folder`` (decoder and cross K/V at ``bits``, vision at 8 bits),
-    then compare them with the fp32 graphs (kept in ``keep``; those matched torch within 1e-6)."""
-    import onnx
-
-    shutil.copytree(folder, keep)
-    info: dict = {}
-    for name in (MLLAMA_DECODER_FILE, MLLAMA_CROSS_KV_FILE, VISION_FILE):
-        model = onnx.load(str(folder / name))
-        opset = {o.domain: o.version for o in model.opset_import}.get("", None)
-        if name == VISION_FILE:
-            model, part = vision_int8(model), {"bits": 8}
-        else:
-            model, part = quantize_graph(model, bits, block_size, keep_lm_head, spec, int4)
-        for o in model.opset_import:  # the quantizer raises the opset; the traced graph's ops (ReduceMean axes) are of its own
-            if o.domain in ("", "ai.onnx") and opset is not None:
-                o.version = opset
-        for stale in folder.glob(f"{name}*"):
-            stale.unlink()
-        onnx.save_model(model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
-        info[name] = part.get("node_types") or weight_node_types(model)
-        if name == MLLAMA_DECODER_FILE:
-            decoder_part = part
-    quantization = {**decoder_part, "graphs": info, "vision": "int8 weight-only (MatMulNBits bits=8)"}
-    check = _compare_graphs(MllamaOnnx(keep, threads=1), MllamaOnnx(folder, threads=1))
-    if not check["finite"]:
-        raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
-    return quantization, check
-
-
-def _compare_graphs(reference: MllamaOnnx, candidate: MllamaOnnx) -> dict:
-    """The candidate graphs' logits against the reference graphs' on a synthetic image and a prompt around the image token."""
-    import numpy as np
-
-    shape = [int(d) for d in reference.sessions["vision"].get_inputs()[0].shape[2:]]
-    pixels = np.random.default_rng(0).standard_normal([1, 1, *shape]).astype(np.float32)
-    ratio_ids, ratio_mask = np.array([[1]], np.int64), np.array([[[1] + [0] * (shape[0] - 1)]], np.int64)
-    ids = [(7 * i + 3) % reference.vocab_size for i in range(12)] + [reference.image_token_id] + [(5 * i + 11) % reference.vocab_size for i in range(20)]
-    ids = [t if t != reference.image_token_id or i == 12 else 0 for i, t in enumerate(ids)]
-    expected = reference.logits(ids, reference.encode_image(pixels, ratio_ids, ratio_mask))
-    got = candidate.logits(ids, candidate.encode_image(pixels, ratio_ids, ratio_mask))
-    figures = compare_logits(expected, got)
-    return {
-        "tokens": len(ids), "finite": bool(np.isfinite(got).all()), "max_abs_diff": {"logits": figures.get("max_abs_logit_error")},
-        "logits": figures, "reference": "the fp32 graphs (within 1e-6 of torch), a synthetic one-tile image and 32 tokens around the image token",
-    }

@@ -150,8 +150,10 @@ def export_onnx(
     arch = require_arch(ckpt.config, "ONNX export")
     spec = _spec_of(arch)
     ckpt.check_not_packed()
-    streamed = graph == "xpack" and mix is None and spec.pipeline != "mllama"  # mllama.py's graphs are built in memory
-    check_onnx_export(ckpt, arch.name, bits, streamed=streamed, vision_prefixes=_checkpoint_prefixes(arch),
+    streamed = graph == "xpack" and mix is None
+    # mllama's vision layers stream like its decoder's (mllama.py); Gemma 3's tower is checked in torch whole
+    vision_prefixes = () if spec.pipeline == "mllama" else _checkpoint_prefixes(arch)
+    check_onnx_export(ckpt, arch.name, bits, streamed=streamed, vision_prefixes=vision_prefixes,
                       gguf_supported=arch.gguf is None or not arch.gguf.unsupported)
     require_libraries("ONNX export", LIBRARIES[graph == "xpack":])
     threads = threads or min(os.cpu_count() or 1, 8)
@@ -160,7 +162,8 @@ def export_onnx(
     if spec.pipeline == "mllama":
         if graph != "xpack":
             raise XpackError("optimum-onnx cannot export Llama 3.2 Vision (mllama); drop --graph optimum (xpack writes its vision, cross-attention and decoder graphs)")
-        return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4, merge)
+        return export_mllama_artifact(ckpt, adapters, tmp_out, bits, spec, block_size, keep_lm_head, int4, merge,
+                                      check_fp32=float32_bytes(ckpt) <= FP32_CHECK_BYTES)
     return _export_decoder(_Job(ckpt, arch, spec, tmp_out, bits, block_size, keep_lm_head, threads, graph, int4, merge, mix), adapters)
 
 

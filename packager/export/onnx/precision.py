@@ -146,25 +146,6 @@ def keep_fp32_between(model: "onnx.ModelProto") -> int:
     return len(rename)
 
 
-def rtn_matmuls(model: "onnx.ModelProto", bits: int, block_size: int, exclude: Sequence[str] = ()) -> "onnx.ModelProto":
-    """onnxruntime's ``MatMulNBitsQuantizer`` (round to nearest, asymmetric, accuracy_level 4) on every
-    MatMul with a weight initializer but the nodes named in ``exclude``."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
-        nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),),
-    )
-    quantizer.process()
-    return quantizer.model.model
-
-
-def vision_int8(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """A vision graph (Gemma 3's tower, mllama's vision.onnx) at 8 bits: every MatMul with a weight in
-    blocks of 32; convolutions and norms stay float32."""
-    return rtn_matmuls(model, 8, VISION_INT8_BLOCK_SIZE)
-
-
 # ---------------------------------------------------------------------------------------------
 # graph surgery
 
