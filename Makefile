@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/xpack demo --force
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: install
 	$(BIN)/python benchmarks/merge.py
