@@ -13,7 +13,8 @@ Sides, each a fresh process measured by ``_harness.run_measured`` (wall time, pe
   onnx      ``xpack export --format onnx --bits 4 --no-calibrate`` and ``--bits 16``  |  optimum-onnx's
             ``optimum-cli export onnx --task text-generation-with-past`` (its out-of-memory, past ``--memory-limit-gb``,
             or its refusal, is reported as such)
-  verify    ``xpack verify`` of the Q4_K_M GGUF against the merged checkpoint, the reference within
+  verify    ``xpack verify`` of the Q4_K_M GGUF (of the ONNX int4 for mllama, which llama.cpp cannot run) against the
+            merged checkpoint, the reference within
             ``--reference-memory`` (its layers streamed)
   decode    tokens/s after the first token, greedy, EOS ignored, ``--tokens`` tokens: ``xpack.runtimes`` vs a raw
             llama-cpp-python loop (GGUF) and a raw onnxruntime loop (ONNX int4), both fed the same prompt ids; and
@@ -273,9 +274,10 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
         r.side("optimum-cli export onnx", [Path(sys.executable).with_name("optimum-cli"), "export", "onnx", "--model", merged,
                                            "--task", "text-generation-with-past", opt], out=opt)
         shutil.rmtree(opt, ignore_errors=True)
-    if "verify" in steps:
-        r.side("xpack verify (GGUF Q4_K_M)", H.xpack("verify", "--artifact", gguf_dir, "--reference", merged, "--profile", "cpu16", "--no-benchmark",
-                                                     "--max-tokens", "8", "--reference-memory", reference_memory, "--json"))
+    if "verify" in steps:  # the GGUF; a model llama.cpp cannot run (mllama) verifies its ONNX int4
+        artifact, label = (gguf_dir, "GGUF Q4_K_M") if any(gguf_dir.glob("*.gguf")) else (onnx4, "ONNX int4")
+        r.side(f"xpack verify ({label})", H.xpack("verify", "--artifact", artifact, "--reference", merged, "--profile", "cpu16", "--no-benchmark",
+                                                  "--max-tokens", "8", "--reference-memory", reference_memory, "--json"))
     decode = {}
     if "decode" in steps:
         bw = r.side("bandwidth", H.worker_cmd("bandwidth"))

@@ -231,29 +231,6 @@ def describe(device_map: dict[str, str]) -> str:
     return f"{streamed} of its layers streamed from the safetensors files at each forward, to stay within the memory budget"
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def map_large_allocations() -> None:
-    """Have glibc serve every allocation of 1 MB and more with its own mapping, returned to the OS when freed.
-
-    A streamed reference allocates and frees each streamed layer's float32 weights at every forward. glibc raises its
-    mmap threshold as large blocks are freed (up to 32 MB), so a Gemma 3 4B layer's attention matrices (10-21 MB) end
-    up in the heap, whose freed space fragmented and was never returned: the heap grew by 3.9 GB over one verify.
-    Process-wide and kept (the setting cannot be undone without knowing the dynamic one glibc had); a no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except OSError:
-        pass
-
-
 def return_freed_memory() -> None:
     """Collect the closed model's reference cycles (accelerate's hooks hold their modules) and hand the freed heap
     back to the OS (glibc keeps small freed blocks in its arenas), so that what runs next in the process, e.g. the

@@ -34,13 +34,13 @@ from xpack.errors import XpackError
 from xpack.paths import temp_dir
 from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate
+from xpack.runtimes.heap import map_large_allocations
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.settings import GenerationSettings, timing_fields
 from xpack.runtimes.torch_offload import (
     chunk_vision_attention,
     concrete_class,
     describe,
-    map_large_allocations,
     return_freed_memory,
     stored_tables,
     streamed_device_map,

@@ -12,6 +12,7 @@ import onnxruntime as ort  # noqa: E402
 import pytest
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from xpack.packager.export.onnx import quantize  # noqa: E402
 from xpack.packager.export.onnx.quantize import (  # noqa: E402
     LLAMA_CPP_Q4_K_M_PATTERNS,
     dequantize_weight,
@@ -232,3 +233,17 @@ def test_one_weight_two_matmuls_quantized_once():
     y1, y2 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})
     deq = dequantize_weight(*[_inits(model)[n] for n in ("W_Q4", "W_scales", "W_zero_points")], 4, 64)
     assert np.abs(y1 - a @ deq).max() < 0.05 and np.abs(y2 - np.maximum(a, 0) @ deq).max() < 0.05
+
+
+@pytest.mark.parametrize("importance", [False, True])
+def test_threads_write_the_bytes_of_one_thread(importance):
+    """quantize_weight's row chunks run in threads: the same packed codes, scales and zero points as one after another
+    (chunks small enough here that a weight has many: CHUNK_BLOCKS is patched down)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, 700)) * 0.02).astype(np.float32)
+    imp = rng.random(96).astype(np.float32) if importance else None
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(quantize, "CHUNK_BLOCKS", 64)
+        one = quantize_weight(w, 4, 32, importance=imp, threads=1)
+        many = quantize_weight(w, 4, 32, importance=imp, threads=3)
+    assert all(np.array_equal(a, b) for a, b in zip(one, many))

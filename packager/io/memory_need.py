@@ -81,6 +81,7 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits];
     - a vision tower (tensors under ``vision_prefixes``): its float32 weights in torch for the check (the graph is
       written weight by weight and checked after the torch model is freed), VISION_EXPORT_FACTOR x them.
+      Llama 3.2 Vision passes none: its tower's layers stream in the torch check like the decoder's (mllama.py).
     Plus PROCESS_BASE_GB for the interpreter and the libraries."""
     layers: dict[str, int] = {}
     rest = largest = vision = 0

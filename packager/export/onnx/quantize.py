@@ -55,11 +55,14 @@ Dequantized weight = (code - zero_point) * scale.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from xpack.packager.export.onnx.common import ACCURACY_LEVEL
+from xpack.runtimes.heap import reusing_allocations
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -97,6 +100,9 @@ LLAMA_CPP_Q4_K_M_PATTERNS = (
 NSTEP, RMIN, RDELTA = 16, -4.0, 0.5
 # Blocks searched at once: ~2 MB of float32 per array at block 32, so the working set stays in cache.
 CHUNK_BLOCKS = 16384
+# Chunks of a weight's output rows quantized at once. numpy releases the GIL in its loops, so threads share the cores
+# without copying the weight to other processes; the blocks are independent, so the bytes are those of one thread.
+QUANTIZE_THREADS = min(os.cpu_count() or 1, 8)
 ONNX_DOMAIN = "com.microsoft"
 
 
@@ -249,10 +255,12 @@ def _unpack(packed: "np.ndarray", bits: int, count: int) -> "np.ndarray":
 
 def quantize_weight(
     w: "np.ndarray", bits: int = 4, block_size: int = 32, *, search: bool = True, weighted: bool = True, importance: "np.ndarray | None" = None,
+    threads: int | None = None,
 ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     """A MatMul weight [K, N] -> MatMulNBits' (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks],
     zero_points uint8 [N, ceil(k_blocks * bits / 8)]). ``importance`` [K]: an importance matrix (mean x^2 per
-    input column) that weighs the search's error (see :func:`search_block_params`)."""
+    input column) that weighs the search's error (see :func:`search_block_params`). ``threads``: chunks of output
+    rows quantized at once (default QUANTIZE_THREADS)."""
     import numpy as np
 
     if bits not in (4, 8):
@@ -272,7 +280,8 @@ def quantize_weight(
     # a few output rows at a time (blocks are independent): the float32 copy in blocks is never the whole weight,
     # which for a 262208 x 2560 output head would be 2.7 GB on top of the weight itself
     rows = max(1, CHUNK_BLOCKS // k_blocks)
-    for n0 in range(0, n, rows):
+
+    def chunk(n0: int) -> None:
         part = slice(n0, min(n0 + rows, n))
         flat = _to_blocks(np.asarray(w[:, part], dtype=np.float32), block_size).reshape(-1, block_size)
         if imp is not None:
@@ -287,6 +296,17 @@ def quantize_weight(
         packed[part] = _pack(q.reshape(count, k_blocks, block_size), bits)
         scales[part] = s.reshape(count, k_blocks)
         zero_points[part] = _pack(z.reshape(count, k_blocks), bits, pad_value=2 ** (bits - 1))
+
+    starts = range(0, n, rows)
+    workers = min(threads or QUANTIZE_THREADS, len(starts))
+    with reusing_allocations():  # each chunk's temporaries reuse the last one's memory (runtimes/heap.py)
+        if workers <= 1:
+            for n0 in starts:
+                chunk(n0)
+        else:  # disjoint rows of the outputs: the same bytes as one chunk after another
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(chunk, starts):
+                    pass
     return packed, scales, zero_points
 
 

@@ -12,9 +12,10 @@ from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import first_line
 from xpack.packager.verify.parity import compare_logits
 from xpack.paths import temp_dir
+from xpack.runtimes.heap import map_large_allocations
 from xpack.runtimes.onnx_base import open_session, session_options
 from xpack.runtimes.onnx_decoder import attention_bias
-from xpack.runtimes.torch_offload import concrete_class, lean_device_map, map_large_allocations, stored_tables, with_stored_tables
+from xpack.runtimes.torch_offload import concrete_class, lean_device_map, stored_tables, with_stored_tables
 
 VALIDATION_TEXT = "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. IMPRESSION: No acute abnormality."
 CPU = ("CPUExecutionProvider",)
