@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -118,7 +119,27 @@ def to_placeholders(model: "onnx.ModelProto", names: dict[str, str], weights: _W
             _rename_uses(graph, inp.name, source)
         graph.initializer.append(placeholder)
         graph.input.remove(inp)
+    _name_layer_matmuls(graph)
     return len(params)
+
+
+LANGUAGE_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def _name_layer_matmuls(graph) -> None:
+    """The MatMul of each language-layer weight named ``/model/layers.N/<module path>/MatMul``, as optimum's and xpack's
+    own decoder graphs name theirs. The tracer names a module called straight from the wrapper by itself
+    (``/q_proj/MatMul_12``), which hid the layer from quantize.py's mixed int4 (its 8-bit self-attention and
+    more_bits MLP layers, found by these names): every layer was 4-bit."""
+    taken = {n.name for n in graph.node}
+    for node in graph.node:
+        m = LANGUAGE_LAYER.match(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if m is None:
+            continue
+        name = f"/model/layers.{m.group(1)}/{m.group(2).replace('.', '/')}/MatMul"
+        if name not in taken:
+            taken.add(name)
+            node.name = name
 
 
 @contextlib.contextmanager
