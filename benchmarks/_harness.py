@@ -46,7 +46,7 @@ CONTENTION_CORES = 0.1  # other processes using more than this (cores, on averag
 PHASES = "BENCH_PHASES "
 # What run records keep in the JSON (the rest: command, output tails, the RSS timeline).
 BRIEF = ("wall_s", "peak_rss_mb", "vmhwm_mb", "polled_peak_anon_mb", "polled_peak_file_mb", "user_cpu_s", "sys_cpu_s",
-         "other_cpu_s", "unattributed_cpu_s", "loadavg_1min_before", "phases", "order", "attempts")
+         "other_cpu_s", "unattributed_cpu_s", "loadavg_1min_before", "phases", "order", "attempts", "box")
 
 T0 = time.perf_counter()  # when the script started importing (after the interpreter itself)
 
@@ -208,10 +208,70 @@ def _cpu_s(ru) -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = None, limit_mb: float | None = None) -> dict:
+class MemoryBox:
+    """A memory cgroup limited to ``limit_mb``: the memory a machine of that size has, as its kernel enforces it.
+
+    The peak RSS polled by :func:`run_measured` counts the pages of mapped files (safetensors shards, an artifact's
+    ``.onnx.data``) that the kernel can drop and read again; a box says whether the side completes when it must: the
+    kernel reclaims page cache inside the limit first and kills the side only when its private memory does not fit.
+    cgroup v2 (``memory.max``) or v1 (``memory.limit_in_bytes``); :meth:`create` returns None, with the reason logged,
+    where this machine does not let us make one (not root, no writable cgroup file system). No swap is allowed.
+    """
+
+    def __init__(self, path: Path, v2: bool, limit_mb: float):
+        self.path, self.v2, self.limit_mb = path, v2, limit_mb
+
+    @classmethod
+    def create(cls, limit_mb: float) -> "MemoryBox | None":
+        name = f"xpack-bench-{os.getpid()}-{time.monotonic_ns()}"
+        limit = str(int(limit_mb * 2**20))
+        for root, v2, files in ((Path("/sys/fs/cgroup"), True, {"memory.max": limit, "memory.swap.max": "0"}),
+                                (Path("/sys/fs/cgroup/memory"), False, {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit})):
+            if not (root / ("cgroup.controllers" if v2 else "memory.limit_in_bytes")).is_file():
+                continue
+            path = root / name
+            try:
+                path.mkdir()
+                for file, value in files.items():
+                    if (path / file).exists():
+                        (path / file).write_text(value)
+                return cls(path, v2, limit_mb)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+                log(f"no memory box of {limit_mb:.0f} MB: {exc}")
+                return None
+        log("no memory box: this machine has no writable memory cgroup")
+        return None
+
+    def enter(self) -> None:
+        """In the child before exec: this process (and what it starts) joins the box."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def _read(self, name: str) -> str:
+        try:
+            return (self.path / name).read_text()
+        except OSError:
+            return ""
+
+    def close(self) -> dict:
+        """The box's figures (peak usage including page cache, kills by the out-of-memory killer); then it is removed."""
+        peak = self._read("memory.peak" if self.v2 else "memory.max_usage_in_bytes").strip()
+        events = self._read("memory.events" if self.v2 else "memory.oom_control")
+        kills = next((int(line.split()[1]) for line in events.splitlines() if line.startswith("oom_kill ")), None)
+        failcnt = None if self.v2 else int(self._read("memory.failcnt").strip() or 0)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        return {"limit_mb": self.limit_mb, "peak_usage_mb": int(peak) / 2**20 if peak.isdigit() else None, "oom_kills": kills,
+                "times_at_limit": failcnt, "cgroup": "v2" if self.v2 else "v1"}
+
+
+def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = None, limit_mb: float | None = None,
+                 box: MemoryBox | None = None) -> dict:
     """Run ``cmd`` in a fresh process (cwd: the repository); wall time, peak RSS (kernel + polled), CPU, its output.
     ``limit_mb``: the process tree is killed when its RSS passes this (``killed_over_limit_mb`` in the result): a side
-    that would not fit a machine of that size is reported as out of memory instead of taking this one down."""
+    that would not fit a machine of that size is reported as out of memory instead of taking this one down.
+    ``box``: the side runs inside that memory cgroup (:class:`MemoryBox`); its figures go to the result's ``box``."""
     out_path, err_path = workdir / f"{label}.stdout", workdir / f"{label}.stderr"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0, "samples": 0}
@@ -221,7 +281,7 @@ def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = N
     killed = False
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env or child_env(), cwd=str(ROOT))
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env or child_env(), cwd=str(ROOT), preexec_fn=box.enter if box else None)
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
@@ -273,6 +333,8 @@ def run_measured(cmd: list[str], label: str, workdir: Path, env: dict | None = N
     }
     if killed:
         res["killed_over_limit_mb"] = limit_mb
+    if box is not None:
+        res["box"] = box.close()
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     res["stderr_tail"] = stderr[-3000:]
     for line in stdout.splitlines():
@@ -323,10 +385,12 @@ def prepare(inputs=(), wait_s: float = 0) -> float:
 
 
 def measure(cmd: list[str], label: str, workdir: Path, inputs=(), wait_s: float = 0, env: dict | None = None,
-            check: bool = True, limit_mb: float | None = None) -> dict:
-    """``prepare`` then ``run_measured``; a failed side raises (``check``) or carries ``error``: its last line."""
+            check: bool = True, limit_mb: float | None = None, box_mb: float | None = None) -> dict:
+    """``prepare`` then ``run_measured``; a failed side raises (``check``) or carries ``error``: its last line.
+    ``box_mb``: in a :class:`MemoryBox` of that size where the machine allows one."""
     prepare(inputs, wait_s)
-    r = run_measured(cmd, label, workdir, env, limit_mb)
+    box = MemoryBox.create(box_mb) if box_mb else None
+    r = run_measured(cmd, label, workdir, env, limit_mb, box)
     r["contended"] = contended(r)
     if r["returncode"] != 0:
         r["error"] = error_line(r["stderr_tail"] + "\n" + r["stdout_tail"])

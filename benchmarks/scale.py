@@ -195,17 +195,27 @@ def _du(path: Path) -> int:
 
 
 class Run:
-    def __init__(self, work: Path, limit_mb: float):
-        self.work, self.limit_mb = work, limit_mb
+    """The sides of one run. ``box_mb``: xpack's sides run inside a memory cgroup of that size (_harness.MemoryBox), the
+    target of their step; ``others``: False leaves out the other tools' sides (a re-measure of xpack's, with --update)."""
+
+    def __init__(self, work: Path, limit_mb: float, box_mb: float | None = None, others: bool = True):
+        self.work, self.limit_mb, self.box_mb, self.others = work, limit_mb, box_mb, others
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sides: dict[str, dict] = {}
 
+    def other(self, label: str, cmd: list[str], env: dict | None = None, out: Path | None = None) -> dict | None:
+        """Another tool's side, unless this run leaves them out."""
+        return self.side(label, cmd, env, out) if self.others else None
+
     def side(self, label: str, cmd: list[str], env: dict | None = None, out: Path | None = None) -> dict:
         H.log(f"{label}: {' '.join(map(str, cmd))[:160]}")
-        r = H.measure([str(c) for c in cmd], label, self.logs, env=env, check=False, limit_mb=self.limit_mb)
+        box_mb = self.box_mb if label.startswith("xpack") else None
+        r = H.measure([str(c) for c in cmd], label, self.logs, env=env, check=False, limit_mb=self.limit_mb, box_mb=box_mb)
         row = {**H.brief(r), "rss_timeline_mb": r.get("rss_timeline_mb")}  # (seconds, MB): which phase peaked
-        if r.get("killed_over_limit_mb"):
+        if r.get("box", {}).get("oom_kills"):
+            row["result"] = f"out of memory: killed by the kernel in a {box_mb / 1024:g} GB memory cgroup"
+        elif r.get("killed_over_limit_mb"):
             row["result"] = f"out of memory: killed above {self.limit_mb / 1024:.0f} GB"
         elif r["returncode"] != 0:
             row["result"] = f"failed: {r.get('error', '')[:300]}"
@@ -230,37 +240,43 @@ def _largest_tensor_fp32(folder: Path) -> int:
     return best
 
 
+def _llama_cpp_sides(r: "Run", work: Path, merged: Path, vision: bool) -> None:
+    """llama.cpp's own converter and quantizer on the merged checkpoint, beside xpack's GGUF export."""
+    bg = _bench_gguf()
+    bg.ensure_converter()
+    lc = work / "llama.cpp"
+    shutil.rmtree(lc, ignore_errors=True)
+    lc.mkdir()
+    r.side("llama.cpp convert f16", bg.converter_cmd(merged, "f16", lc / "f16.gguf"), env=bg.converter_env(), out=lc / "f16.gguf")
+    r.side("llama.cpp quantize Q4_K_M", [sys.executable, str(HERE / "gguf.py"), "_worker", "quantize", lc / "f16.gguf", lc / "q4_k_m.gguf",
+                                         "Q4_K_M", os.cpu_count()], out=lc / "q4_k_m.gguf")
+    if vision:
+        r.side("llama.cpp convert mmproj", bg.converter_cmd(merged, "f16", lc / "mmproj.gguf") + ["--mmproj"], env=bg.converter_env(), out=lc / "mmproj.gguf")
+    (lc / "f16.gguf").unlink(missing_ok=True)
+
+
 def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float, scale: str = "full",
-        onnx_bits: tuple[str, ...] = ("4", "16")) -> dict:
+        onnx_bits: tuple[str, ...] = ("4", "16"), box_gb: float | None = None, others: bool = True) -> dict:
     cache = H.CACHE / "synthetic" / (model if scale == "full" else f"{model}-{scale}")
     if not (cache / "COMPLETE").is_file():
         H.log(f"building the synthetic {model} (benchmarks/synthetic.py)")
         subprocess.run([sys.executable, str(HERE / "synthetic.py"), "--model", model, "--scale", scale], check=True)
     base, adapter = cache / "base", cache / "adapter"
     vision = json.loads((base / "config.json").read_text()).get("vision_config") is not None
-    r = Run(work, limit_gb * 1024)
+    r = Run(work, limit_gb * 1024, box_gb * 1024 if box_gb else None, others)
     merged, gguf_dir, onnx4 = work / "merged", work / "gguf", work / "onnx4"
     threads = str(resolve_for_machine(load_profile("cpu16"))[0].threads)  # what xpack run uses on this machine: the raw loops get the same
     if "merge" in steps:
         shutil.rmtree(merged, ignore_errors=True)
         r.side("xpack merge", H.xpack("merge", "--base", base, "--adapter", adapter, "--out", merged), out=merged)
         peft_out = work / "peft-merged"
-        r.side("PEFT merge_and_unload", H.worker_cmd("peft-merge", base, adapter, peft_out), out=peft_out)
+        r.other("PEFT merge_and_unload", H.worker_cmd("peft-merge", base, adapter, peft_out), out=peft_out)
         shutil.rmtree(peft_out, ignore_errors=True)
     if "gguf" in steps:
         shutil.rmtree(gguf_dir, ignore_errors=True)
         r.side("xpack export gguf Q4_K_M", H.xpack("export", "--model", merged, "--format", "gguf", "--quant", "Q4_K_M", "--out", gguf_dir), out=gguf_dir)
-        bg = _bench_gguf()
-        bg.ensure_converter()
-        lc = work / "llama.cpp"
-        shutil.rmtree(lc, ignore_errors=True)
-        lc.mkdir()
-        r.side("llama.cpp convert f16", bg.converter_cmd(merged, "f16", lc / "f16.gguf"), env=bg.converter_env(), out=lc / "f16.gguf")
-        r.side("llama.cpp quantize Q4_K_M", [sys.executable, str(HERE / "gguf.py"), "_worker", "quantize", lc / "f16.gguf", lc / "q4_k_m.gguf",
-                                             "Q4_K_M", os.cpu_count()], out=lc / "q4_k_m.gguf")
-        if vision:
-            r.side("llama.cpp convert mmproj", bg.converter_cmd(merged, "f16", lc / "mmproj.gguf") + ["--mmproj"], env=bg.converter_env(), out=lc / "mmproj.gguf")
-        (lc / "f16.gguf").unlink(missing_ok=True)
+        if r.others:
+            _llama_cpp_sides(r, work, merged, vision)
     if "onnx" in steps:
         for bits, out in (("4", onnx4), ("16", work / "onnx16")):
             if bits not in onnx_bits:
@@ -271,7 +287,7 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
         shutil.rmtree(work / "onnx16", ignore_errors=True)
         opt = work / "optimum"
         shutil.rmtree(opt, ignore_errors=True)
-        r.side("optimum-cli export onnx", [Path(sys.executable).with_name("optimum-cli"), "export", "onnx", "--model", merged,
+        r.other("optimum-cli export onnx", [Path(sys.executable).with_name("optimum-cli"), "export", "onnx", "--model", merged,
                                            "--task", "text-generation-with-past", opt], out=opt)
         shutil.rmtree(opt, ignore_errors=True)
     if "verify" in steps:  # the GGUF; a model llama.cpp cannot run (mllama) verifies its ONNX int4
@@ -343,6 +359,9 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts go (default benchmarks/.cache/scale/MODEL)")
     ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/scale-MODEL.json")
     ap.add_argument("--onnx-bits", default="4,16", help="the --bits of the onnx step's xpack exports (default 4,16)")
+    ap.add_argument("--box-gb", type=float, default=None,
+                    help="xpack's sides also run inside a memory cgroup of this size (the step's target), where the machine allows one")
+    ap.add_argument("--xpack-only", action="store_true", help="leave out the other tools' sides (with --update, their last figures stay)")
     ap.add_argument("--update", action="store_true", help="keep the sides of the existing JSON that these steps do not measure")
     a = ap.parse_args(argv)
     steps = H.csv(a.steps)
@@ -352,7 +371,8 @@ def run_main(argv: list[str]) -> int:
     work = a.work or H.CACHE / "scale" / name
     work.mkdir(parents=True, exist_ok=True)
     machine = H.machine_info("torch", "transformers", "peft", "onnxruntime", "llama_cpp_python", "optimum")
-    result = {"machine": machine, **run(a.model, steps, work, a.memory_limit_gb, a.tokens, a.reference_memory, a.scale, tuple(H.csv(a.onnx_bits)))}
+    result = {"machine": machine, **run(a.model, steps, work, a.memory_limit_gb, a.tokens, a.reference_memory, a.scale, tuple(H.csv(a.onnx_bits)),
+                                   a.box_gb, not a.xpack_only)}
     for side in result["sides"].values():
         side.setdefault("measured", machine["date"])
     path = a.json or H.RESULTS / f"scale-{name}.json"

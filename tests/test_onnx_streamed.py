@@ -184,6 +184,10 @@ def test_large_mllama_export_streams_its_reference_and_writes_the_same_artifact(
     for name in ("vision.onnx", "cross_kv.onnx", "decoder.onnx"):
         for suffix in ("", ".data"):
             assert (tmp_path / "plain" / f"{name}{suffix}").read_bytes() == (tmp_path / "streamed" / f"{name}{suffix}").read_bytes(), name + suffix
+    # the large model's check reads the weights from the mapped files (no prepacking: float32 products, where the
+    # prepacked path may quantize activations to 8 bits), so its figures are close to the small path's, not equal
+    assert plain["artifact"]["onnxruntime_prepacking"] and not streamed["artifact"]["onnxruntime_prepacking"]
     a, b = plain["artifact"]["logits"], streamed["artifact"]["logits"]
-    assert a["top1_agreement"] == b["top1_agreement"] and a["top1_agreement"] >= 0.5
-    np.testing.assert_allclose(a["max_abs_logit_error"], b["max_abs_logit_error"], atol=1e-5)
+    assert min(a["top1_agreement"], b["top1_agreement"]) >= 0.5
+    assert abs(a["kl_mean"] - b["kl_mean"]) <= 0.25 * a["kl_mean"], (a, b)
+    np.testing.assert_allclose(a["max_abs_logit_error"], b["max_abs_logit_error"], rtol=0.25)

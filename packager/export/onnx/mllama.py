@@ -77,7 +77,7 @@ from xpack.packager.export.onnx.mllama_trace import parameter_names, to_placehol
 from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
 from xpack.packager.export.onnx.precision import SCHEMES, VISION_DTYPE, VISION_INT8_BLOCK_SIZE, quantize_graph, weight_node_types
 from xpack.packager.export.onnx.quantize import quantize_matmuls
-from xpack.packager.export.onnx.torch_check import load_torch
+from xpack.packager.export.onnx.torch_check import load_torch, prepacking_note
 from xpack.packager.io.atomic import atomic_dir
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.merge.lora import Adapter
@@ -387,10 +387,11 @@ def _write_meta(folder: Path, meta: dict, source: Path) -> None:
 # the checks
 
 
-def _run_graphs(folder: Path, reference: _Reference) -> tuple:
-    """The graphs of ``folder`` through the runtime's pipeline on the reference's case: (prefill, step, text) logits."""
+def _run_graphs(folder: Path, reference: _Reference, prepack: bool = True) -> tuple:
+    """The graphs of ``folder`` through the runtime's pipeline on the reference's case: (prefill, step, text) logits;
+    ``prepack=False``: onnxruntime reads the weights from the mapped data files (onnx_base.session_options)."""
     case = reference.case
-    pipe = MllamaOnnx(folder)
+    pipe = MllamaOnnx(folder, prepack=prepack)
     ids = case["input_ids"]
     n = len(ids) - 1
     image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
@@ -428,11 +429,12 @@ def _validate(folder: Path, reference: _Reference, atol: float | None = None) ->
     return figures
 
 
-def _artifact_check(folder: Path, reference: _Reference, bits: int) -> dict:
-    """The graphs at ``bits`` against torch on the same case (KL, top-1, max logit error); non-finite logits refuse."""
+def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: bool = True) -> dict:
+    """The graphs at ``bits`` against torch on the same case (KL, top-1, max logit error); non-finite logits refuse.
+    ``prepack=False`` (a large model): the weights stay in the artifact's mapped files instead of private copies."""
     import numpy as np
 
-    prefill, step, text = _run_graphs(folder, reference)
+    prefill, step, text = _run_graphs(folder, reference, prepack)
     got = np.concatenate([prefill, step, text])
     if not np.isfinite(got).all():
         raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
@@ -441,6 +443,7 @@ def _artifact_check(folder: Path, reference: _Reference, bits: int) -> dict:
     return {
         "tokens": int(len(got)), "finite": True, "max_abs_diff": {"logits": figures.get("max_abs_logit_error")}, "logits": figures,
         "reference": "transformers fp32 (eager attention): a synthetic image, a prefill around <|image|> + one cached step, and the text alone",
+        **prepacking_note(prepack),
     }
 
 
@@ -503,7 +506,8 @@ def export_mllama_artifact(
 ) -> OnnxExport:
     """The three graphs of ``ckpt`` (adapters merged first, as ``merge`` says) at ``bits`` in ``tmp_out``, and the export's
     account. ``check_fp32``: below 32 bits, also write the float32 graphs and check them against torch (the pipeline
-    turns it off for a model whose float32 graphs onnxruntime could not hold); the artifact is checked either way."""
+    turns it off for a model whose float32 graphs onnxruntime could not hold); the artifact is checked either way, from
+    its mapped files without ``check_fp32`` (onnx_base.session_options' ``prepack``)."""
     if bits not in spec.bits:
         raise XpackError(
             f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
@@ -558,7 +562,7 @@ def export_mllama_artifact(
         _write_meta(tmp_out, meta, source)
         if bits != 32:
             start = time.perf_counter()
-            result.validation["artifact"] = _artifact_check(tmp_out, reference, bits)
+            result.validation["artifact"] = _artifact_check(tmp_out, reference, bits, prepack=check_fp32)
             result.timings["artifact_check_s"] = round(time.perf_counter() - start, 2)
             result.quantization = {**accounts[MLLAMA_DECODER_FILE], "graphs": {f: a.get("node_types") or {} for f, a in accounts.items()},
                                    "vision": "int8 weight-only (MatMulNBits bits=8)"}

@@ -41,7 +41,7 @@ from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_gr
 from xpack.packager.export.onnx.precision import VISION_DTYPE, quantize_graph, weight_node_types
 from xpack.packager.export.onnx.raw_graph import optimum_graph, xpack_graph
 from xpack.packager.export.onnx.source import copy_companions, prepare_source
-from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, torch_steps, validation_ids
+from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, prepacking_note, torch_steps, validation_ids
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.memory_need import check_onnx_export, float32_bytes
 from xpack.packager.merge.lora import Adapter
@@ -123,6 +123,12 @@ class _Job:
     def vision(self) -> bool:
         """Whether the artifact gets the vision tower (xpack's graph only: optimum's takes no inputs_embeds)."""
         return self.graph == "xpack" and self.arch.vision
+
+    @property
+    def large(self) -> bool:
+        """Above FP32_CHECK_BYTES: no float32 graph is written, and the artifact is checked from its mapped files
+        (onnxruntime without prepacking, torch_check.ort_steps) so that the check holds no private copy of its weights."""
+        return float32_bytes(self.ckpt) > FP32_CHECK_BYTES
 
 
 @dataclass(frozen=True)
@@ -286,10 +292,10 @@ def _write_streamed(job: _Job, src: Path, raw: Path, reference: _Reference, resu
         decoder, result.graph_facts = build_decoder(src, inputs_embeds=job.vision, pending=pending)
         embed = build_embedding(src, pending) if job.vision else None
         result.timings["graph_s"] = round(time.perf_counter() - start, 2)
-        weights = float32_bytes(Checkpoint(src))
-        if weights <= FP32_CHECK_BYTES:
+        if not job.large:
             _check_fp32(job, decoder, embed, pending, raw, reference, result)
         else:
+            weights = float32_bytes(job.ckpt)
             result.validation["export"] = {
                 "skipped": f"the float32 graph ({weights / 1e9:.1f} GB of weights) is not written: the export streams one weight at a time "
                            f"and checks the artifact against torch (above {FP32_CHECK_BYTES / 1e9:.0f} GB, pipeline.py FP32_CHECK_BYTES)",
@@ -387,11 +393,13 @@ def _check_artifact(job: _Job, reference: _Reference, result: OnnxExport) -> Non
         result.validation["artifact"] = {"same_as": "export"}
         return
     embed = job.tmp_out / EMBED_FILE if job.vision else None
-    check = compare_steps(reference.steps, ort_steps(job.tmp_out / ONNX_MODEL_FILE, reference.ids, job.threads, embed, reference.window), reference.atol)
+    steps = ort_steps(job.tmp_out / ONNX_MODEL_FILE, reference.ids, job.threads, embed, reference.window, prepack=not job.large)
+    check = compare_steps(reference.steps, steps, reference.atol)
     if not check["finite"]:
         raise XpackError(
             f"the {job.bits}-bit ONNX file of {job.arch.name} gives non-finite logits (fp16 overflow or a broken quantization); "
             "export with --bits 32 or --bits 8 instead"
         )
     check["reference"] = "transformers fp32, the same input"
+    check.update(prepacking_note(not job.large))
     result.validation["artifact"] = check

@@ -93,11 +93,12 @@ def torch_steps(model, ids: list[int]) -> list[dict]:
     return steps
 
 
-def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = None, window: int | None = None) -> list[dict]:
-    """:func:`torch_steps` in onnxruntime on the decoder at ``path`` (its token embedding graph ``embed`` for a vision model)."""
+def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = None, window: int | None = None, prepack: bool = True) -> list[dict]:
+    """:func:`torch_steps` in onnxruntime on the decoder at ``path`` (its token embedding graph ``embed`` for a vision model);
+    ``prepack=False``: the weights read from the mapped data file (onnx_base.session_options)."""
     import numpy as np
 
-    options = session_options(threads)
+    options = session_options(threads, prepack=prepack)
     chunks = (ids[:-1], ids[-1:])
     embedded = None
     if embed:  # the embedding graph runs and is let go before the decoder loads: never both in memory
@@ -124,6 +125,18 @@ def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = Non
         past = {k.replace("present.", "past_key_values."): v for k, v in values.items() if k.startswith("present.")}
         start += len(chunk)
     return steps
+
+
+def prepacking_note(prepack: bool) -> dict:
+    """What a check's manifest entry says about how onnxruntime held the weights (session_options' ``prepack``)."""
+    if prepack:
+        return {"onnxruntime_prepacking": True}
+    return {
+        "onnxruntime_prepacking": False,
+        "prepacking_note": "checked from the artifact's mapped files without onnxruntime's prepacking (a large model): MatMulNBits "
+                           "dequantizes its weights and multiplies in float32 there, where `xpack run` prepacks them and may quantize "
+                           "the activations to 8 bits (accuracy level); `xpack verify` measures the runtime's own path",
+    }
 
 
 def compare_steps(reference: list[dict], candidate: list[dict], atol: float, rtol: float = 1e-5) -> dict:
