@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 from xpack.errors import XpackError
 from xpack.runtimes.memory import PeakMemory
 from xpack.runtimes.messages import attach_image, fold_system, load_image, to_messages
-from xpack.runtimes.settings import GenerationResult, GenerationSettings, TokenCallback
+from xpack.runtimes.settings import GenerationResult, GenerationSettings, StopTexts, TokenCallback
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -166,18 +166,28 @@ class Runtime(abc.ABC):
         settings: GenerationSettings | None = None,
         image: "str | os.PathLike | None" = None,
         on_token: TokenCallback | None = None,
+        raw: bool = False,
     ) -> GenerationResult:
         """Generate the assistant's answer to ``prompt`` (a user message, or a list of chat messages
-        that may start with a system message), streaming each new piece of text to ``on_token``."""
+        that may start with a system message), streaming each new piece of text to ``on_token``.
+
+        ``raw``: ``prompt`` is a string fed as written, without the chat template (a base model's fine-tune prompted
+        as "### Symptoms: ... ### Diagnosis:", or turns written by hand); BOS is added as the tokenizer's config says.
+        ``on_token`` may raise :class:`StopGeneration` to end the generation (a server's client went away)."""
         settings = settings or GenerationSettings()
         picture = None
+        if raw and not isinstance(prompt, str):
+            raise XpackError("a raw prompt is one string, written as the model reads it; pass chat messages without raw")
         if image is not None:
             if not self.accepts_images:
                 raise XpackError(self.image_refusal())
+            if raw:
+                raise XpackError("a raw prompt cannot take an image yet (the image's place in the text is the chat template's); use the chat form")
             picture = load_image(image)
-        text = self.prompt_text(prompt, image=picture)
+        text = prompt if raw else self.prompt_text(prompt, image=picture)
+        stops = StopTexts(settings.stop, on_token)
         with PeakMemory() as mem:
-            measured = self._generate(text, settings, picture, on_token)
+            measured = stops.finish(self._generate(text, settings, picture, stops))
         return GenerationResult(
             **measured,
             load_s=self.load_s,

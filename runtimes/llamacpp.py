@@ -39,6 +39,7 @@ from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.gpu_memory import process_gpu_mb
 from xpack.runtimes.llama_import import load_llama_cpp
 from xpack.runtimes.messages import load_image
+from xpack.runtimes.penalties import penalize
 from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields
 
 __all__ = ["LlamaCppRuntime", "gguf_file_of", "read_gguf_metadata"]
@@ -153,6 +154,18 @@ def _penalize_prompt(llm, prompt: list[int]) -> None:
         return sampler
 
     llm._init_sampler = init_sampler
+
+
+def _openai_penalties(settings: GenerationSettings, generated: list[int]):
+    """OpenAI's frequency/presence penalties over the ``generated`` ids (penalties.py) as llama-cpp-python's logits
+    processor; None when both are 0, which keeps llama.cpp's own sampling path untouched."""
+    if settings.frequency_penalty == 0 and settings.presence_penalty == 0:
+        return None
+
+    def process(_input_ids, scores):
+        return penalize(scores, generated, settings.frequency_penalty, settings.presence_penalty)
+
+    return [process]
 
 
 class LlamaCppRuntime(TemplateChat, Runtime):
@@ -340,6 +353,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
             start = time.perf_counter()
         if settings.repetition_penalty != 1.0:
             _penalize_prompt(llm, prompt)
+        generated: list[int] = []
         tokens = llm.generate(
             prompt,
             top_k=settings.top_k,
@@ -348,9 +362,11 @@ class LlamaCppRuntime(TemplateChat, Runtime):
             typical_p=1.0,
             temp=settings.temperature,
             repeat_penalty=settings.repetition_penalty,
+            logits_processor=_openai_penalties(settings, generated),
         )
 
         def emit(token: int) -> None:
+            generated.append(token)
             chunk = decode(piece(token))
             if chunk:
                 parts.append(chunk)

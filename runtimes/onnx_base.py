@@ -23,6 +23,7 @@ from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gpu_memory import process_gpu_mb
 from xpack.runtimes.messages import load_image
+from xpack.runtimes.penalties import penalize
 from xpack.runtimes.settings import GenerationSettings, TokenRun, take_tokens, timing_fields
 
 __all__ = ["OnnxRuntimeBase", "onnx_file_of", "open_session", "session_options"]
@@ -259,9 +260,12 @@ class OnnxRuntimeBase(TemplateChat, Runtime):
 
     # -- generation --------------------------------------------------------------------------------
 
-    def _pick(self, logits, recent: list[int], settings: GenerationSettings, rng) -> int:
-        """llama.cpp's sampler chain on one row of logits (float32, modified in place)."""
+    def _pick(self, logits, generated: list[int], settings: GenerationSettings, rng) -> int:
+        """llama.cpp's sampler chain on one row of logits (float32, modified in place): the repetition penalty over the
+        last PENALTY_LAST_N ``generated`` ids, OpenAI's frequency and presence penalties over all of them."""
         np = self._np
+        recent = generated[-PENALTY_LAST_N:]
+        penalize(logits, generated, settings.frequency_penalty, settings.presence_penalty)
         if settings.repetition_penalty != 1.0 and recent:
             seen = np.fromiter(set(recent), dtype=np.int64)
             values = logits[seen]
@@ -323,7 +327,7 @@ class OnnxRuntimeBase(TemplateChat, Runtime):
         """The sampled ids, from the prompt's next-token ``row`` on: each drawn from its row with the
         repetition penalty over the last ids kept, the next row stepped only when asked for."""
         while True:
-            token = self._pick(row, run.ids[-PENALTY_LAST_N:], settings, rng)
+            token = self._pick(row, run.ids, settings, rng)
             yield token
             row = step(token, cursor)
             cursor += 1

@@ -10,6 +10,16 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 from xpack.errors import XpackError
 
 TokenCallback = Callable[[str], Any]
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class StopGeneration(Exception):
+    """Raised by an ``on_token`` callback to end the generation after the current token: a stop string was written
+    (``reason`` "stop") or the caller went away (a server's client disconnected: "cancelled")."""
+
+    def __init__(self, reason: str = "stop"):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,9 @@ class GenerationSettings:
     ``temperature == 0`` means greedy decoding (top_p/top_k are then ignored). ``top_k == 0`` turns
     top-k filtering off. ``seed=None`` draws a fresh seed per call. ``ignore_eos`` generates exactly
     ``max_tokens`` tokens (benchmarks: "time to generate 256 tokens"), end-of-turn tokens included.
+    ``stop``: strings that end the answer where they first appear (not included in it), as OpenAI's ``stop``.
+    ``frequency_penalty`` / ``presence_penalty``: OpenAI's, subtracted from a token's logit per time the answer has
+    generated it / once if it has (runtimes/penalties.py, the same on every backend); 0 turns them off.
     """
 
     max_tokens: int = 256
@@ -28,6 +41,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
     seed: int | None = None
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         checks = (
@@ -37,6 +53,10 @@ class GenerationSettings:
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
             (_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be an integer in [0, 2**32)"),
+            (isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(t, str) and t for t in self.stop),
+             f"stop must be at most {MAX_STOP_STRINGS} non-empty strings"),
+            (_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 turns it off)"),
+            (_is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 turns it off)"),
         )
         for ok, message in checks:
             if not ok:
@@ -52,7 +72,10 @@ class GenerationSettings:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown generation setting(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(values.get("stop"), (list, str)):
+            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
+        return dataclasses.replace(self, **values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,7 +169,68 @@ def take_tokens(tokens: Iterable[int], stop_ids: Collection[int], limit: int, on
             run.finish = "stop"
             break
         run.ids.append(token)
-        on_id(token)
+        try:
+            on_id(token)
+        except StopGeneration as stop:
+            run.finish = stop.reason
+            break
         if len(run.ids) >= limit:
             break
     return run
+
+
+class StopTexts:
+    """The ``on_token`` every runtime's generation gets (Runtime.generate wraps the caller's): it holds back text
+    that may be the start of a stop string, hands the rest on, and ends the generation (:class:`StopGeneration`) at the
+    first stop string, which the answer does not include. After the generation ends, later calls are ignored: the
+    runtimes flush their decoder's tail once more."""
+
+    def __init__(self, stops: Sequence[str], on_token: TokenCallback | None):
+        self.stops = tuple(stops)
+        self.on_token = on_token
+        self.text = ""  # everything generated so far
+        self.sent = 0  # how much of it the caller has
+        self.cut: int | None = None  # where the first stop string starts
+        self.ended: str | None = None
+
+    def __call__(self, piece: str) -> None:
+        if self.ended is not None:
+            return
+        self.text += piece
+        hits = [i for i in (self.text.find(stop, max(0, self.sent - len(stop) + 1)) for stop in self.stops) if i >= 0]
+        if hits:
+            self.cut = min(hits)
+            self._send(self.cut)
+            self.ended = "stop"
+            raise StopGeneration("stop")
+        held = max((self._partial(stop) for stop in self.stops), default=0)
+        self._send(len(self.text) - held)
+
+    def _partial(self, stop: str) -> int:
+        """The length of the longest end of the text that begins ``stop``."""
+        for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(stop[:n]):
+                return n
+        return 0
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            piece, self.sent = self.text[self.sent : upto], upto
+            if self.on_token is not None:
+                try:
+                    self.on_token(piece)
+                except StopGeneration as stop:
+                    self.ended = stop.reason
+                    raise
+
+    def finish(self, measured: dict) -> dict:
+        """The runtime's result with the answer cut at the first stop string and the held-back text handed on."""
+        text = measured["text"]
+        cuts = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if cuts:
+            measured = {**measured, "text": text[: min(cuts)], "finish_reason": "stop"}
+        elif self.ended is None:
+            self.text, self.ended = text, "done"
+            if len(text) > self.sent and self.on_token is not None:
+                self.on_token(text[self.sent :])
+        return measured

@@ -36,7 +36,7 @@ from xpack.runtimes.base import Runtime, context_room
 from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate
 from xpack.runtimes.heap import map_large_allocations
 from xpack.runtimes.messages import load_image
-from xpack.runtimes.settings import GenerationSettings, timing_fields
+from xpack.runtimes.settings import GenerationSettings, StopGeneration, timing_fields
 from xpack.runtimes.torch_offload import (
     chunk_vision_attention,
     concrete_class,
@@ -127,6 +127,7 @@ class _Streamer:
         self.first: float | None = None
         self.skip_prompt = True
         self.stopped = False
+        self.reason: str | None = None  # set when on_token raised StopGeneration
 
     def put(self, value) -> None:
         if self.skip_prompt:  # generate() first hands over the prompt
@@ -149,11 +150,48 @@ class _Streamer:
             return
         piece = text[self.printed :]
         self.printed = len(text)
-        if piece and self.on_token is not None:
-            self.on_token(piece)
+        if piece and self.on_token is not None and not self.stopped:
+            try:
+                self.on_token(piece)
+            except StopGeneration as stop:  # a stop string, or the caller went away: generate() stops at the next step
+                self.stopped, self.reason = True, stop.reason
 
     def end(self) -> None:
         self._emit(final=True)
+
+    def stopping_criteria(self):
+        """transformers' stopping criterion that ends ``generate`` once an ``on_token`` call asked to stop."""
+        from transformers import StoppingCriteria
+
+        streamer = self
+
+        class AskedToStop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                import torch
+
+                return torch.full((input_ids.shape[0],), streamer.stopped and streamer.reason is not None, dtype=torch.bool, device=input_ids.device)
+
+        return AskedToStop()
+
+
+def _openai_penalties(settings: GenerationSettings, prompt_tokens: int):
+    """OpenAI's frequency/presence penalties over the generated ids (runtimes/penalties.py's arithmetic) as a
+    transformers logits processor; None when both are 0."""
+    if settings.frequency_penalty == 0 and settings.presence_penalty == 0:
+        return None
+    from transformers import LogitsProcessor
+
+    class Penalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            import torch
+
+            for row in range(input_ids.shape[0]):
+                ids, counts = torch.unique(input_ids[row, prompt_tokens:], return_counts=True)
+                if ids.numel():
+                    scores[row, ids] -= counts.to(scores.dtype) * settings.frequency_penalty + settings.presence_penalty
+            return scores
+
+    return Penalties()
 
 
 def _require_matching_weights(folder: Path, architecture: str, loading: dict) -> None:
@@ -441,13 +479,18 @@ class TorchRuntime(Runtime):
         with torch.inference_mode():
             # use_model_defaults=False: the config already starts from the model's own; without it,
             # transformers would turn do_sample=False back into a model default of do_sample=True.
-            output = self.model.generate(**inputs, generation_config=config, streamer=streamer, use_model_defaults=False)
+            from transformers import LogitsProcessorList, StoppingCriteriaList
+
+            penalties = _openai_penalties(settings, prompt_tokens)
+            output = self.model.generate(**inputs, generation_config=config, streamer=streamer, use_model_defaults=False,
+                                         stopping_criteria=StoppingCriteriaList([streamer.stopping_criteria()]),
+                                         logits_processor=LogitsProcessorList([penalties] if penalties else []))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         generated = output[0, prompt_tokens:].tolist()
         steps = len(generated)
-        finish = "stop" if streamer.stopped else "length"
+        finish = (streamer.reason or "stop") if streamer.stopped else "length"
         answer = self.tokenizer.decode(streamer.ids, skip_special_tokens=True)
         return timing_fields(
             text=answer, prompt_tokens=prompt_tokens, completion_tokens=len(streamer.ids), steps=steps,

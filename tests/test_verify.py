@@ -18,6 +18,9 @@ from xpack.packager.merge.job import merge
 from xpack.packager.verify import parity as parity_module
 from xpack.packager.verify.job import END, START, Side, _advice, parity, splice_section, update_card, verify
 from xpack.profiles.machine import machine_info
+from xpack.profiles.profile import load_profile
+from xpack.runtimes.registry import load
+from xpack.runtimes.settings import GenerationSettings
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +133,21 @@ def test_unreadable_prompts_file(llama_set, tmp_path):
 
 
 def test_prompts_file_and_text_are_used(llama_set, tmp_path):
+    """A chat prompt and a raw one (a base model's fine-tune, fed as written on both sides: issue #13)."""
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Describe a normal knee MRI."}) + "\n")
+    raw = "Below is a patient case.\n### Symptoms:\nknee pain\n### Diagnosis:\n"
+    prompts.write_text(json.dumps({"prompt": "Describe a normal knee MRI."}) + "\n" + json.dumps({"prompt": raw, "raw": True}) + "\n")
     text = tmp_path / "t.txt"
     text.write_text("The knee joint shows no effusion. The menisci and cruciate ligaments are intact. " * 3)
     report = verify(llama_set / "gguf", llama_set / "merged", "cpu16", prompts_file=prompts, text_file=text, benchmark=False, max_tokens=8)
-    assert len(report["parity"]["prompts"]) == 1 and report["parity"]["tokens"] < 200 and report["parity_pass"]
+    assert len(report["parity"]["prompts"]) == 2 and report["parity"]["tokens"] < 200 and report["parity_pass"]
+    with load(llama_set / "gguf", load_profile("cpu16"), check=False) as rt:
+        greedy = GenerationSettings(max_tokens=8, temperature=0, repetition_penalty=1.0)
+        assert report["parity"]["prompts"][1]["reference_tokens"] == len(rt.generate(raw, greedy, raw=True).token_ids)
+    for row, why in (({"prompt": raw, "raw": "yes"}, '"raw" must be true or false'), ({"prompt": raw, "raw": True, "system": "x"}, "fed as written")):
+        prompts.write_text(json.dumps(row) + "\n")
+        r = _verify("--artifact", llama_set / "gguf", "--reference", llama_set / "merged", "--profile", "cpu16", "--no-benchmark", "--prompts", prompts)
+        assert r.exit_code == 1 and why in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_images_parity_for_a_vision_gguf(twin_factory, tmp_path):

@@ -78,7 +78,8 @@ def eval_text(path: Path | None) -> str:
 
 
 def read_prompts(path: Path | None) -> list[dict]:
-    """A JSONL file: one {"prompt": ..., "system"?: ..., "image"?: ...} per line."""
+    """A JSONL file: one {"prompt": ..., "system"?: ..., "image"?: ...} or {"prompt": ..., "raw": true} per line (a raw
+    prompt is fed as written, without the chat template: a base model's fine-tune, or turns written by hand)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
     prompts = []
@@ -95,6 +96,10 @@ def read_prompts(path: Path | None) -> list[dict]:
             raise XpackError(f"--prompts {path} line {n} is not JSON; write one object per line like {{\"prompt\": \"...\"}}") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise XpackError(f"--prompts {path} line {n} has no \"prompt\" string; write one object per line like {{\"prompt\": \"...\"}}")
+        if not isinstance(item.get("raw", False), bool):
+            raise XpackError(f"--prompts {path} line {n}: \"raw\" must be true or false")
+        if item.get("raw") and (item.get("system") or item.get("image")):
+            raise XpackError(f"--prompts {path} line {n}: a raw prompt is fed as written; put the system text into it and drop \"image\"")
         prompts.append(item)
     if not prompts:
         raise XpackError(f"--prompts {path} holds no prompts")
@@ -197,7 +202,10 @@ def _run_side(path: Path, profile, runtime: str | None, text: str, prompts: list
         logits = rt.logits(ids)
         answers = []
         for item in prompts:
-            r = rt.generate(_messages(item), greedy, image=item.get("image"))
+            if item.get("raw"):
+                r = rt.generate(item["prompt"], greedy, raw=True)
+            else:
+                r = rt.generate(_messages(item), greedy, image=item.get("image"))
             answers.append({"ids": r.token_ids, "text": r.text})
         scored = []
         if images and not rt.accepts_images:

@@ -47,10 +47,13 @@ def _require_utf8(option: str, text: str | None) -> None:
 @click.option("--top-k", type=int, help=_gen_help("Sample from the K most likely tokens; 0 turns it off.", "top_k"))
 @click.option("--repetition-penalty", type=float, help=_gen_help("Penalty for repeated tokens; 1 turns it off.", "repetition_penalty"))
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.  [default: a new one each run]")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT", help="End the answer where TEXT first appears (not printed); repeat for up to 4.")
+@click.option("--raw", is_flag=True, help="Feed --prompt as written, without the chat template (base-model fine-tunes; BOS as the tokenizer adds it).")
 @click.option("--runtime", "runtime_name", type=click.Choice(sorted(RUNTIMES)), help="Force a runtime instead of picking it from the artifact.")
 @no_check_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the result (text, token counts, timings, peak memory) as JSON instead of streaming.")
-def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, runtime_name, no_check, as_json):
+def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stops, raw,
+        runtime_name, no_check, as_json):
     """Run an artifact on a hardware profile: stream the answer, then report speed and memory.
 
     The runtime follows the artifact (GGUF: llama.cpp; Hugging Face checkpoint: transformers) and
@@ -61,16 +64,21 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
     Example:
       xpack run --artifact ./gemma3-xray.gguf --profile t4 --prompt "Describe this chest X-ray." --image cxr.png
       xpack run --artifact ./merged --profile cpu16 --interactive --temperature 0
+      xpack run --artifact ./symptoms.gguf --profile cpu16 --raw --temperature 0 --max-tokens 50 --stop "###" \\
+        --prompt $'Below is a patient case.\\n### Symptoms:\\nfever, cough\\n### Diagnosis:\\n'
     """
     if bool(prompt is not None) == bool(interactive):
         raise click.UsageError("give exactly one of --prompt TEXT or --interactive")
-    for option, text in (("--prompt", prompt), ("--system", system)):
+    if raw and (system is not None or image is not None):
+        raise click.UsageError("--raw feeds the prompt as written: write the system text into it, and use the chat form for --image")
+    for option, text in (("--prompt", prompt), ("--system", system), *(("--stop", t) for t in stops)):
         _require_utf8(option, text)
     if image is not None:
         check_image(image)  # its header, before a model is loaded
 
     settings = _GEN.with_overrides(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+        stop=tuple(stops) or None,
     )
     profile, notes = resolve_for_machine(load_profile(profile_ref))
     for note in notes:
@@ -82,7 +90,7 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
         stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
 
         def answer(messages):
-            result = rt.generate(messages, settings, image=image, on_token=stream)
+            result = rt.generate(messages, settings, image=image, on_token=stream, raw=raw)
             if as_json:
                 click.echo(json.dumps(result.to_dict(), indent=None if interactive else 2))
             else:
@@ -96,7 +104,7 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
             return result
 
         if not interactive:
-            answer(to_messages([user_message(prompt, with_image=image is not None)], system=system))
+            answer(prompt if raw else to_messages([user_message(prompt, with_image=image is not None)], system=system))
             return
         messages = [] if system is None else [{"role": "system", "content": system}]
         stdin = click.get_binary_stream("stdin")  # bytes: a line that is not UTF-8 is said and skipped, not a traceback
@@ -116,6 +124,9 @@ def run(artifact, profile_ref, prompt, interactive, system, image, max_tokens, t
             if text in ("exit", "quit"):
                 break
             if not text:
+                continue
+            if raw:  # each line is a prompt of its own: a raw prompt has no turns to keep
+                answer(text)
                 continue
             messages.append(user_message(text, with_image=image is not None and first))
             first = False
