@@ -24,6 +24,7 @@ from xpack.runtimes.settings import GenerationResult, GenerationSettings, StopTe
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
+    import PIL.Image
 
     from xpack.profiles.profile import Profile
 
@@ -164,7 +165,7 @@ class Runtime(abc.ABC):
         self,
         prompt: "str | Sequence[dict]",
         settings: GenerationSettings | None = None,
-        image: "str | os.PathLike | None" = None,
+        image: "str | os.PathLike | PIL.Image.Image | None" = None,
         on_token: TokenCallback | None = None,
         raw: bool = False,
     ) -> GenerationResult:
@@ -183,7 +184,7 @@ class Runtime(abc.ABC):
                 raise XpackError(self.image_refusal())
             if raw:
                 raise XpackError("a raw prompt cannot take an image yet (the image's place in the text is the chat template's); use the chat form")
-            picture = load_image(image)
+            picture = image if hasattr(image, "convert") else load_image(image)  # a decoded PIL image (the server's) or a file
         text = prompt if raw else self.prompt_text(prompt, image=picture)
         stops = StopTexts(settings.stop, on_token)
         with PeakMemory() as mem:

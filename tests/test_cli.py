@@ -15,7 +15,7 @@ from xpack.cli import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [[], ["merge"], ["export"], ["verify"], ["demo"], ["run"], ["check"], ["profiles"], ["profiles", "list"], ["profiles", "show"], ["profiles", "detect"]]
+COMMANDS = [[], ["merge"], ["export"], ["verify"], ["demo"], ["run"], ["serve"], ["check"], ["profiles"], ["profiles", "list"], ["profiles", "show"], ["profiles", "detect"]]
 
 
 def _help(args):
@@ -46,7 +46,7 @@ def test_start_up_imports_no_heavy_library(fresh_python):
         "from click.testing import CliRunner; from xpack.cli import cli; "
         "r = CliRunner().invoke(cli, ['merge', '--help']); assert r.exit_code == 0"
     )
-    fresh_python(code, forbidden=("torch", "transformers", "peft", "optimum", "onnxruntime", "llama_cpp", "safetensors", "numpy"))
+    fresh_python(code, forbidden=("torch", "transformers", "peft", "optimum", "onnxruntime", "llama_cpp", "safetensors", "numpy", "starlette", "uvicorn", "prometheus_client", "PIL"))
 
 
 def _imports(path: Path) -> set[str]:

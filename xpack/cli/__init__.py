@@ -17,6 +17,7 @@ from xpack.cli.merge import merge
 from xpack.cli.params import PROCESS, XpackGroup
 from xpack.cli.profiles import profiles
 from xpack.cli.run import run
+from xpack.cli.serve import serve
 from xpack.cli.verify import verify
 
 
@@ -33,7 +34,7 @@ def cli():
     """
 
 
-for _command in (merge, export, demo, run, profiles, verify, check):
+for _command in (merge, export, demo, run, serve, profiles, verify, check):
     cli.add_command(_command)
 
 
