@@ -266,6 +266,11 @@ def test_images_as_data_uris_and_media_files(vision_artifacts, artifact, cpu, tm
         server.stop()
 
 
+def test_onnx_card_names_the_serving_commands(demo_onnx):
+    card = (demo_onnx / "README.md").read_text()
+    assert f"xpack serve --artifact {demo_onnx.name}" in card and "vllm serve" in card
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
@@ -305,6 +310,8 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0():
 def test_a_tampered_artifact_is_refused_at_start(twin_factory, tmp_path):
     out = tmp_path / "gguf"
     manifest = export(str(twin_factory.get("llama").model_dir), "gguf", out, quant="F32")
+    card = (out / "README.md").read_text()
+    assert f"xpack serve --artifact {out.name}" in card and "llama-server -m" in card  # the card names the serving commands
     model = out / manifest["gguf_file"]
     data = bytearray(model.read_bytes())
     data[-10] ^= 0xFF
