@@ -256,7 +256,7 @@ def _llama_cpp_sides(r: "Run", work: Path, merged: Path, vision: bool) -> None:
 
 
 def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float, scale: str = "full",
-        onnx_bits: tuple[str, ...] = ("4", "16"), box_gb: float | None = None, others: bool = True) -> dict:
+        onnx_bits: tuple[str, ...] = ("4", "16"), box_gb: float | None = None, others: bool = True, quick_verify: bool = False) -> dict:
     cache = H.CACHE / "synthetic" / (model if scale == "full" else f"{model}-{scale}")
     if not (cache / "COMPLETE").is_file():
         H.log(f"building the synthetic {model} (benchmarks/synthetic.py)")
@@ -292,8 +292,15 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
         shutil.rmtree(opt, ignore_errors=True)
     if "verify" in steps:  # the GGUF; a model llama.cpp cannot run (mllama) verifies its ONNX int4
         artifact, label = (gguf_dir, "GGUF Q4_K_M") if any(gguf_dir.glob("*.gguf")) else (onnx4, "ONNX int4")
+        quick = []
+        if quick_verify:  # one prompt, 4 tokens, 48 words of text: a reference whose every forward streams the weights
+            (work / "verify-prompts.jsonl").write_text(json.dumps({"prompt": "Describe the findings of a normal chest X-ray."}) + "\n")
+            (work / "verify-text.txt").write_text("The lungs are clear. No pleural effusion or pneumothorax. The heart size is normal. "
+                                                  "The mediastinum is not widened. Bones and soft tissues are unremarkable. " * 2)
+            quick = ["--prompts", work / "verify-prompts.jsonl", "--text", work / "verify-text.txt"]
         r.side(f"xpack verify ({label})", H.xpack("verify", "--artifact", artifact, "--reference", merged, "--profile", "cpu16", "--no-benchmark",
-                                                  "--max-tokens", "8", "--reference-memory", reference_memory, "--json"))
+                                                  "--max-tokens", "4" if quick_verify else "8", "--reference-memory", reference_memory, *quick,
+                                                  "--json"))
     decode = {}
     if "decode" in steps:
         bw = r.side("bandwidth", H.worker_cmd("bandwidth"))
@@ -361,6 +368,7 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--onnx-bits", default="4,16", help="the --bits of the onnx step's xpack exports (default 4,16)")
     ap.add_argument("--box-gb", type=float, default=None,
                     help="xpack's sides also run inside a memory cgroup of this size (the step's target), where the machine allows one")
+    ap.add_argument("--quick-verify", action="store_true", help="verify on one prompt, 4 tokens and a short text (11B: every forward streams 20 GB)")
     ap.add_argument("--xpack-only", action="store_true", help="leave out the other tools' sides (with --update, their last figures stay)")
     ap.add_argument("--update", action="store_true", help="keep the sides of the existing JSON that these steps do not measure")
     a = ap.parse_args(argv)
@@ -372,7 +380,7 @@ def run_main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     machine = H.machine_info("torch", "transformers", "peft", "onnxruntime", "llama_cpp_python", "optimum")
     result = {"machine": machine, **run(a.model, steps, work, a.memory_limit_gb, a.tokens, a.reference_memory, a.scale, tuple(H.csv(a.onnx_bits)),
-                                   a.box_gb, not a.xpack_only)}
+                                   a.box_gb, not a.xpack_only, a.quick_verify)}
     for side in result["sides"].values():
         side.setdefault("measured", machine["date"])
     path = a.json or H.RESULTS / f"scale-{name}.json"

@@ -57,6 +57,10 @@ class Runtime(abc.ABC):
         self.profile = profile
         self.notes: list[str] = []
         self.accepts_images = False
+        # Reuse the KV cache of the previous prompt's common prefix (llama.cpp only): a server's repeated system
+        # prompt is not prefilled again. Off by default: a fresh prefill makes the same input give the same output
+        # bit for bit, while a reused prefix evaluates the new part in a batch of its own (the last bits can differ).
+        self.prompt_cache = False
         with PeakMemory() as mem:
             start = time.perf_counter()
             self._load()

@@ -334,6 +334,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         # positions included), so Llama.generate finds it cached and samples at once.
         prompt = llm.input_ids[: llm.n_tokens].tolist()
         measured = self._sample(llm, prompt, settings, on_token, start=start, reset=False)
+        llm.reset()  # the image's positions are not tokens a later prompt could share: no prefix is reused from here
         measured["image_encode_s"] = encode_s
         return measured
 
@@ -344,8 +345,9 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         """Sample the answer to ``prompt``; with ``reset=False`` the prompt is already evaluated (image path)."""
         limit = min(settings.max_tokens, self._check_room(len(prompt), llm.n_ctx()))
         llm.set_seed(settings.seed if settings.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
-        if reset:
+        if reset and not self.prompt_cache:
             llm.reset()  # a fresh prefill every call: the same input always gives the same output
+        # with prompt_cache, llama-cpp-python's generate keeps the KV of the longest common prefix with the last prompt
         stop_ids, piece = (frozenset() if settings.ignore_eos else self.stop_ids), self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         parts: list[str] = []

@@ -60,6 +60,7 @@ def build_app(runtime: Runtime, config: ServeConfig):
 
     metrics = Metrics()
     engine = Engine(runtime, config, metrics)
+    runtime.prompt_cache = config.prompt_cache
     card = model_card(runtime, config)
     key = config.api_key.encode() if config.api_key else None
 

@@ -25,3 +25,4 @@ class ServeConfig:
     max_tokens_limit: int | None = None  # the most max_tokens a request may ask for (None: the profile's context)
     shutdown_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish, then they are cancelled
     retry_after_s: int = 1  # the Retry-After of a 429
+    prompt_cache: bool = True  # reuse the KV of the previous prompt's common prefix where the runtime can (Runtime.prompt_cache)

@@ -33,10 +33,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @click.option("--max-body-mb", default=_DEFAULTS.max_body_bytes / 2**20, show_default=True, type=click.FloatRange(0.001), help="Largest request body, images included.")
 @click.option("--max-tokens-limit", type=click.IntRange(1), help="The most max_tokens a request may ask for.  [default: the profile's context]")
 @click.option("--shutdown-timeout", default=_DEFAULTS.shutdown_timeout_s, show_default=True, type=click.FloatRange(0), help="On SIGTERM or Ctrl-C, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--no-prompt-cache", is_flag=True, help="Prefill every prompt afresh (the same request then gives the same answer bit for bit) "
+              "instead of reusing the previous prompt's common prefix (llama.cpp).")
 @click.option("--runtime", "runtime_name", type=click.Choice(sorted(RUNTIMES)), help="Force a runtime instead of picking it from the artifact.")
 @no_check_option()
 def serve(artifact, profile_ref, host, port, api_key, max_concurrency, max_queue, media_dir, model_name, max_body_mb, max_tokens_limit, shutdown_timeout,
-          runtime_name, no_check):
+          no_prompt_cache, runtime_name, no_check):
     """Serve an artifact behind an OpenAI-compatible API: chat (text and images), completions, streaming.
 
     The model is loaded once, after its files are checked against its manifest; requests queue for it
@@ -56,7 +58,7 @@ def serve(artifact, profile_ref, host, port, api_key, max_concurrency, max_queue
     config = ServeConfig(
         host=host, port=port, api_key=api_key or None, max_concurrency=max_concurrency, max_queue=max_queue, media_dir=media_dir,
         model_name=model_name or artifact.resolve().name.removesuffix(".gguf"), max_body_bytes=int(max_body_mb * 2**20),
-        max_tokens_limit=max_tokens_limit, shutdown_timeout_s=shutdown_timeout,
+        max_tokens_limit=max_tokens_limit, shutdown_timeout_s=shutdown_timeout, prompt_cache=not no_prompt_cache,
     )
     if host not in LOOPBACK and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model", err=True)
