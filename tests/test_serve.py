@@ -24,6 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
+from xpack.errors import XpackError
 from xpack.packager.demo.base_model import demo_base_dir, demo_gguf_path
 from xpack.packager.export.job import Calibration, export
 from xpack.runtimes.registry import load
@@ -216,6 +217,12 @@ def test_api_key(cpu):
         assert answer.choices[0].message.content
     finally:
         server.stop()
+
+
+def test_parallel_sequences_are_refused_until_a_runtime_has_them(cpu):
+    with load(demo_gguf_path(), cpu) as runtime:
+        with pytest.raises(XpackError, match="runs 1 sequence.* parallel sequences are not supported yet"):
+            build_app(runtime, ServeConfig(max_concurrency=2))
 
 
 # -- images ----------------------------------------------------------------------------------------
