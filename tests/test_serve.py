@@ -219,6 +219,24 @@ def test_api_key(cpu):
         server.stop()
 
 
+def test_a_merged_checkpoint_is_served_through_transformers(twin_factory, cpu):
+    """The torch runtime behind the same API (a merged checkpoint, on a box that has torch)."""
+    runtime = load(twin_factory.get("llama").model_dir, cpu)
+    expected = runtime.generate(PROMPT, GREEDY)
+    server = LiveServer(runtime)
+    try:
+        client = server.client()
+        assert client.models.list().data[0].model_extra["runtime"] == "torch"
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0,
+                                              extra_body={"repetition_penalty": 1.0})
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0, extra_body={"repetition_penalty": 1.0},
+            stream=True) if c.choices)
+        assert chat.choices[0].message.content == streamed == expected.text
+    finally:
+        server.stop()
+
+
 def test_parallel_sequences_are_refused_until_a_runtime_has_them(cpu):
     with load(demo_gguf_path(), cpu) as runtime:
         with pytest.raises(XpackError, match="runs 1 sequence.* parallel sequences are not supported yet"):
