@@ -203,6 +203,32 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_stops_its_generation(
         server.stop()
 
 
+def test_a_request_that_leaves_the_queue_gives_its_place_back(cpu):
+    """One generating, one waiting (max_queue=1) that hangs up: the next request is queued, not refused with 429."""
+    server = LiveServer(load(demo_gguf_path(), cpu), max_queue=1)
+    try:
+        client = server.client()
+        stream = client.completions.create(model="m", prompt=COUNTING, max_tokens=300, temperature=0, stream=True)
+        next(iter(stream))
+        body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode()
+        waiting = socket.create_connection(("127.0.0.1", server.config.port))
+        waiting.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 10
+        while server.metric("xpack_queue_depth") < 1:
+            assert time.time() < deadline, "the second request never queued"
+            time.sleep(0.05)
+        waiting.close()  # it hangs up while waiting for the slot
+        while server.metric("xpack_queue_depth") > 0:
+            assert time.time() < deadline + 10, "the place of a request that left stayed taken"
+            time.sleep(0.05)
+        stream.close()
+        answer = client.completions.create(model="m", prompt=COUNTING, max_tokens=2, temperature=0)
+        assert answer.choices[0].text
+    finally:
+        server.stop()
+
+
 def test_api_key(cpu):
     server = LiveServer(load(demo_gguf_path(), cpu), api_key="s3cret")
     try:

@@ -159,6 +159,7 @@ def build_app(runtime: Runtime, config: ServeConfig):
                 ticket.cancel.set()  # a client gone mid-stream: its generation ends at the next token
                 if not task.done():
                     task.cancel()
+                ticket.release()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -235,10 +236,12 @@ async def _until_done_or_gone(request, task: asyncio.Future, ticket: Ticket):
             if await request.is_disconnected():
                 ticket.cancel.set()
                 task.cancel()
+                ticket.release()  # a task cancelled before it ran never gave its waiting place back
                 raise ApiError(499, "the client closed the connection")
     except asyncio.CancelledError:
         ticket.cancel.set()
         task.cancel()
+        ticket.release()
         raise
 
 
@@ -252,6 +255,7 @@ async def _until_first(request, task: asyncio.Future, pieces: asyncio.Queue, tic
                 if await request.is_disconnected():
                     ticket.cancel.set()
                     task.cancel()
+                    ticket.release()
                     raise ApiError(499, "the client closed the connection") from None
                 continue
             if item is DONE and task.exception() is not None:
@@ -260,6 +264,7 @@ async def _until_first(request, task: asyncio.Future, pieces: asyncio.Queue, tic
     except asyncio.CancelledError:
         ticket.cancel.set()
         task.cancel()
+        ticket.release()
         raise
 
 
