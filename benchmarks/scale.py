@@ -217,6 +217,8 @@ class Run:
             row["result"] = f"out of memory: killed by the kernel in a {box_mb / 1024:g} GB memory cgroup"
         elif r.get("killed_over_limit_mb"):
             row["result"] = f"out of memory: killed above {self.limit_mb / 1024:.0f} GB"
+        elif r["returncode"] == 1 and '"parity_pass": false' in r.get("stdout_tail", ""):  # verify ran; its verdict is FAIL
+            row["result"] = "ok: parity FAIL (verify exits 1; random weights give no quality)"
         elif r["returncode"] != 0:
             row["result"] = f"failed: {r.get('error', '')[:300]}"
         else:
