@@ -106,7 +106,7 @@ def build_app(runtime: Runtime, config: ServeConfig):
 
     async def chat(request):
         data = parse_json(await _read_body(request, config.max_body_bytes))
-        job = chat_job(data, lambda url: _image(url))
+        job = chat_job(data, _image)
         return await answer(request, job)
 
     async def completions(request):
@@ -156,10 +156,7 @@ def build_app(runtime: Runtime, config: ServeConfig):
                 yield _sse(error.body())
                 yield "data: [DONE]\n\n"
             finally:
-                ticket.cancel.set()  # a client gone mid-stream: its generation ends at the next token
-                if not task.done():
-                    task.cancel()
-                ticket.release()
+                ticket.abandon(task)  # a client gone mid-stream: its generation ends at the next token
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -234,14 +231,10 @@ async def _until_done_or_gone(request, task: asyncio.Future, ticket: Ticket):
             if done:
                 return task.result()
             if await request.is_disconnected():
-                ticket.cancel.set()
-                task.cancel()
-                ticket.release()  # a task cancelled before it ran never gave its waiting place back
+                ticket.abandon(task)
                 raise ApiError(499, "the client closed the connection")
     except asyncio.CancelledError:
-        ticket.cancel.set()
-        task.cancel()
-        ticket.release()
+        ticket.abandon(task)
         raise
 
 
@@ -253,18 +246,14 @@ async def _until_first(request, task: asyncio.Future, pieces: asyncio.Queue, tic
                 item = await asyncio.wait_for(pieces.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    ticket.cancel.set()
-                    task.cancel()
-                    ticket.release()
+                    ticket.abandon(task)
                     raise ApiError(499, "the client closed the connection") from None
                 continue
             if item is DONE and task.exception() is not None:
                 raise task.exception()
             return item
     except asyncio.CancelledError:
-        ticket.cancel.set()
-        task.cancel()
-        ticket.release()
+        ticket.abandon(task)
         raise
 
 

@@ -36,6 +36,13 @@ class Ticket:
         self.first_token: float | None = None
         self._released = False
 
+    def abandon(self, task) -> None:
+        """Nobody waits for this request any more (its client left, or the server stops): end its generation at the next
+        token, cancel its task and give its waiting place back (a task cancelled before it ran would not)."""
+        self.cancel.set()
+        task.cancel()
+        self.release()
+
     def release(self) -> None:
         """Give the waiting place back (a request that never started its generation)."""
         if not self._released:
