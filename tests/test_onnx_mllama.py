@@ -174,6 +174,36 @@ def test_export_writes_three_graphs_with_explicit_kv(exported):
     assert dout["logits"] == ["batch", "sequence", 521] and dout["present.2.value"] == ["batch", 2, "total_sequence", 16]
 
 
+def test_vision_graph_is_one_traced_layer_per_kind_stitched_per_layer(exported, twin, torch_model):
+    """mllama_stitch.py: every encoder layer of the twin's tower is a copy of its kind's traced layer reading that
+    layer's own weights (its q_proj among the vision graph's MatMul weights), no stand-in node or domain is left, and
+    the tower's layers run normally again after the trace (the parity tests above: the graph equals torch)."""
+    import onnx
+
+    from xpack.packager.export.onnx.mllama_stitch import DOMAIN, stubbed_layers
+
+    graph = onnx.load(str(exported[0] / "vision.onnx"), load_external_data=False)
+    assert all(n.domain != DOMAIN for n in graph.graph.node)
+    assert all(o.domain != DOMAIN for o in graph.opset_import)
+    weights = {i.name for i in graph.graph.initializer}
+    matmul_weights = {n.input[1] for n in graph.graph.node if n.op_type == "MatMul"}
+    vision = torch_model.model.vision_model
+    layers = [f"model.vision_model.transformer.layers.{i}" for i in range(len(vision.transformer.layers))]
+    layers += [f"model.vision_model.global_transformer.layers.{i}" for i in range(len(vision.global_transformer.layers))]
+    assert len(layers) >= 3
+    for prefix in layers:
+        assert f"{prefix}.self_attn.q_proj.weight" in matmul_weights, prefix
+        assert f"{prefix}.mlp.fc2.weight" in weights, prefix
+    gates = [n for n in weights if n.endswith(".gate_attn") or n.endswith(".gate_ffn")]
+    assert sorted(gates) == sorted(f"{p}.{g}" for p in layers if "global" in p for g in ("gate_attn", "gate_ffn"))
+    matmul_names = {n.input[1]: n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    assert all(matmul_names[f"{p}.self_attn.q_proj.weight"].startswith(f"/{p}/") for p in layers)  # the stitched copy's names
+    layer = vision.global_transformer.layers[0]
+    with stubbed_layers(torch_model) as seen:
+        assert "forward" in vars(layer) and seen.prefixes["global"][0] == layers[-len(vision.global_transformer.layers)]
+    assert "forward" not in vars(layer)  # the stand-in forward is gone again
+
+
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_teacher_forced_logits_with_image(pipeline, torch_model, processor, image):
     enc = _encode(processor, IMAGES[image])

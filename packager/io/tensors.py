@@ -192,6 +192,26 @@ class Reader:
             flat[start:start + count] = to_f32(raw.view(np_dtype(spec.dtype)), spec.dtype)
         return out
 
+    def get_float32_rows(self, name: str, start: int, stop: int) -> "np.ndarray":
+        """Rows ``start:stop`` (along the first axis) of a float tensor as float32, read with ``os.pread`` (safe from
+        several threads at once): quantize.py's row-wise table reads one chunk of an embedding at a time."""
+        import os
+
+        import numpy as np
+
+        spec = self.specs[name]
+        if spec.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{spec.dtype} is not a float dtype")
+        row = int(np.prod(spec.shape[1:], dtype=np.int64)) * np_dtype(spec.dtype).itemsize
+        raw = np.empty((stop - start) * row, np.uint8)
+        offset, done = self._start + self._offsets[name] + start * row, 0
+        while done < raw.size:
+            n = os.preadv(self._file.fileno(), [memoryview(raw)[done:]], offset + done)
+            if n <= 0:
+                raise XpackError(f"{self.path} is truncated inside tensor {name}; download or save it again")
+            done += n
+        return to_f32(raw.view(np_dtype(spec.dtype)), spec.dtype).reshape((stop - start, *spec.shape[1:]))
+
     def close(self) -> None:
         self._file.close()
 

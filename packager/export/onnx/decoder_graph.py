@@ -86,6 +86,15 @@ class _Weights:
             self.readers[path] = Reader(path)
         return self.readers[path].get_float32(raw)
 
+    def rows(self, name: str, start: int, stop: int) -> "np.ndarray":
+        """Rows ``start:stop`` of a float tensor as float32 (quantize.py's row-wise table)."""
+        path, raw, dtype, _ = self._entry(name)
+        if dtype not in FLOAT_DTYPES:
+            raise XpackError(f"{self.ckpt.path}: tensor {name} is stored as {dtype}, not a float; xpack's ONNX graph reads float checkpoints (merge a quantized one first)")
+        if path not in self.readers:
+            self.readers[path] = Reader(path)
+        return self.readers[path].get_float32_rows(raw, start, stop)
+
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
@@ -387,7 +396,7 @@ def _build(weights: _Weights, cfg: dict, spec: GraphSpec, folder: Path, inputs_e
 
 def _embedding(b: _Builder, weights: _Weights) -> str:
     name = "model.embed_tokens.weight"
-    return b.weight(name, weights.shape(name), Recipe(lambda: weights.get(name), source=name))
+    return b.weight(name, weights.shape(name), Recipe(lambda: weights.get(name), source=name, rows=lambda a, z: weights.rows(name, a, z)))
 
 
 def build_embedding(folder: Path, pending: PendingWeights | None = None) -> "onnx.ModelProto":

@@ -60,6 +60,7 @@ cross K/V graphs at ``--bits`` and the vision graph at 8 bits, checked against t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -73,6 +74,7 @@ from xpack.packager.archs.onnx_spec import OnnxSpec
 from xpack.packager.export.onnx.common import DEFAULT_OPSET, VISION_COMPANIONS, OnnxExport, decoder_io, first_line, quiet, read_config, require_libraries
 from xpack.packager.export.onnx.decoder_graph import _Weights
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
+from xpack.packager.export.onnx.mllama_stitch import layer_templates, stitch, stubbed_layers
 from xpack.packager.export.onnx.mllama_trace import parameter_names, to_placeholders, traced_graph, weightless_model
 from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
 from xpack.packager.export.onnx.precision import SCHEMES, VISION_DTYPE, VISION_INT8_BLOCK_SIZE, quantize_graph, weight_node_types
@@ -298,18 +300,25 @@ def _trace_all(model_dir: Path, pending: PendingWeights, work: Path, opset: int)
     kvh, hd = layout["num_key_value_heads"], layout["head_dim"]
     graphs: dict = {}
 
-    def trace(key: str, file: str, args, inputs, outputs, axes, shapes) -> None:
+    def trace(key: str, file: str, args, inputs, outputs, axes, shapes, stitched: bool = False) -> None:
+        """``stitched``: each vision encoder layer a stand-in node in the trace, then one traced layer per kind put in
+        its place (mllama_stitch.py: the tracer would keep every layer's intermediates alive)."""
+        names = parameter_names(wraps[key], model)
         try:
-            graph = traced_graph(wraps[key], args, work / f".trace-{key}", inputs, outputs, axes, opset, shapes)
+            with stubbed_layers(model) if stitched else contextlib.nullcontext() as seen:
+                graph = traced_graph(wraps[key], args, work / f".trace-{key}", inputs, outputs, axes, opset, shapes)
+            if stitched:
+                names.update(stitch(graph, layer_templates(model, seen, lambda *a: traced_graph(*a, opset), work)))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise XpackError(f"torch.onnx could not export the mllama {key} graph ({first_line(exc)})") from None
-        to_placeholders(graph, parameter_names(wraps[key], model), weights, pending)
+        to_placeholders(graph, names, weights, pending)
         graphs[file] = graph
 
     vision_in = ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"]
     trace("vision", VISION_FILE, tuple(case[n] for n in vision_in), vision_in, ["cross_attention_states"],
           {n: {0: "batch"} for n in vision_in + ["cross_attention_states"]},
-          {"cross_attention_states": ("batch", layout["max_num_tiles"] * layout["tokens_per_tile"], layout["hidden_size"])})
+          {"cross_attention_states": ("batch", layout["max_num_tiles"] * layout["tokens_per_tile"], layout["hidden_size"])},
+          stitched=True)
     # cross keys/values: traced on stand-in states of the real shape (the trace does not depend on their values)
     vision_tokens = layout["max_num_tiles"] * layout["tokens_per_tile"]
     states = torch.zeros((1, vision_tokens, layout["hidden_size"]))

@@ -115,7 +115,8 @@ def to_placeholders(model: "onnx.ModelProto", names: dict[str, str], weights: _W
                 _rename_uses(graph, node.output[0], source)
                 graph.node.remove(node)
         else:
-            placeholder = pending.placeholder(source, shape, Recipe(_reader(weights, source), source=source))
+            rows = (lambda a, z, s=source: weights.rows(s, a, z)) if len(shape) == 2 else None
+            placeholder = pending.placeholder(source, shape, Recipe(_reader(weights, source), source=source, rows=rows))
             _rename_uses(graph, inp.name, source)
         graph.initializer.append(placeholder)
         graph.input.remove(inp)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from xpack.packager.export.onnx.quantize import InMemory
+from xpack.packager.export.onnx.quantize import InMemory, TableColumns
 from xpack.packager.io.tensors import NON_FINITE, require_finite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,11 +35,14 @@ INLINE_LIMIT = 1024
 @dataclass(frozen=True)
 class Recipe:
     """How one pending weight is made: ``make`` gives its float32 values; ``source`` names the checkpoint tensor it
-    is read as is or transposed (``transposed``), '' for computed ones (a norm weight with Gemma's 1 + w folded in)."""
+    is read as is or transposed (``transposed``), '' for computed ones (a norm weight with Gemma's 1 + w folded in).
+    ``rows(start, stop)``, where given, reads only those rows of the weight as ``make`` gives it (an embedding table:
+    quantize.py quantizes it a chunk of rows at a time instead of whole in float32)."""
 
     make: Callable[[], "np.ndarray"]
     source: str = ""
     transposed: bool = False
+    rows: "Callable[[int, int], np.ndarray] | None" = None
 
 
 def is_pending(tensor: "onnx.TensorProto") -> bool:
@@ -118,6 +121,21 @@ class PendingWeights(InMemory):
         if is_pending(tensor):
             return self.make(tensor.name)
         return super().fetch(tensor)
+
+    def columns(self, tensor):
+        """A Gather table [rows, hidden] as the MatMul weight [hidden, rows] quantize.py reads, a chunk of rows at a
+        time where its recipe can (each chunk checked for NaN and inf); otherwise whole, as :meth:`fetch` gives it."""
+        recipe = self.recipes.get(tensor.name) if is_pending(tensor) else None
+        if recipe is None or recipe.rows is None:
+            return super().columns(tensor)
+        name = recipe.source or tensor.name
+
+        def read(start: int, stop: int) -> "np.ndarray":
+            values = recipe.rows(start, stop)
+            require_finite(values, name, NON_FINITE)
+            return values
+
+        return TableColumns(read, tuple(tensor.dims))
 
     def make(self, name: str) -> "np.ndarray":
         """The weight's float32 values from its recipe; NaN or inf in them is a one-line error naming it."""

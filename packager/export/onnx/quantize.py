@@ -59,7 +59,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from xpack.packager.export.onnx.common import ACCURACY_LEVEL
 from xpack.runtimes.heap import reusing_allocations
@@ -341,6 +341,23 @@ def dequantize_weight(packed: "np.ndarray", scales: "np.ndarray", zero_points: "
 # the graph
 
 
+class TableColumns:
+    """A table [rows, hidden] seen as the MatMul weight [hidden, rows] that :func:`quantize_weight` slices by output
+    columns (``w[:, part]``), each slice read by ``read(start, stop)`` (those rows, float32). Gemma 3 4B's 262208 x 2560
+    embedding is then never whole in float32 (2.7 GB, the peak of the 4B export's table: issue #12)."""
+
+    def __init__(self, read: "Callable[[int, int], np.ndarray]", table_shape: tuple[int, int]):
+        self.read = read
+        self.shape = (int(table_shape[1]), int(table_shape[0]))
+
+    def __getitem__(self, key) -> "np.ndarray":
+        rows, part = key
+        if rows != slice(None) or not isinstance(part, slice) or part.step not in (None, 1):
+            raise TypeError("TableColumns reads w[:, start:stop] only")
+        start, stop, _ = part.indices(self.shape[1])
+        return self.read(start, stop).T
+
+
 class InMemory:
     """How :func:`quantize_matmuls` reads and writes initializers of a graph held in memory (the default). A graph
     whose weights are pending (pending.py: read from the checkpoint one at a time, written to the data file at once)
@@ -355,6 +372,10 @@ class InMemory:
         from onnx import numpy_helper
 
         return numpy_helper.from_array(array, name)
+
+    def columns(self, tensor):
+        """The Gather table [rows, hidden] ``tensor`` as the MatMul weight [hidden, rows] :func:`quantize_weight` reads."""
+        return self.fetch(tensor).T
 
     def same_table(self, table, weight, w: "np.ndarray") -> bool:
         """Whether the Gather table ``table`` is the transpose of the MatMul weight ``weight`` (whose values are ``w``)."""
@@ -595,7 +616,7 @@ def quantize_tables(model: "onnx.ModelProto", bits: int, block_size: int, *, sea
         if hidden % block:  # the gathered blocks are reshaped back to whole rows
             rebuilt.append(node)
             continue
-        w = tensors.fetch(table).T  # [hidden, rows]: the table as the weight of a MatMul with one output per row
+        w = tensors.columns(table)  # [hidden, rows]: the table as the weight of a MatMul with one output per row
         packed, scales, zero_points = quantize_weight(w, bits, block, search=search)
         del w
         base = node.input[0]
