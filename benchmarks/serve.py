@@ -3,8 +3,10 @@
 
 Both servers run at once on loopback, each loaded once, with the same threads and context:
 
-  xpack      ``xpack serve --artifact GGUF --profile cpu16``          (llama.cpp through xpack's runtime)
-  llama_cpp  ``python -m llama_cpp.server --model GGUF ...``          (llama-cpp-python's FastAPI server)
+  xpack      ``xpack serve --artifact GGUF --profile cpu16 --max-concurrency 4``  (llama.cpp through xpack's runtime:
+             up to 4 sequences decoded together, runtimes/llamacpp_batch.py; ``--xpack-concurrency 1`` for one at a time)
+  llama_cpp  ``python -m llama_cpp.server --model GGUF ...``          (llama-cpp-python's FastAPI server: one
+             ``Llama``, one sequence at a time; it has no parallel sequences)
 
 llama_cpp.server runs with ``--interrupt_requests False``, so that it queues requests as xpack does: by default
 each new request interrupts the one streaming (its client gets a stream cut off without a finish_reason, which
@@ -19,7 +21,7 @@ start and end of the phase: flat means no growth). Targets: throughput >= 1.0x l
 p99 TTFT at N=16 <= 0.8x its, zero errors, RSS flat. Bounded: loopback only, N and the time per phase are capped.
 
 Usage:
-  .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--seconds 60] [--tokens 128] [--json PATH]
+  .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--seconds 60] [--tokens 128] [--xpack-concurrency 4] [--json PATH]
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds of load per side and N (at most 600)")
     ap.add_argument("--tokens", type=int, default=128, help="max_tokens of each request")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--xpack-concurrency", type=int, default=4, help="xpack serve's --max-concurrency (its default on a GGUF)")
     a = ap.parse_args(argv)
     counts = [int(n) for n in H.csv(a.clients)]
     if not counts or max(counts) > MAX_CLIENTS or min(counts) < 1 or not 0 < a.seconds <= MAX_SECONDS:
@@ -192,10 +195,11 @@ def run_main(argv: list[str]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     queue = str(max(counts))
     xp, lc = free_port(), free_port()
+    concurrency = str(a.xpack_concurrency)
     H.log(f"starting both servers on {gguf.name} ({profile.threads} threads, n_ctx {profile.n_ctx})")
     servers = {
         "xpack": Server("xpack", H.xpack("serve", "--artifact", gguf, "--profile", "cpu16", "--port", xp, "--model-name", "demo", "--max-queue", queue,
-                                         "--no-check"), xp, logs),
+                                         "--max-concurrency", concurrency, "--no-check"), xp, logs),
         "llama_cpp.server": Server("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                                                         "--port", str(lc), "--n_threads", str(profile.threads), "--n_threads_batch",
                                                         str(profile.threads), "--n_ctx", str(profile.n_ctx), "--model_alias", "demo",
@@ -229,7 +233,7 @@ def run_main(argv: list[str]) -> int:
         "xpack_exit_code_on_sigterm": exits["xpack"],
     }
     result = {"machine": H.machine_info("llama_cpp_python", "openai", "uvicorn", "starlette"), "gguf": str(gguf), "threads": profile.threads,
-              "n_ctx": profile.n_ctx, "tokens": a.tokens, "seconds_per_phase": a.seconds, "phases": phases, "ratios": ratios, "targets": TARGETS,
+              "n_ctx": profile.n_ctx, "tokens": a.tokens, "seconds_per_phase": a.seconds, "xpack_max_concurrency": a.xpack_concurrency, "phases": phases, "ratios": ratios, "targets": TARGETS,
               "verdict": verdict}
     H.write_json(a.json, result)
     print(f"{'N':>3} {'side':<17} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'lat p50':>8} {'lat p99':>8} {'err':>4} {'RSS MB':>14}")

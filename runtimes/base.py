@@ -165,6 +165,12 @@ class Runtime(abc.ABC):
             # Gemma's templates refuse a system turn: its text opens the first user turn instead.
             return self.render_chat(folded, add_generation_prompt=True)
 
+    def parallel(self, slots: int) -> None:
+        """Run up to ``slots`` generations at once, generate() then being called from several threads (the llamacpp
+        runtime's continuous batching); a runtime that holds one sequence says so."""
+        if slots > 1:
+            raise XpackError(f"the {self.name} runtime runs one sequence at a time on one loaded model")
+
     def generate(
         self,
         prompt: "str | Sequence[dict]",

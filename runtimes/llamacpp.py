@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from xpack.runtimes.chat import END_OF_TURN_TOKENS, ChatTemplate, TemplateChat
 from xpack.runtimes.gguf_header import read_gguf_metadata
 from xpack.runtimes.gpu_memory import process_gpu_mb
 from xpack.runtimes.llama_import import load_llama_cpp
+from xpack.runtimes.llamacpp_batch import BatchedLlama
 from xpack.runtimes.messages import load_image
 from xpack.runtimes.penalties import penalize
 from xpack.runtimes.settings import GenerationSettings, take_tokens, timing_fields
@@ -214,11 +216,19 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         self.add_bos = bool(model.add_bos_token())
         self.stop_ids = frozenset(self._end_of_turn_ids())
         self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._threads = threads
         self._vision_state: _Vision | None = None
         self.mmproj_path, self._mmproj_problem = self._find_mmproj()
         self.accepts_images = self.mmproj_path is not None  # the projector itself is loaded with the first image
+        self._batcher: BatchedLlama | None = None
+        self._llm_lock = threading.Lock()  # the Llama, once text generations run beside it in the batcher
+
+    def parallel(self, slots: int) -> None:
+        """Run up to ``slots`` text generations at once (llamacpp_batch.py: continuous batching in a second context on
+        the loaded model, ``slots`` KV streams of the profile's n_ctx); an image generation still uses the Llama, one at
+        a time. Called by ``xpack serve --max-concurrency``; generate() may then be called from several threads."""
+        if self._batcher is None and slots > 1:
+            self._batcher = BatchedLlama(self._llama_cpp, self.llm, slots, self.profile.n_ctx, self._threads, self.prompt_cache)
 
     def _find_mmproj(self) -> tuple[Path | None, str | None]:
         """The vision projector beside the model: manifest.json's ``mmproj_file``, else the one
@@ -269,6 +279,10 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         return ids
 
     def close(self) -> None:
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:  # its context is on the Llama's model
+            batcher.close()
+            self._batcher = None
         vision = getattr(self, "_vision_state", None)
         if vision is not None:  # before the model it was made for
             self._mtmd.mtmd_free(vision.ctx)
@@ -301,7 +315,7 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         """The bytes of one token (special tokens render as nothing), cached."""
         piece = self._pieces.get(token)
         if piece is None:
-            buf = self._piece_buf
+            buf = ctypes.create_string_buffer(256)  # its own: the batched server decodes pieces from several threads
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             if n < 0:  # buffer too small: -n is the size needed
                 buf = ctypes.create_string_buffer(-n)
@@ -323,8 +337,14 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         llm = self.llm
         if llm is None:
             raise XpackError("this runtime was closed; load the artifact again")
+        if image is None and self._batcher is not None:
+            return self._sample(None, self.tokenize(text), settings, on_token)
         if image is None:
             return self._sample(llm, self.tokenize(text), settings, on_token)
+        with self._llm_lock:
+            return self._generate_with_image(llm, text, settings, image, on_token)
+
+    def _generate_with_image(self, llm, text, settings: GenerationSettings, image, on_token) -> dict:
         with self._image_chunks(text, image) as chunks:
             n_prompt = sum(c.n_tokens for c in chunks)
             self._check_room(n_prompt, llm.n_ctx())
@@ -342,30 +362,20 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         return context_room(n_prompt, n_ctx, self.profile.name)
 
     def _sample(self, llm, prompt: list[int], settings: GenerationSettings, on_token, start: float | None = None, reset: bool = True) -> dict:
-        """Sample the answer to ``prompt``; with ``reset=False`` the prompt is already evaluated (image path)."""
-        limit = min(settings.max_tokens, self._check_room(len(prompt), llm.n_ctx()))
-        llm.set_seed(settings.seed if settings.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
-        if reset and not self.prompt_cache:
-            llm.reset()  # a fresh prefill every call: the same input always gives the same output
-        # with prompt_cache, llama-cpp-python's generate keeps the KV of the longest common prefix with the last prompt
+        """Sample the answer to ``prompt``; with ``reset=False`` the prompt is already evaluated (image path); ``llm``
+        None: in the batcher (:meth:`parallel`)."""
+        limit = min(settings.max_tokens, self._check_room(len(prompt), self.profile.n_ctx if llm is None else llm.n_ctx()))
+        seed = settings.seed if settings.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED
         stop_ids, piece = (frozenset() if settings.ignore_eos else self.stop_ids), self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         parts: list[str] = []
         if start is None:
             start = time.perf_counter()
-        if settings.repetition_penalty != 1.0:
-            _penalize_prompt(llm, prompt)
         generated: list[int] = []
-        tokens = llm.generate(
-            prompt,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            min_p=0.0,
-            typical_p=1.0,
-            temp=settings.temperature,
-            repeat_penalty=settings.repetition_penalty,
-            logits_processor=_openai_penalties(settings, generated),
-        )
+        if llm is None:
+            tokens = self._batcher.tokens(prompt, settings, limit, stop_ids, seed)
+        else:
+            tokens = self._llama_tokens(llm, prompt, settings, seed, reset, generated)
 
         def emit(token: int) -> None:
             generated.append(token)
@@ -388,6 +398,26 @@ class LlamaCppRuntime(TemplateChat, Runtime):
         return timing_fields(
             text="".join(parts), prompt_tokens=len(prompt), completion_tokens=len(run.ids), steps=run.steps,
             start=start, first=run.first, end=end, finish_reason=run.finish, token_ids=run.ids,
+        )
+
+    def _llama_tokens(self, llm, prompt: list[int], settings: GenerationSettings, seed: int, reset: bool, generated: list[int]):
+        """llama-cpp-python's own generator of sampled ids (one sequence; ``generated``: the ids kept so far, which
+        OpenAI's penalties read)."""
+        llm.set_seed(seed)
+        if reset and not self.prompt_cache:
+            llm.reset()  # a fresh prefill every call: the same input always gives the same output
+        # with prompt_cache, llama-cpp-python's generate keeps the KV of the longest common prefix with the last prompt
+        if settings.repetition_penalty != 1.0:
+            _penalize_prompt(llm, prompt)
+        return llm.generate(
+            prompt,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            min_p=0.0,
+            typical_p=1.0,
+            temp=settings.temperature,
+            repeat_penalty=settings.repetition_penalty,
+            logits_processor=_openai_penalties(settings, generated),
         )
 
     # -- images ------------------------------------------------------------------------------------

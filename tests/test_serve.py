@@ -183,12 +183,13 @@ def test_bad_requests_get_openais_errors_and_the_server_keeps_serving(served):
 
 def test_a_full_queue_answers_429_and_a_client_that_leaves_stops_its_generation(cpu):
     runtime = load(demo_gguf_path(), cpu)
-    server = LiveServer(runtime, max_queue=0)
+    server = LiveServer(runtime, max_queue=0, max_concurrency=2)
     try:
         client = server.client()
+        other = client.completions.create(model="m", prompt=COUNTING, max_tokens=40, temperature=0, stream=True)
         stream = client.completions.create(model="m", prompt=COUNTING, max_tokens=400, temperature=0, stream=True)
-        first = next(iter(stream))
-        assert first.choices[0].text
+        first, head = next(iter(stream)), next(iter(other))
+        assert first.choices[0].text and head.choices[0].text  # both slots generate
         status, headers, body = server.post("/v1/completions", json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode())
         assert status == 429 and headers.get("retry-after") == "1" and json.loads(body)["error"]["type"] == "rate_limit_error"
         stream.close()  # the client goes away mid-stream
@@ -197,6 +198,7 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_stops_its_generation(
             assert time.time() < deadline, "the generation of a client that left was not stopped"
             time.sleep(0.1)
         assert server.metric("xpack_tokens_total{kind=\"completion\"}") < 400
+        assert "".join(c.choices[0].text for c in [head, *other]).startswith(" 13, 14,")  # the other sequence went on to its end
         after = client.completions.create(model="m", prompt=COUNTING, max_tokens=4, temperature=0)  # the slot came back
         assert after.choices[0].text.startswith(" 13")
     finally:
@@ -205,7 +207,7 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_stops_its_generation(
 
 def test_a_request_that_leaves_the_queue_gives_its_place_back(cpu):
     """One generating, one waiting (max_queue=1) that hangs up: the next request is queued, not refused with 429."""
-    server = LiveServer(load(demo_gguf_path(), cpu), max_queue=1)
+    server = LiveServer(load(demo_gguf_path(), cpu), max_queue=1, max_concurrency=1)
     try:
         client = server.client()
         stream = client.completions.create(model="m", prompt=COUNTING, max_tokens=300, temperature=0, stream=True)
@@ -263,10 +265,36 @@ def test_a_merged_checkpoint_is_served_through_transformers(twin_factory, cpu):
         server.stop()
 
 
-def test_parallel_sequences_are_refused_until_a_runtime_has_them(cpu):
-    with load(demo_gguf_path(), cpu) as runtime:
-        with pytest.raises(XpackError, match="runs 1 sequence.* parallel sequences are not supported yet"):
+def test_concurrent_requests_are_decoded_together_and_answer_as_alone(cpu):
+    """Continuous batching on the demo GGUF (llamacpp_batch.py): three streams open at once share llama.cpp's decode
+    steps (three sequences in one batch), and each greedy answer is the runtime's own single-sequence one, token for
+    token; a request with an image-less chat, a raw prompt and a stop string among them."""
+    runtime = load(demo_gguf_path(), cpu)
+    prompts = [PROMPT, "What does a radiologist do?", "Name the chambers of the heart."]
+    expected = [runtime.generate(p, GenerationSettings(max_tokens=24, temperature=0, repetition_penalty=1.0)).text for p in prompts]
+    counted = runtime.generate(COUNTING, GenerationSettings(max_tokens=12, temperature=0, stop=(" 15",)), raw=True).text
+    server = LiveServer(runtime, max_concurrency=4)
+    try:
+        client = server.client()
+        streams = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0,
+                                                  extra_body={"repetition_penalty": 1.0}, stream=True) for p in prompts]
+        raw = client.completions.create(model="m", prompt=COUNTING, max_tokens=12, temperature=0, stop=[" 15"], stream=True)
+        firsts = [next(iter(s)) for s in streams]  # every stream has begun before any is read on
+        texts = ["".join(c.choices[0].delta.content or "" for c in [first, *s] if c.choices) for first, s in zip(firsts, streams)]
+        assert texts == expected
+        assert "".join(c.choices[0].text for c in raw) == counted
+        assert runtime._batcher.widest >= 3  # sequences in one llama_decode
+    finally:
+        server.stop()
+
+
+def test_parallel_sequences_are_refused_where_a_runtime_has_none(cpu, demo_onnx):
+    with load(demo_onnx, cpu) as runtime:
+        with pytest.raises(XpackError, match="runs one sequence at a time"):
             build_app(runtime, ServeConfig(max_concurrency=2))
+    with load(demo_gguf_path(), cpu) as runtime:
+        with pytest.raises(XpackError, match="at most 64 sequences"):
+            build_app(runtime, ServeConfig(max_concurrency=65))
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from xpack.runtimes.messages import MAX_IMAGE_PIXELS
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What `xpack serve` was told. Defaults are the safe ones: loopback only, one generation at a time."""
+    """What `xpack serve` was told. Defaults are the safe ones: loopback only, a bounded queue."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # every route but /health needs `Authorization: Bearer <api_key>` when set
-    max_concurrency: int = 1  # generations at once (the runtimes here run one sequence at a time)
+    max_concurrency: int | None = None  # generations at once (None: the runtime's default, engine.DEFAULT_CONCURRENCY)
     max_queue: int = 16  # requests waiting for a slot; past that, 429 with Retry-After
     media_dir: Path | None = None  # image parts may name files under this folder (and nowhere else)
     model_name: str = "xpack"  # the id /v1/models lists and requests may name

@@ -1,9 +1,9 @@
 """The one loaded model behind the server: a bounded queue in front of it, generations in a worker thread.
 
-The runtimes are not thread-safe and run one sequence at a time, so generations are serialised through
-``max_concurrency`` slots (1 for every runtime xpack has: llama-cpp-python's ``Llama`` holds one KV cache, and the
-ONNX and torch loops hold one sequence). A request first takes a :class:`Ticket`: when the slots and ``max_queue``
-waiting places are all taken it is refused at once with 429 and Retry-After, before any work. A generation whose
+Generations run in ``max_concurrency`` slots. The llamacpp runtime decodes that many text sequences together
+(llamacpp_batch.py: continuous batching, llama-server's ``--parallel``; 4 by default); the ONNX and torch loops hold
+one sequence, so their generations are serialised (1). A request first takes a :class:`Ticket`: when the slots and
+``max_queue`` waiting places are all taken it is refused at once with 429 and Retry-After, before any work. A generation whose
 client went away (or a server shutting down) is ended at its next token: ``on_token`` raises StopGeneration
 ("cancelled"), which every runtime's loop honours.
 """
@@ -11,6 +11,7 @@ client went away (or a server shutting down) is ended at its next token: ``on_to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ from xpack.runtimes.serve.metrics import Metrics
 from xpack.runtimes.serve.requests import ApiError, Job
 from xpack.runtimes.settings import GenerationResult, StopGeneration
 
-PARALLEL_SEQUENCES = {"llamacpp": 1, "onnx": 1, "torch": 1}  # what each runtime can run at once on one loaded model
+PARALLEL_SEQUENCES = {"llamacpp": 64, "onnx": 1, "torch": 1}  # the most generations each runtime runs at once on one loaded model
+DEFAULT_CONCURRENCY = {"llamacpp": 4}  # without --max-concurrency (llama-server's default --parallel); the others 1
 
 
 class Ticket:
@@ -53,21 +55,26 @@ class Ticket:
 class Engine:
     def __init__(self, runtime: Runtime, config: ServeConfig, metrics: Metrics):
         limit = PARALLEL_SEQUENCES.get(runtime.name, 1)
-        if config.max_concurrency > limit:
-            raise XpackError(f"--max-concurrency {config.max_concurrency}: the {runtime.name} runtime runs {limit} sequence(s) at a time on "
-                                f"one loaded model; parallel sequences are not supported yet (use --max-queue to let requests wait)")
+        self.concurrency = config.max_concurrency or DEFAULT_CONCURRENCY.get(runtime.name, 1)
+        if self.concurrency > limit:
+            more = "one sequence at a time" if limit == 1 else f"at most {limit} sequences at once"
+            raise XpackError(f"--max-concurrency {self.concurrency}: the {runtime.name} runtime runs {more} on one loaded model "
+                             f"(use --max-queue to let requests wait)")
+        if self.concurrency > 1:
+            runtime.parallel(self.concurrency)  # its generate() may now be called from several threads
         self.runtime, self.config, self.metrics = runtime, config, metrics
         self.waiting = 0
         self.running = 0
         self._slots: asyncio.Semaphore | None = None
-        self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="xpack-generate")
-        self._lock = threading.Lock()  # the runtime, between generations and the close at shutdown
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="xpack-generate")
+        # one generation at a time in a runtime that runs one sequence (the close at shutdown waits for it too)
+        self._lock = threading.Lock() if self.concurrency == 1 else contextlib.nullcontext()
 
     # -- admission ---------------------------------------------------------------------------------
 
     def admit(self) -> Ticket:
         """A place in the queue, or a 429 when the slots and the queue are full."""
-        if self.waiting + self.running >= self.config.max_concurrency + self.config.max_queue:
+        if self.waiting + self.running >= self.concurrency + self.config.max_queue:
             raise ApiError(429, f"the server is busy ({self.running} generating, {self.waiting} waiting); retry after "
                                 f"{self.config.retry_after_s} s", code="queue_full", headers={"Retry-After": str(self.config.retry_after_s)})
         self.waiting += 1
@@ -84,7 +91,7 @@ class Engine:
         """Wait for a slot, run ``job`` in the worker thread (each new piece of text handed to ``on_piece`` in the event
         loop), give the slot back when the thread is done. Cancelling this coroutine cancels the generation."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrency)
+            self._slots = asyncio.Semaphore(self.concurrency)
         try:
             await self._slots.acquire()
         finally:
