@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,12 @@ def main(run_main, workers: dict) -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["_worker"]:
         return workers[argv[1]](*argv[2:])
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a benchmark stopped by `timeout` or `kill` still stops its servers and sides
     return run_main(argv)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def worker_cmd(*args) -> list[str]:
