@@ -273,6 +273,8 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(cpu):
     prompts = [PROMPT, "What does a radiologist do?", "Name the chambers of the heart."]
     expected = [runtime.generate(p, GenerationSettings(max_tokens=24, temperature=0, repetition_penalty=1.0)).text for p in prompts]
     counted = runtime.generate(COUNTING, GenerationSettings(max_tokens=12, temperature=0, stop=(" 15",)), raw=True).text
+    sampled = dict(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.3, seed=7)
+    drawn = runtime.generate(PROMPT, GenerationSettings(max_tokens=24, **sampled)).text
     server = LiveServer(runtime, max_concurrency=4)
     try:
         client = server.client()
@@ -284,6 +286,11 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(cpu):
         assert texts == expected
         assert "".join(c.choices[0].text for c in raw) == counted
         assert runtime._batcher.widest >= 3  # sequences in one llama_decode
+        # a seeded draw with every sampling field: the same chain and seed as `xpack run`, the same text
+        openai_fields = {k: v for k, v in sampled.items() if k not in ("top_k", "repetition_penalty")}
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, **openai_fields,
+                                              extra_body={"top_k": 50, "repetition_penalty": 1.1})
+        assert chat.choices[0].message.content == drawn
     finally:
         server.stop()
 
