@@ -32,6 +32,7 @@ import twins
 from xpack.errors import XpackError
 from xpack.packager.export.onnx.mllama import export_mllama, load_mllama
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
+from xpack.packager.export.onnx.mllama_stitch import DOMAIN, stubbed_layers
 from xpack.packager.merge.job import merge
 from xpack.runtimes.artifacts import MLLAMA_META_FILE
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
@@ -179,8 +180,6 @@ def test_vision_graph_is_one_traced_layer_per_kind_stitched_per_layer(exported, 
     layer's own weights (its q_proj among the vision graph's MatMul weights), no stand-in node or domain is left, and
     the tower's layers run normally again after the trace (the parity tests above: the graph equals torch)."""
     import onnx
-
-    from xpack.packager.export.onnx.mllama_stitch import DOMAIN, stubbed_layers
 
     graph = onnx.load(str(exported[0] / "vision.onnx"), load_external_data=False)
     assert all(n.domain != DOMAIN for n in graph.graph.node)
