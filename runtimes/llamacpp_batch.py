@@ -85,6 +85,7 @@ class BatchedLlama:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._clock = 0
         self.widest = 0  # the most sequences one llama_decode has held (the tests read it)
+        self.reused = 0  # prompt tokens whose keys/values a slot already held (the prompt cache's hits)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="xpack-llama-batch", daemon=True)
         self._thread.start()
@@ -172,6 +173,7 @@ class BatchedLlama:
             self._llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)  # a sliding-window cache cannot drop a tail: all of it
             keep = 0
         self._clock += 1
+        self.reused += keep
         slot.used = self._clock
         slot.cached = slot.cached[:keep]
         slot.pending = request.prompt[keep:]

@@ -291,6 +291,7 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(cpu):
         chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, **openai_fields,
                                               extra_body={"top_k": 50, "repetition_penalty": 1.1})
         assert chat.choices[0].message.content == drawn
+        assert runtime._batcher.reused > 0  # that prompt went to the slot holding it: not prefilled again (the prompt cache)
     finally:
         server.stop()
 

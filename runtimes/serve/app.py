@@ -59,8 +59,8 @@ def build_app(runtime: Runtime, config: ServeConfig):
     from starlette.routing import Route
 
     metrics = Metrics()
+    runtime.prompt_cache = config.prompt_cache  # before the engine: a batched runtime takes it when it starts its slots
     engine = Engine(runtime, config, metrics)
-    runtime.prompt_cache = config.prompt_cache
     card = model_card(runtime, config)
     key = config.api_key.encode() if config.api_key else None
 
