@@ -66,7 +66,7 @@ class BatchedLlama:
     def __init__(self, llama_cpp, llm, slots: int, n_ctx: int, threads: int, prompt_cache: bool):
         internals = importlib.import_module(f"{llama_cpp.__name__}._internals")
         self._llama_cpp, self._internals = llama_cpp, internals
-        self.slots_n, self.n_ctx, self.prompt_cache = slots, n_ctx, prompt_cache
+        self.n_ctx, self.prompt_cache = n_ctx, prompt_cache
         self._n_vocab = llm.n_vocab()
         # the Llama's own settings (flash attention off, its threads, rope, KV types), so that a sequence computes as
         # it does there; only the streams differ
