@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xpack.errors import XpackError
+from xpack.profiles.cgroup_memory import cgroup_memory
 from xpack.profiles.profile import Profile, load_profile
 
 __all__ = ["Gpu", "Machine", "machine_info", "detect_profile", "resolve_for_machine"]
@@ -52,12 +53,15 @@ def _cores() -> int:
 
 
 def _ram_gb() -> float | None:
+    """The machine's memory, or its memory cgroup's limit where that is smaller (a container)."""
+    box = cgroup_memory()
     try:
         import psutil
 
-        return psutil.virtual_memory().total / 1e9
+        total = psutil.virtual_memory().total
     except Exception:  # noqa: BLE001
-        return None
+        return box.limit / 1e9 if box else None
+    return min(total, box.limit) / 1e9 if box else total / 1e9
 
 
 def _probe_gpus() -> tuple[tuple[Gpu, ...], str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from xpack.errors import XpackError
 from xpack.packager.io.checkpoint import Checkpoint
+from xpack.profiles.cgroup_memory import cgroup_memory
 
 ONNX_EXPORT_FACTOR = 6.2
 # the streamed ONNX export (streamed_onnx_need), measured on the synthetic Gemma 3 4B at --bits 4 (peak RSS 7.5 GB:
@@ -33,6 +34,11 @@ ARTIFACT_BYTES_PER_PARAMETER = {32: 4.0, 16: 2.0, 8: 1.1, 4: 0.85}
 # fp16 on onnxruntime's CPU provider: the fp16 weights plus float32 copies where the graph optimizer folds a weight's
 # Cast; the 4B's fp16 export was killed above 16 GB in its check (1.8x its 9.1 GB artifact, so at least that)
 ORT_LOAD_FACTOR = {32: 1.3, 16: 2.5, 8: 1.3, 4: 1.3}
+# above this many bytes of float32 weights the streamed export writes no float32 graph and checks the artifact from its
+# mapped files (pipeline.py's _Job.large): an fp16 artifact is then run with each weight cast to float32 as its node runs
+# (onnx_base.session_options' cast_per_node), CAST_PER_NODE_FACTOR x the largest weight in float32
+FP32_CHECK_BYTES = 2 * 10**9
+CAST_PER_NODE_FACTOR = 2.0
 QUANTIZE_FACTOR = 1.5
 VISION_EXPORT_FACTOR = 1.2
 PROCESS_BASE_GB = 0.8
@@ -54,17 +60,22 @@ def float32_bytes(ckpt: Checkpoint) -> int:
 
 
 def available_bytes() -> int:
-    """Memory this machine can give a new job now (psutil's ``available``: free + reclaimable cache)."""
+    """Memory this machine can give a new job now: psutil's ``available`` (free + reclaimable cache), or less where
+    this process's memory cgroup (a container's limit) leaves less (profiles/cgroup_memory.py)."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    have = int(psutil.virtual_memory().available)
+    box = cgroup_memory()
+    return min(have, box.available) if box else have
 
 
 def require_memory(need: int, what: str, fix: str) -> None:
     """One line and no work when ``need`` bytes exceed what is available."""
     have = available_bytes()
     if need > have:
-        raise XpackError(f"{what} needs about {need / 1e9:.1f} GB of memory and this machine has {have / 1e9:.1f} GB available; {fix}")
+        box = cgroup_memory()
+        where = (f"this container (memory cgroup limit {box.limit / 1e9:.1f} GB) has" if box and box.available <= have else "this machine has")
+        raise XpackError(f"{what} needs about {need / 1e9:.1f} GB of memory and {where} {have / 1e9:.1f} GB available; {fix}")
 
 
 def _count(shape) -> int:
@@ -78,7 +89,8 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     """Bytes the streamed ONNX export holds at its peak, the largest of its phases:
     - the torch check with its layers streamed: everything outside the repeated layers plus one layer, in float32;
     - quantizing or converting the largest weight: QUANTIZE_FACTOR x it in float32;
-    - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits];
+    - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits]
+      (a large fp16 artifact: CAST_PER_NODE_FACTOR x the largest weight in float32, see FP32_CHECK_BYTES);
     - a vision tower (tensors under ``vision_prefixes``): its float32 weights in torch for the check (the graph is
       written weight by weight and checked after the torch model is freed), VISION_EXPORT_FACTOR x them.
       Llama 3.2 Vision passes none: its tower's layers stream in the torch check like the decoder's (mllama.py).
@@ -100,7 +112,10 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     params = rest + sum(layers.values())
     torch_check = 4 * (rest + max(layers.values(), default=0))
     quantize = QUANTIZE_FACTOR * 4 * largest
-    check = ORT_LOAD_FACTOR[bits] * ARTIFACT_BYTES_PER_PARAMETER[bits] * params
+    if bits == 16 and 4 * (params + vision) > FP32_CHECK_BYTES:
+        check = CAST_PER_NODE_FACTOR * 4 * largest
+    else:
+        check = ORT_LOAD_FACTOR[bits] * ARTIFACT_BYTES_PER_PARAMETER[bits] * params
     return int(max(torch_check, quantize, check, VISION_EXPORT_FACTOR * 4 * vision) + PROCESS_BASE_GB * 1e9)
 
 
