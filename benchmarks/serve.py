@@ -12,16 +12,18 @@ llama_cpp.server runs with ``--interrupt_requests False``, so that it queues req
 each new request interrupts the one streaming (its client gets a stream cut off without a finish_reason, which
 this script counts as an error).
 
-For N = 1, 4, 16 concurrent clients (``--clients``), each side in turn (the order alternates per N) gets
-``--seconds`` of load: every client sends the demo's radiology chat prompt, streamed, 128 tokens, greedy
+Each server first answers 3 requests that are not measured (a process's first requests are slower). Then, for
+``--rounds`` rounds (3), for N = 1, 4, 16 concurrent clients (``--clients``), each side in turn (who goes first
+alternates) gets ``--seconds`` of load: every client sends the demo's radiology chat prompt, streamed, 128 tokens, greedy
 (repetition penalty off on both), with OpenAI's AsyncOpenAI client, and sends the next request when its answer
 ends. Per side and N: requests/s, generated tokens/s (from the answers' usage where the server sends it, else
 one per streamed chunk), p50/p99 time to first token and latency, errors, and the server's RSS (peak, and at the
-start and end of the phase: flat means no growth). Targets: throughput >= 1.0x llama_cpp.server at every N,
+start and end of the phase: flat means no growth); the table gives each figure's median over the rounds (the JSON
+holds every round). Targets: throughput >= 1.0x llama_cpp.server at every N,
 p99 TTFT at N=16 <= 0.8x its, zero errors, RSS flat. Bounded: loopback only, N and the time per phase are capped.
 
 Usage:
-  .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--seconds 60] [--tokens 128] [--xpack-concurrency 4] [--json PATH]
+  .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--seconds 60] [--rounds 3] [--tokens 128] [--xpack-concurrency 4] [--json PATH]
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ from xpack.profiles.machine import resolve_for_machine  # noqa: E402
 from xpack.profiles.profile import load_profile  # noqa: E402
 
 DEFAULT_JSON = H.RESULTS / "serve.json"
-MAX_CLIENTS, MAX_SECONDS = 64, 600
+MAX_CLIENTS, MAX_SECONDS, MAX_ROUNDS = 64, 600, 9
+WARMUP_REQUESTS = 3
+# a phase's fields that are rates or times: the median over the rounds; errors add up; RSS: the first start, the last end, the peak
+_MEDIAN_FIELDS = ("requests_per_s", "tokens_per_s", "tokens_per_request", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s")
 TARGETS = {"throughput_ratio_min": 1.0, "p99_ttft_ratio_max_at_16": 0.8, "errors": 0}
 MESSAGES = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": DEMO_PROMPT}]
 
@@ -114,10 +119,11 @@ class Server:
             self.log.close()
 
 
-async def one_client(client, model: str, tokens: int, until: float, records: list) -> None:
+async def one_client(client, model: str, tokens: int, until: float, records: list, requests: int | None = None) -> None:
+    """Requests one after another until ``until`` (or ``requests`` of them)."""
     import openai
 
-    while time.perf_counter() < until:
+    while (len(records) < requests) if requests is not None else (time.perf_counter() < until):
         start, first, usage, chunks, error, finish = time.perf_counter(), None, None, 0, None, None
         try:
             stream = await client.chat.completions.create(
@@ -140,14 +146,15 @@ async def one_client(client, model: str, tokens: int, until: float, records: lis
                         "tokens": usage if usage is not None else chunks, "tokens_from": "usage" if usage is not None else "chunks", "error": error})
 
 
-async def load_phase(server: Server, clients: int, seconds: float, tokens: int) -> dict:
+async def load_phase(server: Server, clients: int, seconds: float, tokens: int, requests: int | None = None) -> dict:
+    """``clients`` clients for ``seconds`` (or, with ``requests``, one client for that many: the warm-up)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0, timeout=600)
     records: list[dict] = []
     t0_wall, t0 = time.time(), time.perf_counter()
     until = t0 + seconds
-    await asyncio.gather(*(one_client(client, server.model, tokens, until, records) for _ in range(clients)))
+    await asyncio.gather(*(one_client(client, server.model, tokens, until, records, requests) for _ in range(clients)))
     elapsed = time.perf_counter() - t0
     await client.close()
     ok = [r for r in records if r["error"] is None]
@@ -165,6 +172,22 @@ async def load_phase(server: Server, clients: int, seconds: float, tokens: int) 
     }
 
 
+def median_phase(runs: list[dict]) -> dict:
+    """One phase's figures over its rounds: the median of each rate and time, the errors of all, RSS over the whole."""
+    out = dict(runs[-1])
+    for key in _MEDIAN_FIELDS:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["error_samples"] = sorted({e for r in runs for e in r["error_samples"]})[:3]
+    out["rss_start_mb"], out["rss_end_mb"] = runs[0]["rss_start_mb"], runs[-1]["rss_end_mb"]
+    peaks = [r["rss_peak_mb"] for r in runs if r["rss_peak_mb"] is not None]
+    out["rss_peak_mb"] = max(peaks) if peaks else None
+    out["rounds"] = len(runs)
+    return out
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -179,11 +202,12 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds of load per side and N (at most 600)")
     ap.add_argument("--tokens", type=int, default=128, help="max_tokens of each request")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--rounds", type=int, default=3, help="times each side runs each N (interleaved); the table gives their medians")
     ap.add_argument("--xpack-concurrency", type=int, default=4, help="xpack serve's --max-concurrency (its default on a GGUF)")
     a = ap.parse_args(argv)
     counts = [int(n) for n in H.csv(a.clients)]
-    if not counts or max(counts) > MAX_CLIENTS or min(counts) < 1 or not 0 < a.seconds <= MAX_SECONDS:
-        raise SystemExit(f"--clients must be 1..{MAX_CLIENTS} and --seconds within (0, {MAX_SECONDS}]")
+    if not counts or max(counts) > MAX_CLIENTS or min(counts) < 1 or not 0 < a.seconds <= MAX_SECONDS or not 1 <= a.rounds <= MAX_ROUNDS:
+        raise SystemExit(f"--clients must be 1..{MAX_CLIENTS}, --seconds within (0, {MAX_SECONDS}] and --rounds 1..{MAX_ROUNDS}")
     try:
         import llama_cpp.server  # noqa: F401
         import openai  # noqa: F401
@@ -205,17 +229,25 @@ def run_main(argv: list[str]) -> int:
                                                         str(profile.threads), "--n_ctx", str(profile.n_ctx), "--model_alias", "demo",
                                                         "--interrupt_requests", "False"], lc, logs),
     }
-    phases: dict[str, dict] = {name: {} for name in servers}
+    rounds: dict[str, dict[str, list[dict]]] = {name: {str(n): [] for n in counts} for name in servers}
     try:
-        for i, n in enumerate(counts):
-            order = list(servers) if i % 2 == 0 else list(reversed(servers))
-            for name in order:
-                H.log(f"{name}: {n} client(s) for {a.seconds:.0f} s")
-                phases[name][str(n)] = r = asyncio.run(load_phase(servers[name], n, a.seconds, a.tokens))
-                H.log(f"  {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, ttft p50 {r['ttft_p50_s']} p99 {r['ttft_p99_s']}, "
-                      f"errors {r['errors']}, RSS {r['rss_start_mb']} -> {r['rss_end_mb']} MB")
+        for name, server in servers.items():  # the first requests of a process are slower (page faults, thread pools)
+            H.log(f"{name}: warming up ({WARMUP_REQUESTS} requests, not measured)")
+            asyncio.run(load_phase(server, 1, 0.0, a.tokens, requests=WARMUP_REQUESTS))
+        step = 0
+        for k in range(a.rounds):
+            for n in counts:
+                order = list(servers) if step % 2 == 0 else list(reversed(servers))  # who goes first alternates
+                step += 1
+                for name in order:
+                    H.log(f"round {k + 1}/{a.rounds}, {name}: {n} client(s) for {a.seconds:.0f} s")
+                    r = asyncio.run(load_phase(servers[name], n, a.seconds, a.tokens))
+                    rounds[name][str(n)].append(r)
+                    H.log(f"  {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, ttft p50 {r['ttft_p50_s']} p99 {r['ttft_p99_s']}, "
+                          f"errors {r['errors']}, RSS {r['rss_start_mb']} -> {r['rss_end_mb']} MB")
     finally:
         exits = {name: s.stop() for name, s in servers.items()}
+    phases = {name: {n: median_phase(runs) for n, runs in by_n.items()} for name, by_n in rounds.items()}
     ratios = {}
     for n in map(str, counts):
         x, l = phases["xpack"][n], phases["llama_cpp.server"][n]
@@ -233,7 +265,8 @@ def run_main(argv: list[str]) -> int:
         "xpack_exit_code_on_sigterm": exits["xpack"],
     }
     result = {"machine": H.machine_info("llama_cpp_python", "openai", "uvicorn", "starlette"), "gguf": str(gguf), "threads": profile.threads,
-              "n_ctx": profile.n_ctx, "tokens": a.tokens, "seconds_per_phase": a.seconds, "xpack_max_concurrency": a.xpack_concurrency, "phases": phases, "ratios": ratios, "targets": TARGETS,
+              "n_ctx": profile.n_ctx, "tokens": a.tokens, "seconds_per_phase": a.seconds, "rounds": a.rounds,
+              "xpack_max_concurrency": a.xpack_concurrency, "phases": phases, "phase_rounds": rounds, "ratios": ratios, "targets": TARGETS,
               "verdict": verdict}
     H.write_json(a.json, result)
     print(f"{'N':>3} {'side':<17} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'lat p50':>8} {'lat p99':>8} {'err':>4} {'RSS MB':>14}")
