@@ -14,8 +14,8 @@ Sides, each a fresh process measured by ``_harness.run_measured`` (wall time, pe
             ``optimum-cli export onnx --task text-generation-with-past`` (its out-of-memory, past ``--memory-limit-gb``,
             or its refusal, is reported as such)
   verify    ``xpack verify`` of the Q4_K_M GGUF (of the ONNX int4 for mllama, which llama.cpp cannot run) against the
-            merged checkpoint, the reference within
-            ``--reference-memory`` (its layers streamed)
+            merged checkpoint, the reference within ``--reference-memory`` if given, else within what xpack finds
+            available (a ``--box-gb`` box's limit: profiles/cgroup_memory.py), its layers streamed beyond it
   decode    tokens/s after the first token, greedy, EOS ignored, ``--tokens`` tokens: ``xpack.runtimes`` vs a raw
             llama-cpp-python loop (GGUF) and a raw onnxruntime loop (ONNX int4), both fed the same prompt ids; and
             each as a fraction of the memory-bandwidth bound: bandwidth (numpy copy of a 1 GiB array, read + write
@@ -257,7 +257,7 @@ def _llama_cpp_sides(r: "Run", work: Path, merged: Path, vision: bool) -> None:
     (lc / "f16.gguf").unlink(missing_ok=True)
 
 
-def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float, scale: str = "full",
+def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, reference_memory: float | None, scale: str = "full",
         onnx_bits: tuple[str, ...] = ("4", "16"), box_gb: float | None = None, others: bool = True, quick_verify: bool = False) -> dict:
     cache = H.CACHE / "synthetic" / (model if scale == "full" else f"{model}-{scale}")
     if not (cache / "COMPLETE").is_file():
@@ -285,7 +285,9 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
                 continue
             shutil.rmtree(out, ignore_errors=True)
             extra = ["--no-calibrate"] if bits == "4" else []
-            r.side(f"xpack export onnx --bits {bits}", H.xpack("export", "--model", merged, "--format", "onnx", "--bits", bits, *extra, "--out", out), out=out)
+            row = r.side(f"xpack export onnx --bits {bits}", H.xpack("export", "--model", merged, "--format", "onnx", "--bits", bits, *extra, "--out", out), out=out)
+            if (out / "manifest.json").is_file():  # the export's own check against torch, kept before the artifact is removed
+                row["check"] = json.loads((out / "manifest.json").read_text()).get("validation", {}).get("artifact")
         shutil.rmtree(work / "onnx16", ignore_errors=True)
         opt = work / "optimum"
         shutil.rmtree(opt, ignore_errors=True)
@@ -294,14 +296,14 @@ def run(model: str, steps: list[str], work: Path, limit_gb: float, tokens: int, 
         shutil.rmtree(opt, ignore_errors=True)
     if "verify" in steps:  # the GGUF; a model llama.cpp cannot run (mllama) verifies its ONNX int4
         artifact, label = (gguf_dir, "GGUF Q4_K_M") if any(gguf_dir.glob("*.gguf")) else (onnx4, "ONNX int4")
-        quick = []
+        quick, memory = [], (["--reference-memory", reference_memory] if reference_memory else [])
         if quick_verify:  # one prompt, 4 tokens, 48 words of text: a reference whose every forward streams the weights
             (work / "verify-prompts.jsonl").write_text(json.dumps({"prompt": "Describe the findings of a normal chest X-ray."}) + "\n")
             (work / "verify-text.txt").write_text("The lungs are clear. No pleural effusion or pneumothorax. The heart size is normal. "
                                                   "The mediastinum is not widened. Bones and soft tissues are unremarkable. " * 2)
             quick = ["--prompts", work / "verify-prompts.jsonl", "--text", work / "verify-text.txt"]
         r.side(f"xpack verify ({label})", H.xpack("verify", "--artifact", artifact, "--reference", merged, "--profile", "cpu16", "--no-benchmark",
-                                                  "--max-tokens", "4" if quick_verify else "8", "--reference-memory", reference_memory, *quick,
+                                                  "--max-tokens", "4" if quick_verify else "8", *memory, *quick,
                                                   "--json"))
     decode = {}
     if "decode" in steps:
@@ -363,7 +365,8 @@ def run_main(argv: list[str]) -> int:
     ap.add_argument("--scale", default="full", choices=("full", "tiny"), help="tiny: benchmarks/synthetic.py's small twin, to try the script")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {','.join(STEPS)}")
     ap.add_argument("--memory-limit-gb", type=float, default=16.0, help="a side above this is killed and reported out of memory (the cpu16 box)")
-    ap.add_argument("--reference-memory", type=float, default=8.0, help="verify's --reference-memory (GB)")
+    ap.add_argument("--reference-memory", type=float, default=None,
+                    help="verify's --reference-memory (GB); default: none given, xpack sizes it from the memory available (in a --box-gb box, the box's)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per decode run")
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts go (default benchmarks/.cache/scale/MODEL)")
     ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/scale-MODEL.json")

@@ -46,7 +46,7 @@ def onnx_file_of(path: "str | os.PathLike") -> Path:
     return ONNX_FILE.find(path)
 
 
-def session_options(threads: int | None = None, prepack: bool = True):
+def session_options(threads: int | None = None, prepack: bool = True, cast_per_node: bool = False):
     """onnxruntime's SessionOptions as xpack runs graphs: all graph optimizations, sequential, quiet,
     ``threads`` intra-op threads (None: onnxruntime's default) and one inter-op thread.
 
@@ -55,6 +55,13 @@ def session_options(threads: int | None = None, prepack: bool = True):
     so a one-off check of an artifact larger than the free memory still runs (each call dequantizes its weights again:
     slower, for a check and not for serving). Measured on Llama 3.2 11B Vision's 6.5 GB int4 decoder: 6.9 GB private
     after the load with prepacking, 0.4 GB private (+ 2.1 GB for the dequantized head during a call) without.
+
+    ``cast_per_node=True`` (an fp16 graph on the CPU provider, a one-off check): the CPU provider has no fp16 MatMul, so
+    onnxruntime puts a Cast to float32 before each such node, and with graph optimizations on it folds every Cast of a
+    weight into a float32 copy at load, the whole model in float32 (Gemma 3 4B's fp16 check was killed above 16 GB).
+    With optimizations off the weights are cast as their nodes run, and the priority-based order runs each Cast just
+    before its node, so one float32 weight at a time is alive (measured: 16 fp16 2048 x 2048 MatMuls, 351 MB private
+    with the folded copies, 65 MB this way; the default order runs every Cast first, 288 MB). Slower; the same kernels.
     """
     import onnxruntime as ort
 
@@ -64,6 +71,9 @@ def session_options(threads: int | None = None, prepack: bool = True):
     options.log_severity_level = 3
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if cast_per_node:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

@@ -5,6 +5,8 @@ in-memory path writes, value for value, and the export holds one weight at a tim
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -16,9 +18,10 @@ from onnx import numpy_helper
 
 from xpack.cli import cli
 from xpack.packager.archs import require_arch
+from xpack.packager.export.onnx import pending as pending_module
 from xpack.packager.export.onnx import pipeline, torch_check
 from xpack.packager.export.onnx.decoder_graph import build_decoder, build_embedding
-from xpack.packager.export.onnx.pending import DataFile, PendingWeights, save_graph
+from xpack.packager.export.onnx.pending import DataFile, PendingWeights, Recipe, save_graph
 from xpack.packager.export.onnx.pipeline import default_block_size
 from xpack.packager.export.onnx.precision import quantize_graph
 from xpack.packager.export.onnx.torch_check import load_torch, torch_steps
@@ -115,6 +118,34 @@ def test_streamed_table_is_quantized_a_chunk_of_rows_at_a_time(tmp_path):
     _same_graph(_in_memory(folder, 8, spec, embed=True), onnx.load(str(tmp_path / "model.onnx")))
 
 
+def test_pending_fp16_weight_is_converted_and_written_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """write_all converts a weight to fp16 a chunk of rows at a time: onnxruntime's converter holds several times what
+    it converts (index arrays of np.where), which took Gemma 3 4B's 2.7 GB table past 8 GB. A recipe that reads rows
+    (an embedding table) is never whole in float32; one that cannot (a transposed head) is whole once, not 3-4 times.
+    The bytes are the converter's own on the whole weight."""
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    monkeypatch.setattr(pending_module, "WRITE_CHUNK_BYTES", 1 << 20)
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((4096, 1024)) * 0.02).astype(np.float32)
+    values[0, :4] = [1e-9, -1e-9, 1e6, -1e6]  # the converter's clipping, at a chunk's edge
+    fp32 = values.nbytes
+    for name, recipe, bound in (("table", Recipe(lambda: values.copy(), rows=lambda a, z: values[a:z].copy()), 0.25),
+                                ("head", Recipe(lambda: values.copy()), 1.5)):
+        weights = PendingWeights()
+        tensor = weights.placeholder(name, values.shape, recipe)
+        tensor.data_type = TensorProto.FLOAT16  # as the fp16 converter retypes a placeholder
+        graph = helper.make_graph([], "g", [], [], [tensor])
+        model = helper.make_model(graph)
+        with DataFile(tmp_path, f"{name}.data") as out:
+            weights.out = out
+            peak = _peak(lambda: weights.write_all(model))
+        assert peak < bound * fp32, (name, peak, fp32)
+        written = np.fromfile(tmp_path / f"{name}.data", np.float16).reshape(values.shape)
+        assert written.tobytes() == convert_np_to_float16(values).tobytes(), name
+
+
 def _peak(job) -> int:
     tracemalloc.start()
     try:
@@ -158,10 +189,10 @@ def test_lean_torch_reference_equals_the_plain_one(deep_llama):
             np.testing.assert_allclose(g[key], w[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits", [32, 4])
+@pytest.mark.parametrize("bits", [32, 16, 4])
 def test_large_export_checks_the_artifact_against_torch(twin_factory, tmp_path, monkeypatch, bits):
     """Above FP32_CHECK_BYTES no float32 graph is written: the manifest and the card say so, and the artifact itself
-    (the float32 one too) is checked against torch."""
+    (the float32 one too) is checked against torch; an fp16 one with its weights cast a node at a time."""
     monkeypatch.setattr(pipeline, "FP32_CHECK_BYTES", 0)
     twin = twin_factory("gemma3")
     out = tmp_path / "o"
@@ -173,7 +204,59 @@ def test_large_export_checks_the_artifact_against_torch(twin_factory, tmp_path, 
     assert artifact["finite"] and artifact["logits"]["top1_agreement"] >= (1.0 if bits == 32 else 0.5)
     if bits == 32:
         assert artifact["within_tolerance"], artifact
+    assert artifact.get("onnxruntime_graph_optimizations", True) is (bits != 16), artifact
+    if bits == 16:
+        assert artifact["logits"]["top1_agreement"] == 1.0 and artifact["logits"]["kl_mean"] < 1e-4, artifact
     assert "not checked on its own" in (out / "README.md").read_text()
+
+
+FP16_MEMORY_SCRIPT = """
+import sys
+import numpy as np
+from xpack.runtimes.onnx_base import open_session, session_options
+
+
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+
+
+before = anon()
+session = open_session(sys.argv[1], session_options(1, prepack=False, cast_per_node=sys.argv[2] == "1"), ["CPUExecutionProvider"])
+for _ in range(2):
+    y = session.run(None, {"x": np.ones((1, 1024), np.float16)})[0]
+print(anon() - before, float(np.abs(y.astype(np.float32)).sum()))
+"""
+
+
+def _fp16_matmuls(path, layers: int, d: int) -> None:
+    """A chain of ``layers`` fp16 MatMuls of d x d weights, saved with its weights in an external data file."""
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(layers):
+        weights.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.03).astype(np.float16), f"w{i}"))
+        nodes.append(onnx.helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
+        x = f"h{i}"
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, d])],
+                                   [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT16, [1, d])], weights)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def test_fp16_check_casts_one_weight_at_a_time(tmp_path):
+    """onnxruntime's CPU provider has no fp16 MatMul: with graph optimizations on it keeps a float32 copy of every fp16
+    weight (the 4B's fp16 check was killed above 16 GB); ``cast_per_node`` casts each as its node runs, so the private
+    memory it keeps is a few weights, not the model, and the output is the same."""
+    fp32_weights = 16 * 1024 * 1024 * 4
+    _fp16_matmuls(tmp_path / "m.onnx", 16, 1024)
+    runs = {}
+    for flag in ("0", "1"):  # each in a process of its own: its private memory is onnxruntime's alone
+        out = subprocess.run([sys.executable, "-c", FP16_MEMORY_SCRIPT, str(tmp_path / "m.onnx"), flag], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        grew, total = out.stdout.split()
+        runs[flag] = (int(grew), float(total))
+    assert runs["0"][0] > fp32_weights, runs  # the float32 copies, folded at load
+    assert runs["1"][0] < 0.5 * fp32_weights, runs
+    assert runs["0"][1] == pytest.approx(runs["1"][1], rel=1e-3), runs
 
 
 def test_large_mllama_export_streams_its_reference_and_writes_the_same_artifact(twin_factory, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from xpack.packager.export.onnx.quantize import InMemory, TableColumns
 from xpack.packager.io.tensors import NON_FINITE, require_finite
@@ -32,6 +32,8 @@ PENDING = "xpack-pending"  # the external data location of a placeholder: no fil
 ALIGN_THRESHOLD, ALIGN_LARGE, ALIGN_SMALL = 1 << 20, 1 << 16, 64
 # an initializer a converter made inline (a constant of the fp16 casts) goes to the data file above this size
 INLINE_LIMIT = 1024
+# a pending weight is converted and written this many bytes of float32 at a time (write_all)
+WRITE_CHUNK_BYTES = 64 << 20
 @dataclass(frozen=True)
 class Recipe:
     """How one pending weight is made: ``make`` gives its float32 values; ``source`` names the checkpoint tensor it
@@ -59,22 +61,35 @@ class DataFile:
         self.offset = 0
 
     def write(self, array: "np.ndarray", name: str) -> "onnx.TensorProto":
+        return self.write_rows(name, array.dtype, array.shape, [array])
+
+    def write_rows(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable["np.ndarray"]) -> "onnx.TensorProto":
+        """A tensor of ``shape`` and ``dtype`` written as ``chunks``, consecutive slices along its first axis, each one
+        let go before the next is made: the tensor is never whole in memory."""
         import numpy as np
         from onnx import TensorProto, helper
 
-        array = np.ascontiguousarray(array)
-        align = ALIGN_LARGE if array.nbytes >= ALIGN_THRESHOLD else ALIGN_SMALL
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        align = ALIGN_LARGE if nbytes >= ALIGN_THRESHOLD else ALIGN_SMALL
         pad = -self.offset % align
         if pad:
             self._file.write(b"\0" * pad)
             self.offset += pad
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=shape)
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.name), ("offset", str(self.offset)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self._file.write(memoryview(array.reshape(-1)).cast("B"))
-        self.offset += array.nbytes
+        written = 0
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype)
+            self._file.write(memoryview(chunk.reshape(-1)).cast("B"))
+            written += chunk.nbytes
+            del chunk
+        if written != nbytes:
+            raise RuntimeError(f"{name}: {written} bytes written for a tensor of {nbytes}")
+        self.offset += nbytes
         return tensor
 
     def close(self) -> None:
@@ -166,15 +181,35 @@ class PendingWeights(InMemory):
         written = 0
         for tensor in model.graph.initializer:
             if is_pending(tensor):
-                values = _as(self.make(tensor.name), tensor.data_type)
+                shape, dtype = tuple(tensor.dims), _np_type(tensor.data_type)
+                tensor.CopyFrom(self.out.write_rows(tensor.name, dtype, shape, self._chunks(tensor.name, shape, tensor.data_type)))
             elif tensor.data_location != TensorProto.EXTERNAL and len(tensor.raw_data) > INLINE_LIMIT:
-                values = numpy_helper.to_array(tensor)
+                tensor.CopyFrom(self.emit(numpy_helper.to_array(tensor), tensor.name))
             else:
                 continue
-            tensor.CopyFrom(self.emit(values, tensor.name))
             written += 1
-            del values
         return written
+
+    def _chunks(self, name: str, shape: tuple[int, ...], data_type: int) -> Iterator["np.ndarray"]:
+        """A pending weight in its placeholder's type, WRITE_CHUNK_BYTES of float32 at a time along its first axis: read
+        a chunk of rows at a time where the recipe can (an embedding table), else made whole in float32 and converted a
+        chunk at a time (the fp16 converter's temporaries are several times what it converts: 2.7 GB of Gemma 3 4B's
+        table took it past 8 GB)."""
+        recipe = self.recipes[name]
+        rows = shape[0] if shape else 1
+        step = max(1, WRITE_CHUNK_BYTES // max(1, 4 * (_count(shape) // max(rows, 1))))
+        if recipe.rows is not None and len(shape) >= 1:
+            for start in range(0, rows, step):
+                values = recipe.rows(start, min(start + step, rows))
+                require_finite(values, recipe.source or name, NON_FINITE)
+                yield _as(values, data_type)
+            return
+        values = self.make(name)
+        if not shape:
+            yield _as(values, data_type)
+            return
+        for start in range(0, rows, step):
+            yield _as(values[start:start + step], data_type)
 
     def inline_all(self, model: "onnx.ModelProto") -> None:
         """Put every pending weight's float32 values into the graph itself: for what needs the whole model in memory
@@ -184,6 +219,24 @@ class PendingWeights(InMemory):
         for tensor in model.graph.initializer:
             if is_pending(tensor):
                 tensor.CopyFrom(numpy_helper.from_array(self.make(tensor.name), tensor.name))
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _np_type(data_type: int):
+    import numpy as np
+    from onnx import TensorProto
+
+    if data_type == TensorProto.FLOAT:
+        return np.float32
+    if data_type == TensorProto.FLOAT16:
+        return np.float16
+    raise RuntimeError(f"a pending weight was retyped to ONNX type {data_type}, which xpack's writer does not make")
 
 
 def _as(values: "np.ndarray", data_type: int) -> "np.ndarray":

@@ -43,7 +43,7 @@ from xpack.packager.export.onnx.raw_graph import optimum_graph, xpack_graph
 from xpack.packager.export.onnx.source import copy_companions, prepare_source
 from xpack.packager.export.onnx.torch_check import compare_steps, load_torch, ort_steps, prepacking_note, torch_steps, validation_ids
 from xpack.packager.io.checkpoint import Checkpoint
-from xpack.packager.io.memory_need import check_onnx_export, float32_bytes
+from xpack.packager.io.memory_need import FP32_CHECK_BYTES, check_onnx_export, float32_bytes
 from xpack.packager.merge.lora import Adapter
 from xpack.packager.merge.stream import MergeSettings, run_merge
 from xpack.paths import temp_dir
@@ -63,10 +63,9 @@ INT4_SCHEMES = ("mixed", "plain")
 # The fused kernels sum in another order than torch's eager attention: measured <= 1e-6 on the twins
 # and ~1e-4 on the demo model; optimum's own per-model atol is 1e-5 for its traced graph.
 XPACK_GRAPH_ATOL = 1e-3
-# xpack's streamed export writes its float32 graph and checks it against torch (besides the artifact) up to this many
-# bytes of float32 weights: real Gemma 3 270M (1.07 GB), the demo model and every test twin; above, only the artifact
-# is checked (onnxruntime would hold the whole float32 graph: 17 GB for Gemma 3 4B).
-FP32_CHECK_BYTES = 2 * 10**9
+# xpack's streamed export writes its float32 graph and checks it against torch (besides the artifact) up to
+# FP32_CHECK_BYTES of float32 weights (memory_need.py, 2 GB): real Gemma 3 270M (1.07 GB), the demo model and every test
+# twin; above, only the artifact is checked (onnxruntime would hold the whole float32 graph: 17 GB for Gemma 3 4B).
 # What an export imports; xpack's own graph needs no optimum (the first entry).
 LIBRARIES = ("optimum.exporters.onnx", "onnx", "onnxruntime", "onnx_ir")
 
@@ -393,7 +392,9 @@ def _check_artifact(job: _Job, reference: _Reference, result: OnnxExport) -> Non
         result.validation["artifact"] = {"same_as": "export"}
         return
     embed = job.tmp_out / EMBED_FILE if job.vision else None
-    steps = ort_steps(job.tmp_out / ONNX_MODEL_FILE, reference.ids, job.threads, embed, reference.window, prepack=not job.large)
+    cast_per_node = job.large and job.bits == 16  # the CPU provider's fp16 MatMuls would hold a float32 copy of every weight
+    steps = ort_steps(job.tmp_out / ONNX_MODEL_FILE, reference.ids, job.threads, embed, reference.window, prepack=not job.large,
+                      cast_per_node=cast_per_node)
     check = compare_steps(reference.steps, steps, reference.atol)
     if not check["finite"]:
         raise XpackError(
@@ -401,5 +402,5 @@ def _check_artifact(job: _Job, reference: _Reference, result: OnnxExport) -> Non
             "export with --bits 32 or --bits 8 instead"
         )
     check["reference"] = "transformers fp32, the same input"
-    check.update(prepacking_note(not job.large))
+    check.update(prepacking_note(not job.large, cast_per_node))
     result.validation["artifact"] = check

@@ -93,12 +93,14 @@ def torch_steps(model, ids: list[int]) -> list[dict]:
     return steps
 
 
-def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = None, window: int | None = None, prepack: bool = True) -> list[dict]:
+def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = None, window: int | None = None, prepack: bool = True,
+              cast_per_node: bool = False) -> list[dict]:
     """:func:`torch_steps` in onnxruntime on the decoder at ``path`` (its token embedding graph ``embed`` for a vision model);
-    ``prepack=False``: the weights read from the mapped data file (onnx_base.session_options)."""
+    ``prepack=False``: the weights read from the mapped data file; ``cast_per_node``: an fp16 graph's weights cast to
+    float32 one node at a time (onnx_base.session_options)."""
     import numpy as np
 
-    options = session_options(threads, prepack=prepack)
+    options = session_options(threads, prepack=prepack, cast_per_node=cast_per_node)
     chunks = (ids[:-1], ids[-1:])
     embedded = None
     if embed:  # the embedding graph runs and is let go before the decoder loads: never both in memory
@@ -127,8 +129,14 @@ def ort_steps(path: Path, ids: list[int], threads: int, embed: Path | None = Non
     return steps
 
 
-def prepacking_note(prepack: bool) -> dict:
-    """What a check's manifest entry says about how onnxruntime held the weights (session_options' ``prepack``)."""
+def prepacking_note(prepack: bool, cast_per_node: bool = False) -> dict:
+    """What a check's manifest entry says about how onnxruntime held the weights (session_options' ``prepack`` and
+    ``cast_per_node``)."""
+    if cast_per_node:
+        return {"onnxruntime_prepacking": False, "onnxruntime_graph_optimizations": False,
+                "prepacking_note": "checked from the artifact's mapped files with onnxruntime's graph optimizations off (a large fp16 model): "
+                                   "the CPU provider casts each fp16 weight to float32 as its node runs, where with optimizations on it "
+                                   "would hold a float32 copy of every weight; the same kernels, unfused"}
     if prepack:
         return {"onnxruntime_prepacking": True}
     return {
