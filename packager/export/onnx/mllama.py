@@ -396,11 +396,11 @@ def _write_meta(folder: Path, meta: dict, source: Path) -> None:
 # the checks
 
 
-def _run_graphs(folder: Path, reference: _Reference, prepack: bool = True, cast_per_node: bool = False) -> tuple:
+def _run_graphs(folder: Path, reference: _Reference, prepack: bool = True) -> tuple:
     """The graphs of ``folder`` through the runtime's pipeline on the reference's case: (prefill, step, text) logits;
     ``prepack=False``: onnxruntime reads the weights from the mapped data files (onnx_base.session_options)."""
     case = reference.case
-    pipe = MllamaOnnx(folder, prepack=prepack, cast_per_node=cast_per_node)
+    pipe = MllamaOnnx(folder, prepack=prepack)
     ids = case["input_ids"]
     n = len(ids) - 1
     image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
@@ -443,8 +443,7 @@ def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: boo
     ``prepack=False`` (a large model): the weights stay in the artifact's mapped files instead of private copies."""
     import numpy as np
 
-    cast_per_node = not prepack and bits == 16  # the CPU provider's fp16 MatMuls would hold a float32 copy of every weight
-    prefill, step, text = _run_graphs(folder, reference, prepack, cast_per_node)
+    prefill, step, text = _run_graphs(folder, reference, prepack)
     got = np.concatenate([prefill, step, text])
     if not np.isfinite(got).all():
         raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
@@ -453,7 +452,7 @@ def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: boo
     return {
         "tokens": int(len(got)), "finite": True, "max_abs_diff": {"logits": figures.get("max_abs_logit_error")}, "logits": figures,
         "reference": "transformers fp32 (eager attention): a synthetic image, a prefill around <|image|> + one cached step, and the text alone",
-        **prepacking_note(prepack, cast_per_node),
+        **prepacking_note(prepack),
     }
 
 
