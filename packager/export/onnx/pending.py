@@ -15,6 +15,7 @@ them all; onnx cannot put a tensor into a graph without its data in memory, so t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -176,12 +177,12 @@ class PendingWeights(InMemory):
     def write_all(self, model: "onnx.ModelProto") -> int:
         """Make every weight of ``model`` still pending, in its placeholder's type by now (float32 or fp16), and append
         it to ``out``; larger inline initializers go there too, so the graph file holds no weights. Returns the count."""
-        from onnx import TensorProto, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
         written = 0
         for tensor in model.graph.initializer:
             if is_pending(tensor):
-                shape, dtype = tuple(tensor.dims), _np_type(tensor.data_type)
+                shape, dtype = tuple(tensor.dims), helper.tensor_dtype_to_np_dtype(tensor.data_type)  # _as refuses a type it does not make
                 tensor.CopyFrom(self.out.write_rows(tensor.name, dtype, shape, self._chunks(tensor.name, shape, tensor.data_type)))
             elif tensor.data_location != TensorProto.EXTERNAL and len(tensor.raw_data) > INLINE_LIMIT:
                 tensor.CopyFrom(self.emit(numpy_helper.to_array(tensor), tensor.name))
@@ -197,7 +198,7 @@ class PendingWeights(InMemory):
         table took it past 8 GB)."""
         recipe = self.recipes[name]
         rows = shape[0] if shape else 1
-        step = max(1, WRITE_CHUNK_BYTES // max(1, 4 * (_count(shape) // max(rows, 1))))
+        step = max(1, WRITE_CHUNK_BYTES // max(1, 4 * (math.prod(shape) // max(rows, 1))))
         if recipe.rows is not None and len(shape) >= 1:
             for start in range(0, rows, step):
                 values = recipe.rows(start, min(start + step, rows))
@@ -219,24 +220,6 @@ class PendingWeights(InMemory):
         for tensor in model.graph.initializer:
             if is_pending(tensor):
                 tensor.CopyFrom(numpy_helper.from_array(self.make(tensor.name), tensor.name))
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _np_type(data_type: int):
-    import numpy as np
-    from onnx import TensorProto
-
-    if data_type == TensorProto.FLOAT:
-        return np.float32
-    if data_type == TensorProto.FLOAT16:
-        return np.float16
-    raise RuntimeError(f"a pending weight was retyped to ONNX type {data_type}, which xpack's writer does not make")
 
 
 def _as(values: "np.ndarray", data_type: int) -> "np.ndarray":
