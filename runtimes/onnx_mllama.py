@@ -102,12 +102,14 @@ def _read_meta(folder: Path) -> dict:
 class MllamaOnnx:
     """The three mllama graphs of ``folder`` in onnxruntime sessions (CPU unless ``providers`` says otherwise)."""
 
-    def __init__(self, folder: "str | os.PathLike", *, providers: Sequence | None = None, threads: int | None = None, prepack: bool = True):
-        """``prepack=False``: the weights stay in the mapped data files (onnx_base.session_options), for a one-off check."""
+    def __init__(self, folder: "str | os.PathLike", *, providers: Sequence | None = None, threads: int | None = None, prepack: bool = True,
+                 cast_per_node: bool = False):
+        """``prepack=False``: the weights stay in the mapped data files; ``cast_per_node``: an fp16 graph's weights are cast
+        to float32 as their nodes run, not all at load (onnx_base.session_options); both for a one-off check."""
         try:
             import numpy as np
 
-            options = session_options(threads, prepack=prepack)  # the first import of onnxruntime
+            options = session_options(threads, prepack=prepack, cast_per_node=cast_per_node)  # the first import of onnxruntime
         except ImportError as exc:
             raise XpackError(f"the mllama ONNX runtime needs onnxruntime and numpy ({exc}); install them with `pip install 'xpack[onnx]'`") from None
         self._np = np

@@ -48,7 +48,7 @@ def test_the_shipped_sections_say_what_the_export_reads():
     assert gemma3.text_model.rename == ((r"^model\.language_model\.", "model."),)
     assert archs["gemma3_text"].onnx.graph.qk_norm is True
     mllama = archs["mllama"].onnx
-    assert mllama.pipeline == "mllama" and mllama.bits == (32, 8, 4)
+    assert mllama.pipeline == "mllama" and mllama.bits == (32, 16, 8, 4)
 
 
 def test_an_unknown_key_is_refused_in_one_line():

@@ -23,22 +23,29 @@ real tiles; |logit| <~ 0.73; smallest top-1/top-2 margin 5.3e-4), with ~500x hea
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 import twins
 from xpack.errors import XpackError
+from xpack.packager.export.job import export
+from xpack.packager.export.onnx import pipeline as onnx_pipeline
 from xpack.packager.export.onnx.mllama import export_mllama, load_mllama
 from xpack.packager.export.onnx.mllama_modules import wrap_mllama
 from xpack.packager.export.onnx.mllama_stitch import DOMAIN, stubbed_layers
 from xpack.packager.merge.job import merge
-from xpack.runtimes.artifacts import MLLAMA_META_FILE
+from xpack.runtimes.artifacts import MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE, MLLAMA_META_FILE, VISION_FILE
 from xpack.runtimes.onnx_mllama import MllamaOnnx, cross_attention_masks
 
 LOGIT_ATOL = 1e-4
 STATE_ATOL = 1e-4
+# --bits 16 (measured on this twin: max |logit error| ~5e-4 on a logit range of 0.6, KL ~5e-9)
+FP16_LOGIT_ATOL = 5e-3
+FP16_KL = 1e-6
 GREEDY_TOKENS = 16
 ANSWER = "The lungs are clear. No acute cardiopulmonary process."
 # image size -> real tiles of the twin's processor (16 x 16 tiles, at most 4)
@@ -256,6 +263,35 @@ def test_merged_twin_exports_and_its_vision_differs(twin, pipeline, processor, t
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(got - ref).max() <= LOGIT_ATOL
     assert np.abs(pipeline.logits(enc["input_ids"][0].tolist(), base_state) - ref).max() > 1e-2
+
+
+# -- --bits 16 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["float32-checked-first", "streamed-cast-per-node"])
+def test_fp16_artifact_against_torch(twin, torch_model, processor, tmp_path, monkeypatch, large):
+    """``xpack export --bits 16``: all three graphs in fp16, the table's norms, softmax and tanh gates in float32; the
+    production path, then teacher-forced with an image against torch. ``large``: above FP32_CHECK_BYTES, no float32
+    graph is written and the artifact's check casts its fp16 weights a node at a time."""
+    if large:
+        monkeypatch.setattr(onnx_pipeline, "FP32_CHECK_BYTES", 0)
+    out = tmp_path / "fp16"
+    export(str(twin.model_dir), "onnx", out, bits=16, threads=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    artifact = manifest["validation"]["artifact"]
+    assert artifact["finite"] and artifact["logits"]["top1_agreement"] == 1.0 and artifact["logits"]["kl_mean"] < FP16_KL, artifact
+    assert artifact.get("onnxruntime_graph_optimizations", True) is (not large)
+    assert ("skipped" in manifest["validation"]["export"]) is large
+    for file in (VISION_FILE, MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE):
+        weights = onnx.load(out / file, load_external_data=False).graph.initializer
+        assert all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights if len(w.dims) == 2 and w.name.startswith("model.")), file
+        assert all(w.data_type == onnx.TensorProto.FLOAT for w in weights if re.search(r"norm\.|gate(_attn|_ffn)?$", w.name)), file
+    pipe = MllamaOnnx(out, threads=1)
+    enc = _encode(processor, IMAGES["wide-4-tiles"])
+    ref = _torch_logits(torch_model, enc)
+    got = pipe.logits(enc["input_ids"][0].tolist(), _image_state(pipe, enc))
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(got - ref).max() <= FP16_LOGIT_ATOL
 
 
 # -- the runtime stands alone -----------------------------------------------------------------------

@@ -54,8 +54,9 @@ within a few GB (issue #12). Each graph's weights go into ``<graph>.onnx.data`` 
 ``xpack export --format onnx`` of an mllama checkpoint (:func:`export_mllama_artifact`) merges the
 adapter into the whole checkpoint first (it reaches the vision layers too), checks the float32
 graphs against torch where they are small enough to run, and below 32 bits writes the decoder and
-cross K/V graphs at ``--bits`` and the vision graph at 8 bits, checked against torch.
-"""
+cross K/V graphs at ``--bits`` and the vision graph at 8 bits (at ``--bits 16`` all three in fp16, the ops and
+nodes of the table's ``fp16_keep_fp32`` in float32), checked against torch; a large fp16 artifact's check casts its
+weights a node at a time (onnx_base.session_options' ``cast_per_node``)."""
 
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ FORMAT_VERSION = 1
 # Export gate: max |logit error| of the graphs against torch, relative to the logits' scale
 # (tolerance = LOGIT_RTOL * max(1, max |torch logit|)). Measured on the twin: <= 2.4e-7 (see the tests).
 LOGIT_RTOL = 1e-3
+# What --bits 16 makes of all three graphs (the table's fp16_keep_fp32 says which ops and nodes stay float32).
+FP16_DTYPE = "float16 weights and activations; softmax, tanh gates and norms in float32; float32 inputs/outputs"
 # The torch wrappers against transformers, before exporting (same rule; measured on the twin: <= 1.2e-7).
 WRAPPER_RTOL = 1e-4
 # What the output folder gets from the checkpoint besides the graphs.
@@ -396,11 +399,12 @@ def _write_meta(folder: Path, meta: dict, source: Path) -> None:
 # the checks
 
 
-def _run_graphs(folder: Path, reference: _Reference, prepack: bool = True) -> tuple:
+def _run_graphs(folder: Path, reference: _Reference, prepack: bool = True, cast_per_node: bool = False) -> tuple:
     """The graphs of ``folder`` through the runtime's pipeline on the reference's case: (prefill, step, text) logits;
-    ``prepack=False``: onnxruntime reads the weights from the mapped data files (onnx_base.session_options)."""
+    ``prepack=False``: onnxruntime reads the weights from the mapped data files, ``cast_per_node``: casts each fp16 weight
+    as its node runs (onnx_base.session_options)."""
     case = reference.case
-    pipe = MllamaOnnx(folder, prepack=prepack)
+    pipe = MllamaOnnx(folder, prepack=prepack, cast_per_node=cast_per_node)
     ids = case["input_ids"]
     n = len(ids) - 1
     image = pipe.encode_image(case["pixel_values"].numpy(), case["aspect_ratio_ids"].numpy(), case["aspect_ratio_mask"].numpy())
@@ -438,12 +442,13 @@ def _validate(folder: Path, reference: _Reference, atol: float | None = None) ->
     return figures
 
 
-def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: bool = True) -> dict:
+def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: bool = True, cast_per_node: bool = False) -> dict:
     """The graphs at ``bits`` against torch on the same case (KL, top-1, max logit error); non-finite logits refuse.
-    ``prepack=False`` (a large model): the weights stay in the artifact's mapped files instead of private copies."""
+    ``prepack=False`` (a large model): the weights stay in the artifact's mapped files instead of private copies;
+    ``cast_per_node`` (a large fp16 model): onnxruntime casts each fp16 weight as its node runs (onnx_base.session_options)."""
     import numpy as np
 
-    prefill, step, text = _run_graphs(folder, reference, prepack)
+    prefill, step, text = _run_graphs(folder, reference, prepack, cast_per_node)
     got = np.concatenate([prefill, step, text])
     if not np.isfinite(got).all():
         raise XpackError(f"the {bits}-bit mllama graphs give non-finite logits; export with --bits 32")
@@ -452,7 +457,7 @@ def _artifact_check(folder: Path, reference: _Reference, bits: int, prepack: boo
     return {
         "tokens": int(len(got)), "finite": True, "max_abs_diff": {"logits": figures.get("max_abs_logit_error")}, "logits": figures,
         "reference": "transformers fp32 (eager attention): a synthetic image, a prefill around <|image|> + one cached step, and the text alone",
-        **prepacking_note(prepack),
+        **prepacking_note(prepack, cast_per_node),
     }
 
 
@@ -519,10 +524,7 @@ def export_mllama_artifact(
     turns it off for a model whose float32 graphs onnxruntime could not hold); the artifact is checked either way, from
     its mapped files without ``check_fp32`` (onnx_base.session_options' ``prepack``)."""
     if bits not in spec.bits:
-        raise XpackError(
-            f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX yet (fp16 of its traced graphs is not checked); "
-            f"use --bits {', '.join(str(b) for b in spec.bits)}"
-        )
+        raise XpackError(f"--bits {bits} is not available for Llama 3.2 Vision (mllama) ONNX; use --bits {', '.join(str(b) for b in spec.bits)}")
     result = OnnxExport(arch="mllama", graph="xpack-mllama", onnx_file=MLLAMA_DECODER_FILE, data_file=f"{MLLAMA_DECODER_FILE}.data",
                         exported_class="MllamaForConditionalGeneration")
     clock = time.perf_counter()
@@ -559,10 +561,10 @@ def export_mllama_artifact(
                 }
             if bits != 32:
                 start = time.perf_counter()
-                meta["dtype"] = f"{bits}-bit weights (MatMulNBits), vision 8-bit"
+                meta["dtype"] = FP16_DTYPE if bits == 16 else f"{bits}-bit weights (MatMulNBits), vision 8-bit"
 
                 def quantize(file: str, graph):
-                    if file == VISION_FILE:  # round to nearest: onnxruntime's MatMulNBitsQuantizer's bytes (quantize.py)
+                    if file == VISION_FILE and bits != 16:  # round to nearest: onnxruntime's MatMulNBitsQuantizer's bytes (quantize.py)
                         graph, _ = quantize_matmuls(graph, 8, VISION_INT8_BLOCK_SIZE, search=False, share_embedding=False, tensors=pending)
                         return graph, {"bits": 8, "node_types": weight_node_types(graph)}
                     return quantize_graph(graph, bits, block_size, keep_lm_head, spec, int4, tensors=pending)
@@ -575,10 +577,11 @@ def export_mllama_artifact(
         _write_meta(tmp_out, meta, source)
         if bits != 32:
             start = time.perf_counter()
-            result.validation["artifact"] = _artifact_check(tmp_out, reference, bits, prepack=check_fp32)
+            # a large fp16 artifact: its weights cast a node at a time, not all folded into float32 copies at load
+            result.validation["artifact"] = _artifact_check(tmp_out, reference, bits, prepack=check_fp32, cast_per_node=bits == 16 and not check_fp32)
             result.timings["artifact_check_s"] = round(time.perf_counter() - start, 2)
             result.quantization = {**accounts[MLLAMA_DECODER_FILE], "graphs": {f: a.get("node_types") or {} for f, a in accounts.items()},
-                                   "vision": "int8 weight-only (MatMulNBits bits=8)"}
+                                   "vision": FP16_DTYPE if bits == 16 else "int8 weight-only (MatMulNBits bits=8)"}
     result.validation.setdefault("artifact", {"same_as": "export"})
     result.vision = {"onnx_file": VISION_FILE, "cross_kv_file": MLLAMA_CROSS_KV_FILE, "precision": VISION_DTYPE[bits],
                      "files": [VISION_FILE, f"{VISION_FILE}.data", MLLAMA_CROSS_KV_FILE, f"{MLLAMA_CROSS_KV_FILE}.data"]}
