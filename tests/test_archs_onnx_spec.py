@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from xpack.packager.archs import all_archs
 from xpack.packager.archs.onnx_spec import Fp16Keep, GraphSpec, OnnxSpec, TextModelSpec
 from xpack.packager.archs.parse import parse
 from xpack.packager.archs.schema import Arch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _with_onnx(name: str, section: dict | None) -> Arch:
@@ -85,3 +90,14 @@ def test_no_section_is_none_and_the_records_are_frozen():
     spec = all_archs()["llama"].onnx
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.opset = 17
+
+
+def test_the_vision_memory_tool_runs_and_follows_the_tables(tmp_path):
+    """tools/vision_memory.py imports the packager's policy (block sizes, vision precision, the exportable --bits): it
+    runs, and calls exportable exactly the --bits the architecture tables export (a stale import once broke it unseen)."""
+    out = tmp_path / "vm.json"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "vision_memory.py"), "--json", str(out), "--md", str(tmp_path / "vm.md")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mllama = next(m for m in json.loads(out.read_text())["models"] if m["arch"] == "MllamaForConditionalGeneration")
+    assert {v["bits"] for v in mllama["artifacts"]["onnx"].values() if v["exportable"]} == set(all_archs()["mllama"].onnx.bits)

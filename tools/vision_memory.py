@@ -61,16 +61,13 @@ Method
              4 (``MatMulNBits`` 8-bit, block 32 = 9.25 bpw on every MatMul weight: q/k/v/out_proj,
              fc1/fc2, the projector; the patch-embedding Conv, the position embedding and the norms
              stay float32).
-         Llama 3.2 Vision (mllama): xpack exports it at --bits 32, 8 and 4 (``_export_mllama``, archs
-         ``mllama.json`` ``"bits"``; 16 raises an error; 8/4 quantize decoder and cross_kv like the
-         Gemma decoder and the vision graph to int8): ``packager/export/onnx/mllama.py`` writes
-         ``vision.onnx`` (vision encoder + projector), ``cross_kv.onnx`` (the k_proj / v_proj /
-         k_norm of the 8 cross-attention layers) and ``decoder.onnx`` (embedding, every other LM
-         weight, final norm, the untied lm_head), all float32, each parameter once; a graph's weights
-         go to ``<graph>.onnx.data`` past 1 GiB. That fp32 row is what xpack exports; the fp16 / int8 /
-         int4 rows are "computed for reference: not exportable by xpack yet (fp32 only)", with Gemma
-         3's per-bits layout assumed for the three graphs (decoder and cross_kv at the text
-         precision, embedding GatherBlockQuantized, vision at ``VISION_DTYPE[bits]``).
+         Llama 3.2 Vision (mllama): xpack exports it at --bits 32, 16, 8 and 4 (archs ``mllama.json``
+         ``"bits"``; ``packager/export/onnx/mllama.py``): ``vision.onnx`` (vision encoder + projector),
+         ``cross_kv.onnx`` (the k_proj / v_proj / k_norm of the 8 cross-attention layers) and
+         ``decoder.onnx`` (embedding, every other LM weight, final norm, the untied lm_head), each
+         parameter once, each graph's weights in ``<graph>.onnx.data``: float32; fp16 (all three
+         graphs, norms float32); at 8/4 bits the decoder and cross_kv quantized like the Gemma
+         decoder (embedding GatherBlockQuantized) and the vision graph int8 (``VISION_DTYPE[bits]``).
          Check: on the tests' tiny twins (``tests/twins.py``), these rules give the bytes of every
          ``.onnx_data`` file of an ``export_onnx`` run of ``gemma3_vision`` at --bits 32/16/8/4 exactly,
          and the mllama twin's three fp32 graphs hold exactly its parameters, each once.
@@ -127,7 +124,6 @@ import sys
 from pathlib import Path
 
 from xpack.packager.export.onnx.decoder_graph import MAX_LENGTH as ROTARY_MAX_LENGTH
-from xpack.packager.export.onnx.mllama import EXTERNAL_DATA_BYTES as MLLAMA_EXTERNAL_DATA_BYTES
 from xpack.packager.export.onnx.pipeline import DEFAULT_BLOCK_SIZE
 from xpack.packager.export.onnx.precision import VISION_DTYPE
 from xpack.packager.export.onnx.precision import VISION_INT8_BLOCK_SIZE as VISION_INT8_BLOCK
@@ -308,11 +304,10 @@ MODELS = [
         "published_source": "model card: 11B (10.6B)",
         "published_bf16_gb": 4.99 + 4.97 + 4.92 + 5.00 + 1.47,
         "gguf": False,
-        # xpack export --format onnx --bits 32 only (packager/export/onnx/pipeline.py _export_mllama, archs/mllama.json
-        # "bits": [32]): vision.onnx, cross_kv.onnx, decoder.onnx (packager/export/onnx/mllama.py), all fp32;
-        # --bits 16/8/4 raise "not available for Llama 3.2 Vision (mllama) ONNX yet".
+        # xpack export --format onnx at every --bits (archs/mllama.json "bits"): vision.onnx, cross_kv.onnx, decoder.onnx
+        # (packager/export/onnx/mllama.py): fp32; fp16 (all three graphs); 8/4 bits (decoder and cross K/V, vision int8).
         "onnx_layout": "mllama",
-        "onnx_bits": (32, 8, 4),
+        "onnx_bits": (32, 16, 8, 4),
     },
 ]
 
@@ -332,10 +327,10 @@ GGML_TYPES = {
 GGUF_TEXT_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 # name: (--bits, block size of the text weights: the packager's DEFAULT_BLOCK_SIZE). VISION_DTYPE (imported):
 # the precision of vision.onnx for each --bits; ROTARY_MAX_LENGTH: rows of the cos/sin tables in xpack's
-# decoder graph; MLLAMA_EXTERNAL_DATA_BYTES: a mllama graph's weights past it go to <graph>.onnx.data.
+# decoder graph. Every mllama graph writes its weights to <graph>.onnx.data (mllama.py streams them there).
 ONNX_VARIANTS = {"fp32": (32, None), "fp16": (16, None), "int8": (8, DEFAULT_BLOCK_SIZE[8]), "int4": (4, DEFAULT_BLOCK_SIZE[4])}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-REFERENCE_LABEL = "computed for reference: not exportable by xpack yet (fp32, int8, int4 only)"
+REFERENCE_LABEL = "computed for reference: not exportable by xpack"
 HF_SHARD_BYTES = 5e9  # transformers' save_pretrained default max_shard_size ("5GB")
 
 
@@ -675,11 +670,11 @@ def _onnx_gemma3(counted: dict, spec: dict) -> dict:
 
 
 def _mllama_file(name: str, nbytes: int) -> str:
-    return f"{name} + {name}.data" if nbytes > MLLAMA_EXTERNAL_DATA_BYTES else f"{name} [weights inline]"
+    return f"{name} + {name}.data"
 
 
 def _onnx_mllama(counted: dict, spec: dict) -> dict:
-    """xpack export --format onnx of Llama 3.2 Vision: vision.onnx + cross_kv.onnx + decoder.onnx (fp32 only today)."""
+    """xpack export --format onnx of Llama 3.2 Vision: vision.onnx + cross_kv.onnx + decoder.onnx (every --bits)."""
     cross_kv_re = (".cross_attn.k_proj.", ".cross_attn.v_proj.", ".cross_attn.k_norm.")
     text = [t for t in counted["tensors"] if t["component"] in ("lm_layers", "embedding", "lm_head")]
     cross = [t for t in text if any(k in t["name"] for k in cross_kv_re)]
@@ -708,7 +703,8 @@ def _onnx_mllama(counted: dict, spec: dict) -> dict:
             },
             "bytes": dec + cro + vis,
             "decoder_bytes": dec + cro,
-            "note": ("exportable: xpack export --format onnx --bits 32 (packager/export/onnx/mllama.py, every graph fp32)" if exportable else
+            "note": (f"exportable: xpack export --format onnx --bits {bits} (packager/export/onnx/mllama.py): decoder/cross_kv weights "
+                     f"{variant}, vision {VISION_DTYPE[bits]}" if exportable else
                      f"{REFERENCE_LABEL}; layout assumed as Gemma 3's at --bits {bits}: decoder/cross_kv weights {variant}, "
                      f"vision {VISION_DTYPE[bits]}") + "; lm_head untied (stored once, in decoder.onnx)",
         }
@@ -895,8 +891,8 @@ def report(results: dict) -> str:
           "- MedGemma 4B ONNX: the decoder (model.onnx) takes inputs_embeds and holds the output head as its own tensor lm_head.weight, "
           "the tied embedding transposed, while embed.onnx holds the embedding for the Gather: the 262208 x 2560 matrix is stored twice "
           "at every --bits (fp32 and fp16 included). model.onnx also holds the rotary cos/sin tables (8192 rows, global + local).",
-          f"- Llama 3.2 11B Vision ONNX: xpack exports it at --bits 32 only (vision.onnx, cross_kv.onnx, decoder.onnx, all fp32); "
-          f"the fp16/int8/int4 rows are {REFERENCE_LABEL}, with Gemma 3's per-bits layout assumed.", ""]
+          "- Llama 3.2 11B Vision ONNX: xpack exports it at every --bits (vision.onnx, cross_kv.onnx, decoder.onnx): fp32, fp16 "
+          "(all three graphs), int8 / int4 (decoder and cross K/V; vision int8).", ""]
 
     # runtime
     for prof in results["profiles"]:
