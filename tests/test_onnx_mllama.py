@@ -283,6 +283,9 @@ def test_fp16_artifact_against_torch(twin, torch_model, processor, tmp_path, mon
     assert artifact.get("onnxruntime_graph_optimizations", True) is (not large)
     assert ("skipped" in manifest["validation"]["export"]) is large
     for file in (VISION_FILE, MLLAMA_CROSS_KV_FILE, MLLAMA_DECODER_FILE):
+        entry = manifest["artifacts"][file]  # every graph is listed with its data file and its bytes on disk
+        assert entry["data_file"] == f"{file}.data" and entry["bytes"] == sum((out / f).stat().st_size for f in (file, f"{file}.data")), entry
+        assert f"`{file}`" in (out / "README.md").read_text() and f"{file}.data" in (out / "README.md").read_text()
         weights = onnx.load(out / file, load_external_data=False).graph.initializer
         assert all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights if len(w.dims) == 2 and w.name.startswith("model.")), file
         assert all(w.data_type == onnx.TensorProto.FLOAT for w in weights if re.search(r"norm\.|gate(_attn|_ffn)?$", w.name)), file

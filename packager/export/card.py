@@ -69,6 +69,8 @@ def write_onnx_card(tmp: Path, out_name: str, src: Source, ckpt: Checkpoint, sou
         "onnx_card.md.j2",
         **_common_fields(out_name, src, ckpt, source_manifest, adapter_refs, base_name, fm),
         files=files,
+        onnx_file=result.onnx_file,
+        data_file=result.data_file,
         total_size=_size(total),
         label=label,
         q=result.quantization,
@@ -113,6 +115,7 @@ def _vision_card_facts(tmp: Path, result) -> dict:
     checks = [v["max_abs_diff"] for v in (result.vision.get("validation") or {}).values() if isinstance(v, dict) and "max_abs_diff" in v]
     return {
         "vision_file": result.vision.get("onnx_file"),
+        "vision_data_file": result.vision.get("data_file"),
         "cross_kv_file": result.vision.get("cross_kv_file"),
         "embed_file": result.embed_file,
         "precision": result.vision.get("precision"),

@@ -234,6 +234,12 @@ def _onnx_artifacts(tmp: Path, result, label: str) -> dict:
             "role": "vision tower + projector", "quant": v.get("precision", "fp32"), "data_file": v.get("data_file"),
             "tensor_types": v.get("node_types", {}), "bytes": size(v["onnx_file"], v.get("data_file")),
         }
+    if result.vision.get("cross_kv_file"):  # Llama 3.2 Vision: the cross-attention keys/values, once per image
+        v = result.vision
+        out[v["cross_kv_file"]] = {
+            "role": "cross-attention keys/values", "quant": label, "data_file": v.get("cross_kv_data_file"),
+            "tensor_types": v.get("cross_kv_node_types", {}), "bytes": size(v["cross_kv_file"], v.get("cross_kv_data_file")),
+        }
     return out
 
 

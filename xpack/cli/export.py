@@ -102,7 +102,8 @@ def export(model, adapters, qlora_base, double_quant, blocksize, fmt, bits, quan
     for fname, info in manifest["artifacts"].items():
         size = manifest["files"][fname]["bytes"] + (manifest["files"][info["data_file"]]["bytes"] if info.get("data_file") else 0)
         fb = f"; fallbacks {info['fallbacks']}" if info.get("fallbacks") else ""
-        lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB, {info['tensor_types']}{fb})")
+        types = f", {info['tensor_types']}" if info.get("tensor_types") else ""
+        lines.append(f"  {fname}  ({info['role']}, {size / 1e6:.1f} MB{types}{fb})")
     if cal:
         if cal.get("plain"):  # GGUF: llama.cpp's plain type was made and measured too
             versus = f"; llama.cpp's plain {cal['plain']['type']} {cal['plain']['kl_mean_calibration']:.4f} at {cal['plain']['bytes'] / 1e6:.1f} MB"
