@@ -11,12 +11,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from xpack.packager.archs import require_arch
+from xpack.packager.export.onnx.pipeline import _checkpoint_prefixes
+from xpack.packager.io import memory_need
 from xpack.packager.io.checkpoint import Checkpoint
 from xpack.packager.io.tensors import read_header
 from xpack.packager.merge.lora import load_adapter
@@ -159,3 +164,33 @@ def test_tiny_vision_processor_and_forward(built, name):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def _boxed_onnx_sides(name: str) -> list[tuple[int, float, float]]:
+    """(bits, box limit, polled private peak) in bytes of each xpack ONNX export of ``name`` that benchmarks/scale.py
+    measured to completion inside a memory cgroup (benchmarks/results/scale-NAME*.json)."""
+    sides = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob(f"scale-{name}*.json")):
+        for label, side in json.loads(path.read_text())["sides"].items():
+            m = re.fullmatch(r"xpack export onnx --bits (\d+)", label)
+            if m and side.get("box") and side.get("result") == "ok" and not side["box"].get("oom_kills"):
+                sides.append((int(m.group(1)), side["box"]["limit_mb"] * 2**20, side["polled_peak_anon_mb"] * 2**20))
+    return sides
+
+
+@pytest.mark.parametrize("name", synthetic.MODEL_NAMES)
+def test_onnx_export_estimate_stays_below_what_its_box_measured(name):
+    """The ONNX export refuses before any work when its estimate (memory_need.streamed_onnx_need) exceeds what is
+    available, a container's limit included: at the seed sizes the estimate must stay at or below the private peak each
+    export was measured at inside its memory cgroup, so that a job that fits its box is never refused (the estimate
+    of 2026-12-01 asked 12.6 GB for the Llama 3.2 11B Vision int4 export measured at 5.5 GB inside 6 GB)."""
+    cfg = synthetic.make_config(name, "full")
+    plan = synthetic.tensor_plan(synthetic.meta_model(cfg))
+    ckpt = SimpleNamespace(specs={key: SimpleNamespace(shape=shape, dtype="BF16") for key, _, shape in plan})
+    arch = require_arch(cfg.to_dict(), "ONNX export")
+    prefixes = () if arch.onnx.pipeline == "mllama" else _checkpoint_prefixes(arch)
+    sides = _boxed_onnx_sides(name)
+    assert sides, name
+    for bits, box, peak in sides:
+        need = memory_need.streamed_onnx_need(ckpt, bits, prefixes)
+        assert need <= peak <= box, (bits, need / 1e9, peak / 1e9, box / 1e9)

@@ -32,14 +32,19 @@ ONNX_EXPORT_FACTOR = 6.2
 # export's multiple of its float32 weights (the tower in torch for the check), and the process itself
 ARTIFACT_BYTES_PER_PARAMETER = {32: 4.0, 16: 2.0, 8: 1.1, 4: 0.85}
 # fp16 on onnxruntime's CPU provider with graph optimizations on: the fp16 weights plus the float32 copy the optimizer
-# folds from each weight's Cast (a check below FP32_CHECK_BYTES; above it, CAST_PER_NODE_FACTOR)
+# folds from each weight's Cast (a check below FP32_CHECK_BYTES; above it, _large_phases)
 ORT_LOAD_FACTOR = {32: 1.3, 16: 2.5, 8: 1.3, 4: 1.3}
 # above this many bytes of float32 weights the streamed export writes no float32 graph and checks the artifact from its
-# mapped files (pipeline.py's _Job.large): an fp16 artifact is then run with each weight cast to float32 as its node runs
-# (onnx_base.session_options' cast_per_node), CAST_PER_NODE_FACTOR x the largest weight in float32. Measured on the
-# synthetic Gemma 3 4B at --bits 16 inside an 8 GB cgroup: 3.69 GB private at the peak, its largest weight 2.7 GB
+# mapped files (pipeline.py's _Job.large), with one weight in float32 at a time (an fp16 artifact's weights cast as
+# their nodes run: onnx_base.session_options' cast_per_node): _large_phases. Its estimate against the private peaks
+# measured inside memory cgroups (benchmarks/scale.py --box-gb; GB = 1e9 bytes; tests/test_synthetic.py checks it):
+# Gemma 3 4B int4 3.62 / 3.95 (largest weight 2.68 in float32), fp16 3.49 / 3.87; Gemma 2 2B int4 3.28 / 3.44, fp16
+# 3.16 / 3.46; Llama 3.2 11B Vision int4 3.99 / 5.54 (largest 2.10; its weightless trace holds more, left out here)
 FP32_CHECK_BYTES = 2 * 10**9
-CAST_PER_NODE_FACTOR = 2.0
+LARGE_QUANTIZE_FACTOR = 1.05
+MAPPED_CHECK_FACTOR = 1.0
+# bytes per parameter of a tensor as the checkpoint stores it (safetensors dtype), for the tables a large reference keeps
+STORED_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 QUANTIZE_FACTOR = 1.5
 VISION_EXPORT_FACTOR = 1.2
 PROCESS_BASE_GB = 0.8
@@ -90,14 +95,14 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
     """Bytes the streamed ONNX export holds at its peak, the largest of its phases:
     - the torch check with its layers streamed: everything outside the repeated layers plus one layer, in float32;
     - quantizing or converting the largest weight: QUANTIZE_FACTOR x it in float32;
-    - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits]
-      (a large fp16 artifact: CAST_PER_NODE_FACTOR x the largest weight in float32, see FP32_CHECK_BYTES);
+    - onnxruntime running the artifact for its check: the artifact (ARTIFACT_BYTES_PER_PARAMETER) times ORT_LOAD_FACTOR[bits];
     - a vision tower (tensors under ``vision_prefixes``): its float32 weights in torch for the check (the graph is
       written weight by weight and checked after the torch model is freed), VISION_EXPORT_FACTOR x them.
       Llama 3.2 Vision passes none: its tower's layers stream in the torch check like the decoder's (mllama.py).
+    Above FP32_CHECK_BYTES of float32 weights (pipeline.py's ``_Job.large``) see :func:`_large_phases`.
     Plus PROCESS_BASE_GB for the interpreter and the libraries."""
     layers: dict[str, int] = {}
-    rest = largest = vision = 0
+    rest = largest = vision = rest_stored = 0
     for name, spec in ckpt.specs.items():
         n = _count(spec.shape)
         largest = max(largest, n)
@@ -110,14 +115,27 @@ def streamed_onnx_need(ckpt: Checkpoint, bits: int, vision_prefixes: tuple[str, 
             layers[key] = layers.get(key, 0) + n
         else:
             rest += n
+            rest_stored += n * STORED_BYTES.get(getattr(spec, "dtype", "F32"), 4)
     params = rest + sum(layers.values())
-    torch_check = 4 * (rest + max(layers.values(), default=0))
-    quantize = QUANTIZE_FACTOR * 4 * largest
-    if bits == 16 and 4 * (params + vision) > FP32_CHECK_BYTES:
-        check = CAST_PER_NODE_FACTOR * 4 * largest
+    layer = 4 * max(layers.values(), default=0)
+    if 4 * (params + vision) > FP32_CHECK_BYTES:
+        phases = _large_phases(rest_stored, layer, 4 * largest, bits)
     else:
-        check = ORT_LOAD_FACTOR[bits] * ARTIFACT_BYTES_PER_PARAMETER[bits] * params
-    return int(max(torch_check, quantize, check, VISION_EXPORT_FACTOR * 4 * vision) + PROCESS_BASE_GB * 1e9)
+        phases = (4 * rest + layer, QUANTIZE_FACTOR * 4 * largest, ORT_LOAD_FACTOR[bits] * ARTIFACT_BYTES_PER_PARAMETER[bits] * params)
+    return int(max(*phases, VISION_EXPORT_FACTOR * 4 * vision) + PROCESS_BASE_GB * 1e9)
+
+
+def _large_phases(rest_stored: int, layer: int, largest: int, bits: int) -> tuple[float, ...]:
+    """A large export's phases (bytes; ``layer`` and ``largest`` in float32). The reference streams its layers and
+    keeps the tables outside them as stored (runtimes/torch_offload.py ``with_stored_tables``: 16-bit), so its part is
+    those as stored plus one layer in float32; the tables are quantized or converted a chunk of rows at a time, and the
+    one weight made whole is the largest (a tied head transposed), LARGE_QUANTIZE_FACTOR x it; the artifact is checked
+    from its mapped files, where onnxruntime holds one weight in float32 at a time (MatMulNBits dequantizing the head,
+    or an fp16 weight cast as its node runs: onnx_base.session_options' ``prepack`` and ``cast_per_node``),
+    MAPPED_CHECK_FACTOR x the largest. Calibrated on the synthetic seed models' measured private peaks (see
+    MAPPED_CHECK_FACTOR): the estimate stays at or below each of them, so a refusal is for a job that cannot fit."""
+    made_whole = LARGE_QUANTIZE_FACTOR if bits in (8, 4) else 1.0  # fp16 and float32 write it as they read it
+    return rest_stored + layer, made_whole * largest, MAPPED_CHECK_FACTOR * largest
 
 
 def check_onnx_export(ckpt: Checkpoint, arch_name: str, bits: int = 32, streamed: bool = False, vision_prefixes: tuple[str, ...] = (),
