@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from xpack.cli import cli
-from xpack.errors import XpackError
+from xpack.cli.params import XpackGroup
+from xpack.errors import Terminated, XpackError
 from xpack.packager.io.atomic import atomic_dir, claim, lock_path, sweep_stale_locks, waiting_for
 from xpack.paths import owned_prefix, stale_entries
 
@@ -231,3 +233,41 @@ def _wait_for(condition, timeout: float = 120) -> None:
 def _dead_pid() -> int:
     """A pid no process has: one above the kernel's pid_max."""
     return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+
+
+@pytest.mark.parametrize("turned_into", [XpackError, RuntimeError], ids=["xpack-error", "library-error"])
+def test_a_sigterm_a_library_turns_into_its_own_error_still_stops_with_the_signal(turned_into):
+    """Terminated raised inside a library's callback can come back as that library's error: torch's C++ gave
+    "could not determine the shape of object type 'torch.storage.UntypedStorage'", which the ONNX export reported as
+    "transformers could not load ..." with exit 1 (a CI run of the kill test). The exit and the line follow the signal."""
+
+    @click.group(cls=XpackGroup)
+    def group():
+        pass
+
+    @group.command()
+    def work():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated:
+            raise turned_into("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    r = CliRunner().invoke(group, ["work"])
+    assert r.exit_code == 128 + signal.SIGTERM, r.output
+    assert r.output.strip().splitlines()[-1] == "Error: stopped by signal SIGTERM; nothing unfinished was left behind"
+    r = CliRunner().invoke(group, ["work", "--help"])  # the next command starts with no signal on record
+    assert r.exit_code == 0
+
+
+def test_an_error_without_a_signal_is_still_the_error():
+    @click.group(cls=XpackGroup)
+    def group():
+        pass
+
+    @group.command()
+    def fail():
+        raise XpackError("the model folder is empty")
+
+    r = CliRunner().invoke(group, ["fail"])
+    assert r.exit_code == 1 and r.output.strip() == "Error: the model folder is empty"

@@ -173,7 +173,7 @@ def _boxed_onnx_sides(name: str) -> list[tuple[int, float, float]]:
     for path in sorted((ROOT / "benchmarks" / "results").glob(f"scale-{name}*.json")):
         for label, side in json.loads(path.read_text())["sides"].items():
             m = re.fullmatch(r"xpack export onnx --bits (\d+)", label)
-            if m and side.get("box") and side.get("result") == "ok" and not side["box"].get("oom_kills"):
+            if m and side.get("box") and side.get("result") == "ok" and side.get("polled_peak_anon_mb"):
                 sides.append((int(m.group(1)), side["box"]["limit_mb"] * 2**20, side["polled_peak_anon_mb"] * 2**20))
     return sides
 

@@ -31,7 +31,10 @@ def _sigterm_raises():
         if _in_finalizer(frame):  # raised there, it would be printed as "Exception ignored" and dropped
             threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()  # so: delivered again just after
             return
+        STOPPED_BY.append(signum)
         raise Terminated(signum)
+
+    del STOPPED_BY[:]
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -43,6 +46,11 @@ def _sigterm_raises():
 
 
 PROCESS = {"ends_with_command": False}  # set by xpack.cli.main: this process is the `xpack` command
+# The signals raised as Terminated while the command ran. Raised inside a library's callback, Terminated can come back
+# as that library's own error: torch's C++ turned one into "could not determine the shape of object type
+# 'torch.storage.UntypedStorage'", which the export reported as "transformers could not load ..." and exit 1. The
+# command's exit still follows the signal (XpackGroup.invoke).
+STOPPED_BY: list[int] = []
 
 
 def _in_finalizer(frame) -> bool:
@@ -72,20 +80,27 @@ class XpackGroup(click.Group):
                 click.echo(json.dumps({"error": exc.format_message()}))
             raise
         except Terminated as exc:  # the temporary output is already gone (packager/io/atomic.py)
-            click.echo(f"Error: stopped by signal {signal.Signals(exc.signum).name}; nothing unfinished was left behind", err=True)
-            ctx.exit(128 + exc.signum)
-        except XpackError as exc:
+            self._stopped(ctx, exc.signum)
+        except Exception as exc:  # a Terminated a library turned into an error of its own: the signal still decides the exit
+            if STOPPED_BY:
+                self._stopped(ctx, STOPPED_BY[-1])
+            self._known_error(ctx, exc)
+            raise
+
+    def _known_error(self, ctx, exc: Exception) -> None:
+        """One line for an error xpack knows the meaning of: its own, an optional extra that is not installed (which one to
+        install), a full disk or a read-only --out (the output's temporary folder is already gone); else nothing."""
+        where = f"xpack {ctx.invoked_subcommand or ''}".strip()
+        if isinstance(exc, XpackError):
             self._fail(ctx, exc)
-        except ImportError as exc:  # an optional extra that is not installed: which one to install, in one line
-            error = missing_module_error(exc, f"xpack {ctx.invoked_subcommand or ''}".strip())
-            if error is None:
-                raise
+        error = missing_module_error(exc, where) if isinstance(exc, ImportError) else os_error_message(exc, where) if isinstance(exc, OSError) else None
+        if error is not None:
             self._fail(ctx, error)
-        except OSError as exc:  # a full disk, a read-only --out: one line (the output's temporary folder is already gone)
-            error = os_error_message(exc, f"xpack {ctx.invoked_subcommand or ''}".strip())
-            if error is None:
-                raise
-            self._fail(ctx, error)
+
+    @staticmethod
+    def _stopped(ctx, signum: int):
+        click.echo(f"Error: stopped by signal {signal.Signals(signum).name}; nothing unfinished was left behind", err=True)
+        ctx.exit(128 + signum)
 
     @staticmethod
     def _fail(ctx, exc: XpackError):
