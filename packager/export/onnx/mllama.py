@@ -584,10 +584,10 @@ def export_mllama_artifact(
                                    "vision": FP16_DTYPE if bits == 16 else "int8 weight-only (MatMulNBits bits=8)"}
     result.validation.setdefault("artifact", {"same_as": "export"})
     graphs_types = (result.quantization or {}).get("graphs", {})
-    result.vision = {"onnx_file": VISION_FILE, "data_file": f"{VISION_FILE}.data", "node_types": graphs_types.get(VISION_FILE, {}),
-                     "cross_kv_file": MLLAMA_CROSS_KV_FILE, "cross_kv_data_file": f"{MLLAMA_CROSS_KV_FILE}.data",
-                     "cross_kv_node_types": graphs_types.get(MLLAMA_CROSS_KV_FILE, {}), "precision": VISION_DTYPE[bits],
-                     "files": [VISION_FILE, f"{VISION_FILE}.data", MLLAMA_CROSS_KV_FILE, f"{MLLAMA_CROSS_KV_FILE}.data"]}
+    files = {"onnx_file": VISION_FILE, "data_file": f"{VISION_FILE}.data",
+             "cross_kv_file": MLLAMA_CROSS_KV_FILE, "cross_kv_data_file": f"{MLLAMA_CROSS_KV_FILE}.data"}
+    result.vision = {**files, "files": list(files.values()), "precision": VISION_DTYPE[bits],
+                     "node_types": graphs_types.get(VISION_FILE, {}), "cross_kv_node_types": graphs_types.get(MLLAMA_CROSS_KV_FILE, {})}
     result.quantization = result.quantization or {"bits": 32, "scheme": SCHEMES[32], "node_types": {}}
     result.io = decoder_io(tmp_out / MLLAMA_DECODER_FILE)
     result.opset = int(result.io["opset"].get("ai.onnx", 0))
